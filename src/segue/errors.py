@@ -1,0 +1,15 @@
+"""User-facing errors: raised for bad input, printed by the CLI as one clear line (no traceback)."""
+
+from __future__ import annotations
+
+
+class SegueError(Exception):
+    """Base class for errors the user can fix (bad file, bad value)."""
+
+
+class InputError(SegueError, ValueError):
+    """A bad argument or input file: says which one, which value, and what is allowed."""
+
+
+class CheckpointError(SegueError):
+    """A checkpoint folder or weight file that cannot be used as given."""

@@ -1,0 +1,1 @@
+"""Flow-matching solvers and sampling helpers."""
