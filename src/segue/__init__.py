@@ -2,4 +2,9 @@
 
 from __future__ import annotations
 
+from .errors import CheckpointError, InputError, SegueError
+from .loader import load
+from .pipeline import Pipeline, Video
+
 __version__ = "0.1.0"
+__all__ = ["load", "Pipeline", "Video", "SegueError", "InputError", "CheckpointError", "__version__"]

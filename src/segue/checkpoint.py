@@ -1,0 +1,324 @@
+"""Checkpoint folders: detect the layout, read tensors with clear errors, build the components.
+
+Two layouts are understood (SPEC section 6):
+- official (Wan-AI/Wan2.1-FLF2V-14B-720P): ``config.json`` + (sharded) ``diffusion_pytorch_model*.safetensors``,
+  ``Wan2.1_VAE.pth``, ``models_t5_umt5-xxl-enc-bf16.pth`` + ``google/umt5-xxl/``, and
+  ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth``;
+- diffusers (``*-diffusers``): ``model_index.json`` + component folders.
+Sizes not stated in a config file are inferred from tensor shapes, so smaller checkpoints of the
+same architecture load too. Every component is built on the meta device and receives its tensors
+by assignment, after every name and shape was checked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import GenerationDefaults, ImageEncoderConfig, ModelConfig, TextEncoderConfig
+from .errors import CheckpointError
+
+log = logging.getLogger("segue")
+
+OFFICIAL_DIT_CONFIG = "config.json"
+OFFICIAL_VAE = "Wan2.1_VAE.pth"
+OFFICIAL_T5 = "models_t5_umt5-xxl-enc-bf16.pth"
+OFFICIAL_T5_TOKENIZER = "google/umt5-xxl"
+OFFICIAL_CLIP = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+DIT_WEIGHTS = "diffusion_pytorch_model"
+OFFICIAL_FILES = (OFFICIAL_DIT_CONFIG, f"{DIT_WEIGHTS}.safetensors[.index.json]", OFFICIAL_VAE, OFFICIAL_T5,
+                  OFFICIAL_T5_TOKENIZER + "/", OFFICIAL_CLIP)  # fmt: skip
+DIFFUSERS_FILES = ("model_index.json", "transformer/", "vae/", "text_encoder/", "tokenizer/", "image_encoder/")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading tensors.
+
+
+class TensorSource:
+    """Named tensors of one component, read lazily one at a time in the native key names.
+
+    Safetensors shards are renamed key by key (``rename`` maps a file's key to the native key, or None
+    to skip it), so the full foreign dict is never held in memory. ``.pth`` files are memory-mapped and
+    passed whole through ``adapt`` (adapters may split tensors, e.g. CLIP's fused qkv), still lazily.
+    """
+
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
+        self._where: dict[str, tuple[Path, str]] = {}
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+
+    @classmethod
+    def from_safetensors(cls, files: list[Path], rename: Callable[[str], str | None] | None = None) -> TensorSource:
+        src = cls(", ".join(str(f) for f in files))
+        for f in files:
+            for key, shape in _safetensors_shapes(f).items():
+                native = rename(key) if rename else key
+                if native is None:
+                    continue
+                if native in src._shapes:
+                    raise CheckpointError(f"tensor {native} appears twice (in {src._where[native][0]} and {f})")
+                src._where[native] = (f, key)
+                src._shapes[native] = shape
+        return src
+
+    @classmethod
+    def from_pth(
+        cls, path: Path, adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    ) -> TensorSource:
+        src = cls(str(path))
+        sd = load_pth(path)
+        src._tensors = adapt(sd) if adapt else sd
+        src._shapes = {k: tuple(v.shape) for k, v in src._tensors.items()}
+        return src
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._shapes)
+
+    def meta_dict(self) -> dict[str, torch.Tensor]:
+        """Shape-only stand-ins, for key checks before anything is read."""
+        return {k: torch.empty(s, device="meta") for k, s in self._shapes.items()}
+
+    def read(
+        self, device: torch.device | str, dtype_for: Callable[[str, torch.Tensor], torch.dtype | None]
+    ) -> dict[str, torch.Tensor]:
+        """All tensors, each moved to ``device`` and cast per ``dtype_for`` as soon as it is read."""
+        from safetensors import safe_open
+
+        out = {k: _convert(t, k, device, dtype_for) for k, t in self._tensors.items()}
+        by_file: dict[Path, list[tuple[str, str]]] = {}
+        for native, (f, key) in self._where.items():
+            by_file.setdefault(f, []).append((native, key))
+        for f, items in by_file.items():
+            try:
+                with safe_open(str(f), framework="pt", device="cpu") as sf:
+                    for native, key in items:
+                        out[native] = _convert(sf.get_tensor(key), native, device, dtype_for)
+            except Exception as e:  # truncated data surfaces only when read
+                raise CheckpointError(f"cannot read tensors from {f}: {e}") from None
+        return out
+
+
+def _convert(t: torch.Tensor, name: str, device: Any, dtype_for: Callable) -> torch.Tensor:
+    dtype = dtype_for(name, t) or t.dtype
+    return t.to(device=device, dtype=dtype)
+
+
+def _safetensors_shapes(f: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    if not f.is_file():
+        raise CheckpointError(f"weight file not found: {f}")
+    try:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            return {k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()}
+    except Exception as e:
+        raise CheckpointError(f"{f} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def load_pth(f: Path) -> dict[str, torch.Tensor]:
+    """A flat dict of tensors from a .pth, read with weights_only=True (never unpickles code)."""
+    if not f.is_file():
+        raise CheckpointError(f"weight file not found: {f}")
+    try:
+        try:  # mmap keeps a 10+ GB .pth out of RAM until each tensor is used
+            sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            sd = torch.load(str(f), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{f} is not a readable PyTorch weight file (truncated or corrupt?): {e}") from None
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{f} does not hold a flat dict of tensors")
+    return dict(sd)
+
+
+def safetensors_files(folder: Path, stem: str) -> list[Path]:
+    """``stem.safetensors`` or the shards listed in ``stem.safetensors.index.json``."""
+    single = folder / f"{stem}.safetensors"
+    index = folder / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid shard index ({e})") from None
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shard(s) that are missing: {', '.join(missing)}")
+        return [folder / s for s in shards]
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"no weights in {folder}: expected {single.name} or {index.name}")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"missing config file: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts.
+
+
+@dataclass
+class CheckpointPlan:
+    """What a folder holds: its layout, the model config, and where each component's tensors are."""
+
+    folder: Path
+    layout: str
+    config: ModelConfig
+    dit: TensorSource
+    vae: TensorSource
+    text: TensorSource
+    image: TensorSource | None
+    tokenizer_dir: Path
+    notes: list[str] = field(default_factory=list)
+
+
+def detect_layout(folder: str | Path) -> str:
+    """'official' or 'diffusers'; CheckpointError listing the expected files otherwise."""
+    p = Path(folder)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint folder not found: {p}")
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint path is not a folder: {p}")
+    if (p / "model_index.json").is_file():
+        return "diffusers"
+    if (p / OFFICIAL_DIT_CONFIG).is_file() and (p / OFFICIAL_VAE).is_file():
+        return "official"
+    present = sorted(x.name + ("/" if x.is_dir() else "") for x in p.iterdir())[:20]
+    raise CheckpointError(
+        f"{p} is neither an official Wan2.1 folder (expected {', '.join(OFFICIAL_FILES)}) nor a diffusers "
+        f"folder (expected {', '.join(DIFFUSERS_FILES)}); found: {', '.join(present) or 'nothing'}"
+    )
+
+
+def plan_checkpoint(folder: str | Path) -> CheckpointPlan:
+    folder = Path(folder)
+    layout = detect_layout(folder)
+    return _plan_official(folder) if layout == "official" else _plan_diffusers(folder)
+
+
+def _defaults_for(cfg_dit_type: str, max_area: int | None = None) -> GenerationDefaults:
+    from .config import REGISTRY
+
+    base = REGISTRY["flf2v-14b" if cfg_dit_type == "flf2v" else "i2v-14b-720p"].defaults
+    if max_area is None:
+        return base
+    from dataclasses import replace
+
+    return replace(base, max_area=max_area)
+
+
+def _segue_defaults(raw: Mapping[str, Any], fallback: GenerationDefaults) -> GenerationDefaults:
+    """Generation defaults stored by segue in a config (key ``segue_defaults``) override the fallback."""
+    extra = raw.get("segue_defaults")
+    if not extra:
+        return fallback
+    from dataclasses import asdict
+
+    try:
+        return GenerationDefaults(**{**asdict(fallback), **extra})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"bad segue_defaults in config: {e}") from None
+
+
+def _plan_official(folder: Path) -> CheckpointPlan:
+    from .adapters import dit as dit_adapter
+    from .adapters import encoders as enc_adapter
+    from .adapters import vae as vae_adapter
+
+    raw = read_json(folder / OFFICIAL_DIT_CONFIG)
+    dit_src = TensorSource.from_safetensors(safetensors_files(folder, DIT_WEIGHTS))
+    vae_src = TensorSource.from_pth(folder / OFFICIAL_VAE)
+    t5_src = TensorSource.from_pth(folder / OFFICIAL_T5, adapt=enc_adapter.t5_official_to_hf)
+    clip_path = folder / OFFICIAL_CLIP
+    clip_src = None
+    try:
+        dit_cfg = dit_adapter.config_from_official(raw, dit_src.shapes)
+        vae_cfg = vae_adapter.config_from_shapes(vae_src.shapes)
+        text_cfg = enc_adapter.t5_config_from_shapes(t5_src.shapes)
+        image_cfg = None
+        if dit_cfg.image_dim is not None:
+            if not clip_path.is_file():
+                raise CheckpointError(f"the DiT has an image branch but {clip_path} is missing")
+            clip_src = TensorSource.from_pth(clip_path, adapt=enc_adapter.clip_official_to_hf)
+            image_cfg = enc_adapter.clip_config_from_shapes(clip_src.shapes)
+        defaults = _segue_defaults(raw, _defaults_for(dit_cfg.model_type))
+        config = ModelConfig(
+            name=folder.name, dit=dit_cfg, vae=vae_cfg, text=text_cfg, image=image_cfg, defaults=defaults
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{folder}: {e}") from None
+    tok = folder / OFFICIAL_T5_TOKENIZER
+    return CheckpointPlan(folder, "official", config, dit_src, vae_src, t5_src, clip_src, tok)
+
+
+def _plan_diffusers(folder: Path) -> CheckpointPlan:
+    from .adapters import dit as dit_adapter
+    from .adapters import encoders as enc_adapter
+    from .adapters import vae as vae_adapter
+
+    index = read_json(folder / "model_index.json")
+    missing = [d for d in ("transformer", "vae", "text_encoder", "tokenizer") if not (folder / d).is_dir()]
+    if missing:
+        raise CheckpointError(f"diffusers folder {folder} lacks component folder(s): {', '.join(missing)}")
+    t_raw = read_json(folder / "transformer" / "config.json")
+    dit_src = _renamed_safetensors(folder / "transformer", DIT_WEIGHTS, dit_adapter.diffusers_to_native)
+    vae_src = _renamed_safetensors(folder / "vae", DIT_WEIGHTS, vae_adapter.diffusers_to_native)
+    text_src = TensorSource.from_safetensors(safetensors_files(folder / "text_encoder", "model"))
+    try:
+        dit_cfg = dit_adapter.config_from_diffusers(t_raw)
+        vae_cfg = vae_adapter.config_from_diffusers(read_json(folder / "vae" / "config.json"))
+        text_cfg: TextEncoderConfig = enc_adapter.t5_config_from_hf(read_json(folder / "text_encoder" / "config.json"))
+        image_cfg: ImageEncoderConfig | None = None
+        image_src = None
+        if dit_cfg.image_dim is not None:
+            if not (folder / "image_encoder").is_dir():
+                raise CheckpointError(f"the transformer has an image branch but {folder / 'image_encoder'} is missing")
+            image_cfg = enc_adapter.clip_config_from_hf(read_json(folder / "image_encoder" / "config.json"))
+            image_src = TensorSource.from_safetensors(
+                safetensors_files(folder / "image_encoder", "model"),
+                rename=lambda k: None if k.startswith("visual_projection.") else k,
+            )
+        sched = folder / "scheduler" / "scheduler_config.json"
+        fallback = _defaults_for(dit_cfg.model_type)
+        if sched.is_file():
+            shift = read_json(sched).get("flow_shift")
+            if shift:
+                from dataclasses import replace
+
+                fallback = replace(fallback, shift=float(shift))
+        defaults = _segue_defaults(index, fallback)
+        config = ModelConfig(
+            name=folder.name, dit=dit_cfg, vae=vae_cfg, text=text_cfg, image=image_cfg, defaults=defaults
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{folder}: {e}") from None
+    return CheckpointPlan(folder, "diffusers", config, dit_src, vae_src, text_src, image_src, folder / "tokenizer")
+
+
+def _renamed_safetensors(folder: Path, stem: str, adapter: Callable[[dict], dict]) -> TensorSource:
+    """Apply a rename-only adapter key by key: run it on an identity dict of the file keys."""
+    files = safetensors_files(folder, stem)
+    keys = [k for f in files for k in _safetensors_shapes(f)]
+    mapping = adapter({k: k for k in keys})  # native key -> foreign key
+    if not all(isinstance(v, str) for v in mapping.values()):
+        raise TypeError(f"adapter {adapter.__qualname__} must only rename keys for safetensors sources")
+    inverse = {foreign: native for native, foreign in mapping.items()}
+    return TensorSource.from_safetensors(files, rename=inverse.get)

@@ -1,0 +1,80 @@
+"""``segue.load``: a checkpoint folder in either layout -> a ready Pipeline on one device."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointPlan, plan_checkpoint
+from .errors import InputError
+from .pipeline import Pipeline
+from .weights import check_keys
+
+log = logging.getLogger("segue")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"bad device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} asked for, but no CUDA GPU is available to PyTorch")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """Run dtype of the big DiT/T5 weights: bf16 on GPU, fp32 on CPU unless told."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
+    if dtype not in names:
+        raise InputError(f"unknown dtype {dtype!r}; choose one of: fp32, bf16, fp16")
+    return names[dtype]
+
+
+def build_components(plan: CheckpointPlan, device: torch.device, dtype: torch.dtype) -> Pipeline:
+    """Build each component on meta, check every key, then assign tensors read one at a time."""
+    from .models.dit import WanDiT, dit_param_dtype
+    from .models.encoders import load_image_encoder, load_text_encoder
+    from .models.vae import WanVAE
+    from .tokenizer import load_tokenizer
+
+    cfg = plan.config
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        dit = WanDiT(cfg.dit)
+        vae = WanVAE(cfg.vae)
+    check_keys(dit, plan.dit.meta_dict(), "DiT", plan.dit.origin)
+    check_keys(vae, plan.vae.meta_dict(), "VAE", plan.vae.origin)
+    dit.load_state_dict(plan.dit.read(device, lambda n, t: dit_param_dtype(n, dtype)), assign=True)
+    vae.load_state_dict(plan.vae.read(device, lambda n, t: torch.float32), assign=True)  # the VAE runs fp32
+    dit.eval().requires_grad_(False)
+    vae.eval().requires_grad_(False)
+
+    tokenizer = load_tokenizer(plan.tokenizer_dir)
+    text = load_text_encoder(cfg.text, plan.text.read("cpu", lambda n, t: None), tokenizer, device, dtype)
+    image = None
+    if plan.image is not None and cfg.image is not None:
+        # the reference runs CLIP in fp16 on GPU; fp32 wherever the run is fp32
+        clip_dtype = torch.float16 if dtype != torch.float32 else torch.float32
+        image = load_image_encoder(cfg.image, plan.image.read("cpu", lambda n, t: None), device, clip_dtype)
+    log.info("loaded %s (%s layout) on %s in %.1fs", plan.folder, plan.layout, device, time.perf_counter() - t0)
+    return Pipeline(cfg, dit, vae, text, image, device, source=str(plan.folder))
+
+
+def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> Pipeline:
+    """Load a checkpoint folder (official or diffusers layout, auto-detected) as a Pipeline."""
+    if path is None:
+        raise InputError(
+            "no checkpoint folder given and no built-in model is installed yet; pass the folder of "
+            "Wan2.1-FLF2V-14B-720P (official or -diffusers layout)"
+        )
+    dev = resolve_device(device)
+    return build_components(plan_checkpoint(path), dev, resolve_dtype(dtype, dev))

@@ -1,0 +1,155 @@
+"""Image input and video output.
+
+Inputs: paths or PIL images in any common mode (RGBA, grey, palette, 16-bit) become 8-bit RGB, with
+errors that name the file. Outputs: mp4 (H.264), webm (VP9), gif and PNG frame folders, always
+written under a temporary name and renamed when whole, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InputError
+
+VIDEO_FORMATS = {".mp4": ("mp4", "libx264"), ".webm": ("webm", "libvpx-vp9"), ".gif": ("gif", "gif")}
+
+
+def load_image(image: str | os.PathLike[str] | Image.Image, what: str = "image") -> Image.Image:
+    """Open ``image`` and return it as 8-bit RGB; ``what`` names it in errors ("first frame")."""
+    if isinstance(image, Image.Image):
+        return to_rgb(image, what)
+    path = Path(image)
+    if not path.exists():
+        raise InputError(f"{what}: file not found: {path}")
+    if not path.is_file():
+        raise InputError(f"{what}: not a file: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im, f"{what} ({path})")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"{what}: cannot read {path} as an image ({e})") from None
+
+
+def to_rgb(im: Image.Image, what: str = "image") -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB. Alpha is dropped (as the reference's ``convert('RGB')``);
+    16-bit and float grey are rescaled to 8 bits instead of being clipped."""
+    if im.width < 1 or im.height < 1:
+        raise InputError(f"{what}: empty image ({im.width}x{im.height})")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        top = 1.0 if arr.max() <= 1.0 else 255.0
+        arr = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    return im.convert("RGB")
+
+
+@contextmanager
+def atomic_path(dest: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest`` (same extension); rename it to ``dest`` on success."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=f".part{dest.suffix}", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, dest)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def check_video_path(path: str | os.PathLike[str]) -> Path:
+    """Validate an output path before any work is done (extension known, folder writable)."""
+    p = Path(path)
+    if p.suffix.lower() not in VIDEO_FORMATS:
+        raise InputError(
+            f"output {p}: unknown extension {p.suffix or '(none)'!r}; use one of {', '.join(VIDEO_FORMATS)}"
+        )
+    if p.exists() and p.is_dir():
+        raise InputError(f"output {p} is a folder; give a file name such as {p / 'video.mp4'}")
+    parent = p.parent if str(p.parent) else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise InputError(f"output folder {parent} is not writable")
+    return p
+
+
+def write_video(frames: np.ndarray, path: str | os.PathLike[str], fps: int) -> Path:
+    """Write uint8 frames [T, H, W, 3] to ``path`` (format from the extension), atomically."""
+    dest = check_video_path(path)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
+    fmt, codec = VIDEO_FORMATS[dest.suffix.lower()]
+    with atomic_path(dest) as tmp:
+        if fmt == "gif":
+            _write_gif(frames, tmp, fps)
+        else:
+            _write_av(frames, tmp, fmt, codec, fps)
+    return dest
+
+
+def _write_av(frames: np.ndarray, path: Path, fmt: str, codec: str, fps: int) -> None:
+    import av
+
+    _, h, w, _ = frames.shape
+    with av.open(str(path), mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = w, h
+        stream.pix_fmt = "yuv420p"
+        # High quality by default: users post-process these clips (crf 17 is visually lossless for x264).
+        stream.options = {"crf": "17"} if codec == "libx264" else {"crf": "20", "b": "0"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _write_gif(frames: np.ndarray, path: Path, fps: int) -> None:
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(
+        path, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0
+    )
+
+
+def write_frames(frames: np.ndarray, folder: str | os.PathLike[str]) -> Path:
+    """Write lossless PNG frames 00000.png, 00001.png, ... into ``folder``; each file appears whole."""
+    dest = Path(folder)
+    if dest.exists() and not dest.is_dir():
+        raise InputError(f"frames folder {dest} exists and is not a folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
+    try:
+        for i, f in enumerate(frames):
+            Image.fromarray(f).save(staging / f"{i:05d}.png", format="PNG")
+        if not dest.exists():
+            os.replace(staging, dest)
+        else:
+            for file in sorted(staging.iterdir()):
+                os.replace(file, dest / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dest
+
+
+def read_video(path: str | os.PathLike[str]) -> np.ndarray:
+    """Decode a video file to uint8 [T, H, W, 3] (used by tests and evaluation)."""
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])

@@ -1,0 +1,318 @@
+"""The generation pipeline: the reference's FLF2V recipe (SPEC section 1) as plain functions plus one loop.
+
+The DiT is only the denoiser. Sizing, the frame mask, the conditioning video, text and image features,
+noise, classifier-free guidance and the solver live here. The same loop serves first+last frame
+(FLF2V) and first-frame-only (I2V) generation; they differ only in the conditioning they build.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .config import ModelConfig
+from .errors import InputError
+from .media import load_image, write_frames, write_video
+from .sampling.solvers import SOLVERS, make_solver
+
+log = logging.getLogger("segue")
+
+ImageLike = str | Path | Image.Image
+Progress = Callable[[int, int], None]
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe, step by step (SPEC section 1).
+
+
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB uint8 -> [3, H, W] float32 in [-1, 1], the reference's to_tensor then (x - 0.5) / 0.5."""
+    t = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
+    return t.sub(0.5).div(0.5)
+
+
+def fit_latent_size(height: int, width: int, max_area: int, stride: int = 8, patch: int = 2) -> tuple[int, int]:
+    """Latent (h, w) of the reference: aspect of the first frame, area about max_area, patch-aligned."""
+    ar = height / width
+    lat_h = round(np.sqrt(max_area * ar) // stride // patch * patch)
+    lat_w = round(np.sqrt(max_area / ar) // stride // patch * patch)
+    if lat_h < patch or lat_w < patch:
+        raise InputError(f"max area {max_area} is too small for a {width}x{height} frame")
+    return int(lat_h), int(lat_w)
+
+
+def check_size(width: int, height: int, multiple: int) -> tuple[int, int]:
+    """An explicit output size must be a positive multiple of the VAE stride times the patch size."""
+    bad = [f"{n}={v}" for n, v in (("width", width), ("height", height)) if v <= 0 or v % multiple]
+    if bad:
+        raise InputError(
+            f"size {width}x{height}: {', '.join(bad)} not divisible by {multiple} "
+            f"(try {max(multiple, round(width / multiple) * multiple)}x{max(multiple, round(height / multiple) * multiple)})"
+        )
+    return width, height
+
+
+def check_frames(frames: int, temporal: int = 4) -> int:
+    if frames < 1 or (frames - 1) % temporal:
+        lo = max(1, (frames - 1) // temporal * temporal + 1)
+        hi = lo + temporal
+        hint = f"{lo} or {hi}" if frames > 1 else f"{1 + temporal}"
+        raise InputError(f"frames must be {temporal}n+1 (5, 9, ..., 81); got {frames}, nearest valid: {hint}")
+    return frames
+
+
+def fit_last_frame(last: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Scale the last frame to cover the first frame's size keeping its aspect, then center-crop.
+
+    The reference crops with swapped, unscaled sizes instead (SPEC section 1); equal sizes pass unchanged.
+    """
+    _, h, w = last.shape
+    if (h, w) == (height, width):
+        return last
+    ratio = max(height / h, width / w)
+    nh, nw = max(height, round(h * ratio)), max(width, round(w * ratio))
+    scaled = F.interpolate(last[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=ratio < 1)[0]
+    top, left = (nh - height) // 2, (nw - width) // 2
+    return scaled[:, top : top + height, left : left + width]
+
+
+def frame_mask(frames: int, lat_t: int, lat_h: int, lat_w: int, has_last: bool, temporal: int = 4) -> torch.Tensor:
+    """Mask [4, T_lat, lat_h, lat_w]: which pixel frames are given, folded 4 per latent frame."""
+    m = torch.ones(1, frames, lat_h, lat_w)
+    m[:, 1 : frames - 1 if has_last else frames] = 0
+    # the first latent stands for one pixel frame: repeat it so every latent covers `temporal` frames
+    m = torch.cat([m[:, :1].repeat_interleave(temporal, dim=1), m[:, 1:]], dim=1)  # [1, F+3, h, w]
+    return m.view(1, lat_t, temporal, lat_h, lat_w).transpose(1, 2)[0]  # [4, T_lat, h, w]
+
+
+def conditioning_video(
+    first: torch.Tensor, last: torch.Tensor | None, frames: int, height: int, width: int
+) -> torch.Tensor:
+    """[3, F, H, W]: the given frames bicubic-resized (on CPU, as the reference) and zeros elsewhere."""
+
+    def resize(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x[None].cpu(), size=(height, width), mode="bicubic").transpose(0, 1)  # [3, 1, H, W]
+
+    parts = [resize(first), torch.zeros(3, frames - (2 if last is not None else 1), height, width)]
+    if last is not None:
+        parts.append(resize(last))
+    return torch.cat(parts, dim=1)
+
+
+def initial_noise(channels: int, lat_t: int, lat_h: int, lat_w: int, seed: int, device: torch.device) -> torch.Tensor:
+    """The reference's noise: a generator on the run device seeded once, one randn call."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return torch.randn(channels, lat_t, lat_h, lat_w, dtype=torch.float32, generator=g, device=device)
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """[3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3], truncating as the reference's writer does."""
+    x = video.clamp(-1, 1).add(1).div(2).mul(255).to(torch.uint8)
+    return x.permute(1, 2, 3, 0).cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Results and the pipeline object.
+
+
+@dataclass
+class Video:
+    """A generated clip: ``frames`` uint8 [T, H, W, 3] at ``fps``; ``latent`` is the final latent."""
+
+    frames: np.ndarray
+    fps: int
+    latent: torch.Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | Path, frames_dir: str | Path | None = None) -> Path:
+        """Write the clip (mp4/webm/gif by extension) and optionally PNG frames; both appear whole."""
+        out = write_video(self.frames, path, self.fps)
+        if frames_dir is not None:
+            write_frames(self.frames, frames_dir)
+        return out
+
+
+@dataclass
+class GenerationSettings:
+    frames: int
+    height: int
+    width: int
+    steps: int
+    shift: float
+    guidance: float
+    solver: str
+    seed: int
+
+
+class Pipeline:
+    """Holds the four components; ``generate`` runs the recipe. Build it with ``segue.load``."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        dit: torch.nn.Module,
+        vae: torch.nn.Module,
+        text_encoder: Any,
+        image_encoder: Any | None,
+        device: torch.device,
+        source: str = "",
+    ) -> None:
+        self.config = config
+        self.dit, self.vae = dit, vae
+        self.text_encoder, self.image_encoder = text_encoder, image_encoder
+        self.device = device
+        self.source = source
+
+    # -- settings ------------------------------------------------------------------------------
+    def resolve(
+        self,
+        first_hw: tuple[int, int],
+        frames: int | None,
+        max_area: int | None,
+        size: tuple[int, int] | None,
+        steps: int | None,
+        shift: float | None,
+        guidance: float | None,
+        solver: str | None,
+        seed: int,
+    ) -> GenerationSettings:
+        d = self.config.defaults
+        stride = self.config.vae.spatial_factor
+        patch = self.config.dit.patch_size[1]
+        frames = check_frames(d.frames if frames is None else frames, self.config.vae.temporal_factor)
+        if size is not None:
+            w, h = check_size(size[0], size[1], stride * patch)
+        else:
+            area = d.max_area if max_area is None else max_area
+            if area <= 0:
+                raise InputError(f"max area must be positive, got {area}")
+            lat_h, lat_w = fit_latent_size(first_hw[0], first_hw[1], area, stride, patch)
+            h, w = lat_h * stride, lat_w * stride
+        steps = d.steps if steps is None else steps
+        if steps < 1:
+            raise InputError(f"steps must be at least 1, got {steps}")
+        shift = d.shift if shift is None else shift
+        if shift <= 0:
+            raise InputError(f"shift must be positive, got {shift}")
+        guidance = d.guidance if guidance is None else guidance
+        solver = d.solver if solver is None else solver
+        if solver not in SOLVERS:
+            raise InputError(f"unknown solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
+        if not 0 <= seed < 2**63:
+            raise InputError(f"seed must be in [0, 2**63), got {seed}")
+        return GenerationSettings(frames, h, w, steps, shift, guidance, solver, seed)
+
+    # -- conditioning --------------------------------------------------------------------------
+    def encode_text(self, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
+        # two calls, as the reference: batching the prompts could change the last bits
+        (ctx,) = self.text_encoder.encode([prompt])
+        (neg,) = self.text_encoder.encode([negative])
+        return ctx.to(self.device), neg.to(self.device)
+
+    def encode_images(self, first: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor | None:
+        """CLIP features [1, N, width]: both frames for FLF2V. A first-frame-only run of an FLF2V model
+        shows CLIP the first frame twice (its position table expects two frames)."""
+        if self.image_encoder is None:
+            return None
+        two = self.config.dit.image_pos_len is not None
+        frames = [first, last if last is not None else first] if two else [first]
+        feats = self.image_encoder.encode(torch.stack(frames).to(self.device))  # [n, 257, width]
+        return feats.reshape(1, -1, feats.shape[-1])
+
+    # -- the loop ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        first: ImageLike,
+        last: ImageLike | None = None,
+        prompt: str = "",
+        negative_prompt: str | None = None,
+        frames: int | None = None,
+        max_area: int | None = None,
+        steps: int | None = None,
+        shift: float | None = None,
+        guidance: float | None = None,
+        solver: str | None = None,
+        seed: int = 0,
+        size: tuple[int, int] | None = None,
+        progress: Progress | None = None,
+    ) -> Video:
+        """Generate a clip from ``first`` (and ``last``) keyframes. ``size`` is (width, height) and
+        overrides ``max_area``. Unset settings come from the model's defaults."""
+        first_img = load_image(first, "first frame")
+        last_img = load_image(last, "last frame") if last is not None else None
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
+        first_t = image_to_tensor(first_img)
+        s = self.resolve(first_t.shape[1:], frames, max_area, size, steps, shift, guidance, solver, seed)
+        last_t = fit_last_frame(image_to_tensor(last_img), *first_t.shape[1:]) if last_img is not None else None
+        negative = self.config.defaults.negative_prompt if not negative_prompt else negative_prompt
+
+        cfg = self.config
+        stride, tf = cfg.vae.spatial_factor, cfg.vae.temporal_factor
+        lat_t, lat_h, lat_w = (s.frames - 1) // tf + 1, s.height // stride, s.width // stride
+        t0 = time.perf_counter()
+        noise = initial_noise(cfg.vae.z_dim, lat_t, lat_h, lat_w, s.seed, self.device)
+        context, context_neg = self.encode_text(prompt, negative)
+        clip = self.encode_images(first_t, last_t)
+        y = None
+        if cfg.dit.image_dim is not None:
+            mask = frame_mask(s.frames, lat_t, lat_h, lat_w, last_t is not None, tf)
+            cond = conditioning_video(first_t, last_t, s.frames, s.height, s.width)
+            cond_latent = self.vae.encode(cond[None].to(self.device))[0]  # [z, T, h, w]
+            y = torch.cat([mask.to(self.device), cond_latent.float()])[None]  # [1, 4 + z, T, h, w]
+        t_cond = time.perf_counter() - t0
+
+        latent = self.denoise(noise, context, context_neg, clip, y, s, progress)
+        t1 = time.perf_counter()
+        video = self.vae.decode(latent[None])[0]  # [3, F, H, W] in [-1, 1]
+        t_decode = time.perf_counter() - t1
+        info = {
+            "settings": s.__dict__,
+            "seconds": {"conditioning": t_cond, "denoise": t1 - t0 - t_cond, "decode": t_decode},
+        }
+        return Video(to_uint8(video), cfg.defaults.fps, latent.cpu(), info)
+
+    def denoise(
+        self,
+        noise: torch.Tensor,
+        context: torch.Tensor,
+        context_neg: torch.Tensor,
+        clip: torch.Tensor | None,
+        y: torch.Tensor | None,
+        s: GenerationSettings,
+        progress: Progress | None = None,
+    ) -> torch.Tensor:
+        """The sampling loop: velocity with classifier-free guidance, one solver step per timestep."""
+        solver = make_solver(s.solver, s.steps, s.shift, self.device)
+        latent = noise
+        n = len(solver.timesteps)
+        for i, t in enumerate(solver.timesteps):
+            timestep = t[None].to(self.device)  # [1]; the model sees the integer timestep
+            v = self.dit(latent[None], timestep, context[None], clip, y)[0]
+            if s.guidance != 1.0:  # guidance 1 is the conditional velocity alone: skip the second pass
+                v_neg = self.dit(latent[None], timestep, context_neg[None], clip, y)[0]
+                v = v_neg + s.guidance * (v - v_neg)
+            latent = solver.step(v, latent)
+            if progress is not None:
+                progress(i + 1, n)
+        return latent
+
+
+def seq_len(cfg: ModelConfig, frames: int, height: int, width: int) -> int:
+    """Tokens the DiT attends over for a clip of this size (for progress and cost estimates)."""
+    pt, ph, pw = cfg.dit.patch_size
+    lat_t = (frames - 1) // cfg.vae.temporal_factor + 1
+    s = cfg.vae.spatial_factor
+    return math.ceil(lat_t / pt) * (height // s // ph) * (width // s // pw)
