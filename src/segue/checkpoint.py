@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,14 @@ OFFICIAL_CLIP = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 DIT_WEIGHTS = "diffusion_pytorch_model"
 OFFICIAL_FILES = (OFFICIAL_DIT_CONFIG, f"{DIT_WEIGHTS}.safetensors[.index.json]", OFFICIAL_VAE, OFFICIAL_T5,
                   OFFICIAL_T5_TOKENIZER + "/", OFFICIAL_CLIP)  # fmt: skip
-DIFFUSERS_FILES = ("model_index.json", "transformer/", "vae/", "text_encoder/", "tokenizer/", "image_encoder/")
+DIFFUSERS_FILES = (
+    "model_index.json",
+    "transformer/",
+    "vae/",
+    "text_encoder/",
+    "tokenizer/",
+    "image_encoder/",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,12 +62,13 @@ class TensorSource:
         self._where: dict[str, tuple[Path, str]] = {}
         self._tensors: dict[str, torch.Tensor] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, str] = {}
 
     @classmethod
     def from_safetensors(cls, files: list[Path], rename: Callable[[str], str | None] | None = None) -> TensorSource:
         src = cls(", ".join(str(f) for f in files))
         for f in files:
-            for key, shape in _safetensors_shapes(f).items():
+            for key, (shape, dtype) in _safetensors_shapes(f).items():
                 native = rename(key) if rename else key
                 if native is None:
                     continue
@@ -67,6 +76,7 @@ class TensorSource:
                     raise CheckpointError(f"tensor {native} appears twice (in {src._where[native][0]} and {f})")
                 src._where[native] = (f, key)
                 src._shapes[native] = shape
+                src._dtypes[native] = dtype
         return src
 
     @classmethod
@@ -77,11 +87,18 @@ class TensorSource:
         sd = load_pth(path)
         src._tensors = adapt(sd) if adapt else sd
         src._shapes = {k: tuple(v.shape) for k, v in src._tensors.items()}
+        src._dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in src._tensors.items()}
         return src
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return dict(self._shapes)
+
+    def dtype_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for d in self._dtypes.values():
+            counts[d] = counts.get(d, 0) + 1
+        return counts
 
     def meta_dict(self) -> dict[str, torch.Tensor]:
         """Shape-only stand-ins, for key checks before anything is read."""
@@ -112,14 +129,28 @@ def _convert(t: torch.Tensor, name: str, device: Any, dtype_for: Callable) -> to
     return t.to(device=device, dtype=dtype)
 
 
-def _safetensors_shapes(f: Path) -> dict[str, tuple[int, ...]]:
+_ST_DTYPES = {
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn",
+}
+
+
+def _safetensors_shapes(f: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and dtype name of every tensor in a safetensors file, read from its header only."""
     from safetensors import safe_open
 
     if not f.is_file():
         raise CheckpointError(f"weight file not found: {f}")
     try:
         with safe_open(str(f), framework="pt", device="cpu") as sf:
-            return {k: tuple(sf.get_slice(k).get_shape()) for k in sf.keys()}
+            out = {}
+            for k in sf.keys():  # noqa: SIM118 (safe_open is not a dict)
+                sl = sf.get_slice(k)
+                out[k] = (tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype().lower()))
+            return out
     except Exception as e:
         raise CheckpointError(f"{f} is not a readable safetensors file (truncated or corrupt?): {e}") from None
 
@@ -322,3 +353,80 @@ def _renamed_safetensors(folder: Path, stem: str, adapter: Callable[[dict], dict
         raise TypeError(f"adapter {adapter.__qualname__} must only rename keys for safetensors sources")
     inverse = {foreign: native for native, foreign in mapping.items()}
     return TensorSource.from_safetensors(files, rename=inverse.get)
+
+
+# ---------------------------------------------------------------------------------------------
+# `segue info`.
+
+
+def _fmt_count(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit} ({n:,})"
+    return str(n)
+
+
+def describe(folder: str | Path) -> str:
+    """A readable report of a checkpoint folder: layout, files present or missing, component sizes,
+    parameter counts and dtypes, and whether every tensor fits the model. Never raises for a bad
+    folder: problems are reported in the text."""
+    from .models.dit import WanDiT
+    from .models.vae import WanVAE
+
+    folder = Path(folder)
+    lines = [f"checkpoint: {folder}"]
+    try:
+        layout = detect_layout(folder)
+    except CheckpointError as e:
+        return "\n".join(lines + [f"layout: unknown ({e})"])
+    lines.append(f"layout: {layout}")
+    expected = (
+        [OFFICIAL_DIT_CONFIG, OFFICIAL_VAE, OFFICIAL_T5, OFFICIAL_T5_TOKENIZER, OFFICIAL_CLIP]
+        if layout == "official"
+        else [
+            "model_index.json",
+            "transformer",
+            "vae",
+            "text_encoder",
+            "tokenizer",
+            "image_encoder",
+            "scheduler",
+        ]
+    )
+    missing = [e for e in expected if not (folder / e).exists()]
+    lines.append("missing: " + (", ".join(missing) if missing else "nothing"))
+    try:
+        plan = plan_checkpoint(folder)
+    except CheckpointError as e:
+        return "\n".join(lines + [f"cannot plan the model: {e}"])
+    cfg = plan.config
+    lines.append(f"model type: {cfg.dit.model_type}")
+    d = cfg.defaults
+    lines.append(
+        f"defaults: {d.frames} frames, max area {d.max_area}, {d.steps} steps, shift {d.shift}, "
+        f"guidance {d.guidance}, {d.solver}, {d.fps} fps"
+    )
+    import torch
+
+    with torch.device("meta"):
+        modules = {"dit": WanDiT(cfg.dit), "vae": WanVAE(cfg.vae)}
+    comps = [("DiT", plan.dit, cfg.dit, modules["dit"]), ("VAE", plan.vae, cfg.vae, modules["vae"]),
+             ("text encoder", plan.text, cfg.text, None), ("image encoder", plan.image, cfg.image, None)]  # fmt: skip
+    from .weights import check_keys
+
+    for name, src, ccfg, module in comps:
+        if src is None:
+            lines.append(f"{name}: none")
+            continue
+        n = sum(math.prod(s) for s in src.shapes.values())
+        dtypes = ", ".join(f"{k} x{v}" for k, v in sorted(src.dtype_counts().items()))
+        status = "ok"
+        if module is not None:
+            try:
+                check_keys(module, src.meta_dict(), name)
+            except CheckpointError as e:
+                status = str(e)
+        lines.append(f"{name}: {len(src.shapes)} tensors, {_fmt_count(n)} parameters, {dtypes}; keys {status}")
+        lines.append(f"  config: {ccfg}")
+        lines.append(f"  from: {src.origin}")
+    return "\n".join(lines)

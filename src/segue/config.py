@@ -205,20 +205,15 @@ class ModelConfig:
             if self.image is None:
                 raise ValueError("the DiT has an image branch but no image encoder is configured")
             if self.dit.image_dim != self.image.hidden_size:
-                raise ValueError(
-                    f"DiT image_dim {self.dit.image_dim} != image encoder width {self.image.hidden_size}"
-                )
+                raise ValueError(f"DiT image_dim {self.dit.image_dim} != image encoder width {self.image.hidden_size}")
             frames_seen = 2 if self.dit.image_pos_len is not None else 1
             if self.dit.image_pos_len not in (None, frames_seen * self.image.num_tokens):
-                raise ValueError(
-                    f"image_pos_len {self.dit.image_pos_len} != 2 x {self.image.num_tokens} CLIP tokens"
-                )
+                raise ValueError(f"image_pos_len {self.dit.image_pos_len} != 2 x {self.image.num_tokens} CLIP tokens")
         z = self.vae.z_dim
         cond = z + 4 if self.dit.image_dim is not None else 0  # mask (4) + conditioning latent
         if self.dit.in_dim != z + cond or self.dit.out_dim != z:
             raise ValueError(
-                f"DiT in/out ({self.dit.in_dim}/{self.dit.out_dim}) do not fit VAE z_dim {z} "
-                f"(expected {z + cond}/{z})"
+                f"DiT in/out ({self.dit.in_dim}/{self.dit.out_dim}) do not fit VAE z_dim {z} (expected {z + cond}/{z})"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -266,17 +261,23 @@ REGISTRY: dict[str, ModelConfig] = {
     "i2v-14b-480p": ModelConfig(
         name="i2v-14b-480p",
         dit=DiTConfig(image_pos_len=None),
-        defaults=GenerationDefaults(
-            max_area=832 * 480, steps=40, shift=3.0, negative_prompt=WAN_NEGATIVE_PROMPT
-        ),
+        defaults=GenerationDefaults(max_area=832 * 480, steps=40, shift=3.0, negative_prompt=WAN_NEGATIVE_PROMPT),
     ),
     "tiny-flf2v": ModelConfig(
-        name="tiny-flf2v", dit=_TINY_DIT, vae=_TINY_VAE, text=_TINY_TEXT, image=_TINY_IMAGE,
+        name="tiny-flf2v",
+        dit=_TINY_DIT,
+        vae=_TINY_VAE,
+        text=_TINY_TEXT,
+        image=_TINY_IMAGE,
         defaults=_TINY_DEFAULTS,
     ),  # fmt: skip
     "tiny-i2v": ModelConfig(
-        name="tiny-i2v", dit=replace(_TINY_DIT, image_pos_len=None), vae=_TINY_VAE, text=_TINY_TEXT,
-        image=_TINY_IMAGE, defaults=replace(_TINY_DEFAULTS, negative_prompt=WAN_NEGATIVE_PROMPT),
+        name="tiny-i2v",
+        dit=replace(_TINY_DIT, image_pos_len=None),
+        vae=_TINY_VAE,
+        text=_TINY_TEXT,
+        image=_TINY_IMAGE,
+        defaults=replace(_TINY_DEFAULTS, negative_prompt=WAN_NEGATIVE_PROMPT),
     ),  # fmt: skip
 }
 

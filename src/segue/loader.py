@@ -69,7 +69,9 @@ def build_components(plan: CheckpointPlan, device: torch.device, dtype: torch.dt
     return Pipeline(cfg, dit, vae, text, image, device, source=str(plan.folder))
 
 
-def load(path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> Pipeline:
+def load(
+    path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+) -> Pipeline:
     """Load a checkpoint folder (official or diffusers layout, auto-detected) as a Pipeline."""
     if path is None:
         raise InputError(

@@ -122,9 +122,7 @@ def _write_av(frames: np.ndarray, path: Path, fmt: str, codec: str, fps: int) ->
 
 def _write_gif(frames: np.ndarray, path: Path, fps: int) -> None:
     images = [Image.fromarray(f) for f in frames]
-    images[0].save(
-        path, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0
-    )
+    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
 
 
 def write_frames(frames: np.ndarray, folder: str | os.PathLike[str]) -> Path:

@@ -55,10 +55,8 @@ def check_size(width: int, height: int, multiple: int) -> tuple[int, int]:
     """An explicit output size must be a positive multiple of the VAE stride times the patch size."""
     bad = [f"{n}={v}" for n, v in (("width", width), ("height", height)) if v <= 0 or v % multiple]
     if bad:
-        raise InputError(
-            f"size {width}x{height}: {', '.join(bad)} not divisible by {multiple} "
-            f"(try {max(multiple, round(width / multiple) * multiple)}x{max(multiple, round(height / multiple) * multiple)})"
-        )
+        near_w, near_h = (max(multiple, round(v / multiple) * multiple) for v in (width, height))
+        raise InputError(f"size {width}x{height}: {', '.join(bad)} not divisible by {multiple} (try {near_w}x{near_h})")
     return width, height
 
 
@@ -257,7 +255,7 @@ class Pipeline:
         first_t = image_to_tensor(first_img)
         s = self.resolve(first_t.shape[1:], frames, max_area, size, steps, shift, guidance, solver, seed)
         last_t = fit_last_frame(image_to_tensor(last_img), *first_t.shape[1:]) if last_img is not None else None
-        negative = self.config.defaults.negative_prompt if not negative_prompt else negative_prompt
+        negative = negative_prompt or self.config.defaults.negative_prompt
 
         cfg = self.config
         stride, tf = cfg.vae.spatial_factor, cfg.vae.temporal_factor

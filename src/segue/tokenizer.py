@@ -62,8 +62,9 @@ def _tiny_vocab(vocab_size: int) -> list[tuple[str, float]]:
     pieces += [(_SPACE + a + b, -8.0) for a in letters for b in letters]
     seen: set[str] = set()
     unique = [p for p in pieces if not (p[0] in seen or seen.add(p[0]))]
-    if vocab_size < len(_SPECIALS) + 1 + len(chars) or vocab_size > len(unique):
-        raise ValueError(f"tiny tokenizer vocab_size must be in [{len(_SPECIALS) + 1 + len(chars)}, {len(unique)}]")
+    smallest = len(_SPECIALS) + 1 + len(chars)  # every character must stay spellable
+    if not smallest <= vocab_size <= len(unique):
+        raise ValueError(f"tiny tokenizer vocab_size must be in [{smallest}, {len(unique)}]: {vocab_size}")
     return unique[:vocab_size]
 
 

@@ -24,9 +24,7 @@ def _names(keys: list[str]) -> str:
     return shown + (f", ... ({len(keys) - _MAX_NAMES} more)" if len(keys) > _MAX_NAMES else "")
 
 
-def check_keys(
-    module: nn.Module, state_dict: Mapping[str, torch.Tensor], component: str, source: str = ""
-) -> None:
+def check_keys(module: nn.Module, state_dict: Mapping[str, torch.Tensor], component: str, source: str = "") -> None:
     """Raise CheckpointError naming every missing, unexpected or mis-shaped tensor."""
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     where = f" in {source}" if source else ""

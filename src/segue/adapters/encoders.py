@@ -7,15 +7,16 @@ sizes back from tensor shapes (the official files carry no config).
 
 Official umT5 encoder (``models_t5_umt5-xxl-enc-bf16.pth``), per block ``i``::
 
-    token_embedding.weight                      -> shared.weight (+ encoder.embed_tokens.weight, tied)
-    blocks.i.norm1.weight                       -> encoder.block.i.layer.0.layer_norm.weight
-    blocks.i.attn.{q,k,v,o}.weight              -> encoder.block.i.layer.0.SelfAttention.{q,k,v,o}.weight
-    blocks.i.pos_embedding.embedding.weight     -> encoder.block.i.layer.0.SelfAttention.relative_attention_bias.weight
-    blocks.i.norm2.weight                       -> encoder.block.i.layer.1.layer_norm.weight
-    blocks.i.ffn.gate.0.weight                  -> encoder.block.i.layer.1.DenseReluDense.wi_0.weight  (GELU side)
-    blocks.i.ffn.fc1.weight                     -> encoder.block.i.layer.1.DenseReluDense.wi_1.weight  (linear side)
-    blocks.i.ffn.fc2.weight                     -> encoder.block.i.layer.1.DenseReluDense.wo.weight
-    norm.weight                                 -> encoder.final_layer_norm.weight
+    token_embedding.weight               -> shared.weight (+ encoder.embed_tokens.weight, tied)
+    blocks.i.norm1.weight                -> encoder.block.i.layer.0.layer_norm.weight
+    blocks.i.attn.{q,k,v,o}.weight       -> encoder.block.i.layer.0.SelfAttention.{q,k,v,o}.weight
+    blocks.i.pos_embedding.embedding.weight
+                                   -> encoder.block.i.layer.0.SelfAttention.relative_attention_bias.weight
+    blocks.i.norm2.weight                -> encoder.block.i.layer.1.layer_norm.weight
+    blocks.i.ffn.gate.0.weight           -> encoder.block.i.layer.1.DenseReluDense.wi_0.weight  (GELU side)
+    blocks.i.ffn.fc1.weight              -> encoder.block.i.layer.1.DenseReluDense.wi_1.weight  (linear side)
+    blocks.i.ffn.fc2.weight              -> encoder.block.i.layer.1.DenseReluDense.wo.weight
+    norm.weight                          -> encoder.final_layer_norm.weight
 
 Official CLIP (``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth``) holds the whole XLM-R CLIP;
 only the image tower under ``visual.`` is used::
@@ -163,7 +164,7 @@ def t5_config_from_hf(cfg_json: Mapping[str, Any]) -> TextEncoderConfig:
     """TextEncoderConfig from a transformers UMT5 ``config.json`` dict (gated-GELU only)."""
     ff = cfg_json.get("feed_forward_proj", "gated-gelu")
     if ff != "gated-gelu":
-        raise CheckpointError(f"text encoder config has feed_forward_proj {ff!r}; only 'gated-gelu' is supported")
+        raise CheckpointError(f"text encoder feed_forward_proj is {ff!r}; only 'gated-gelu' is supported")
     defaults = TextEncoderConfig()
     return TextEncoderConfig(
         vocab_size=cfg_json["vocab_size"],
@@ -259,7 +260,7 @@ def clip_official_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
         else:
             unknown.append(key)
     if unknown:
-        raise CheckpointError(f"CLIP checkpoint has unknown visual tensor(s): {', '.join(sorted(unknown)[:12])}")
+        raise CheckpointError(f"CLIP checkpoint has unknown tensor(s): {', '.join(sorted(unknown)[:12])}")
     return out
 
 

@@ -228,9 +228,7 @@ class WanDiT(nn.Module):
         self.cfg = cfg
         dim = cfg.dim
         self.patch_embedding = Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.text_embedding = nn.Sequential(
-            Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), Linear(dim, dim)
-        )
+        self.text_embedding = nn.Sequential(Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), Linear(dim, dim))
         self.time_embedding = nn.Sequential(Linear(cfg.freq_dim, dim), nn.SiLU(), Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
@@ -274,7 +272,8 @@ class WanDiT(nn.Module):
         if c_in != cfg.in_dim:
             raise InputError(f"latent + conditioning have {c_in} channels, the DiT expects {cfg.in_dim}")
         if frames % pt or height % ph or width % pw:
-            raise InputError(f"latent size {(frames, height, width)} is not a multiple of patch {cfg.patch_size}")
+            size = (frames, height, width)
+            raise InputError(f"latent size {size} is not a multiple of patch {cfg.patch_size}")
         if context.shape[1] > cfg.text_len:
             raise InputError(f"text context has {context.shape[1]} tokens, at most {cfg.text_len} allowed")
         if clip is not None and self.img_emb is None:

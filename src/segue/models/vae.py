@@ -244,7 +244,8 @@ class Encoder(nn.Module):
                 blocks.append(ResidualBlock(in_dim, out_dim))
                 in_dim = out_dim
             if i < last:
-                blocks.append(Resample(out_dim, "downsample3d" if cfg.temporal_downsample[i] else "downsample2d"))
+                mode = "downsample3d" if cfg.temporal_downsample[i] else "downsample2d"
+                blocks.append(Resample(out_dim, mode))
         self.downsamples = nn.Sequential(*blocks)
         d = dims[-1]
         self.middle = nn.Sequential(ResidualBlock(d, d), AttentionBlock(d), ResidualBlock(d, d))
@@ -280,7 +281,8 @@ class Decoder(nn.Module):
                 blocks.append(ResidualBlock(in_dim, out_dim))
                 in_dim = out_dim
             if i < last:
-                blocks.append(Resample(out_dim, "upsample3d" if temporal_upsample[i] else "upsample2d"))
+                mode = "upsample3d" if temporal_upsample[i] else "upsample2d"
+                blocks.append(Resample(out_dim, mode))
         self.upsamples = nn.Sequential(*blocks)
         self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1))
 

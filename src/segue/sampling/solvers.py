@@ -106,13 +106,16 @@ class Solver:
 
 
 class Euler(Solver):
-    """First-order Euler on the velocity: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v."""
+    """First-order Euler on the velocity: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v.
+
+    Computed in float32; the result has the promoted dtype of x and v, as DPM++ does.
+    """
 
     name = "euler"
 
     def _step(self, i: int, v: Tensor, x: Tensor) -> Tensor:
         dt = self.sigmas[i + 1] - self.sigmas[i]
-        return (x.to(torch.float32) + dt * v).to(v.dtype)
+        return (x.to(torch.float32) + dt * v).to(torch.promote_types(x.dtype, v.dtype))
 
 
 class DPMpp(Solver):

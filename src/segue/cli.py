@@ -1,0 +1,142 @@
+"""Command line: ``segue generate``, ``segue info``, ``segue make-tiny``. Also runs as ``python -m segue``.
+
+Logs and progress go to stderr; errors the user can fix are one line (``error: ...``, exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import SegueError
+
+log = logging.getLogger("segue")
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = text.lower().split("x")
+        return int(w), int(h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 1280x720 (WIDTHxHEIGHT), got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="segue", description="Two keyframes and a prompt in, a video out.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="make a video from a first (and last) frame and a prompt")
+    g.add_argument("--ckpt-dir", type=Path, help="checkpoint folder (official or diffusers layout)")
+    g.add_argument("--first", required=True, help="first frame (image file)")
+    g.add_argument("--last", help="last frame (image file); without it, first-frame-only generation")
+    g.add_argument("--prompt", default="", help="what happens between the frames")
+    g.add_argument("--negative-prompt", default=None, help="what to avoid (default: the model's)")
+    g.add_argument("--frames", type=int, help="frame count, 4n+1 (default: the model's, 81 for 14B)")
+    size = g.add_mutually_exclusive_group()
+    size.add_argument("--max-area", type=int, help="pixel area; the first frame's aspect is kept")
+    size.add_argument("--size", type=_size, help="exact output size WIDTHxHEIGHT (multiples of 16)")
+    g.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    g.add_argument("--shift", type=float, help="timestep shift (default: the model's)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
+    g.add_argument("--solver", help="unipc (default), dpm++ or euler")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", type=Path, required=True, help="output video: .mp4, .webm or .gif")
+    g.add_argument("--frames-dir", type=Path, help="also write lossless PNG frames here")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU)")
+
+    i = sub.add_parser("info", help="describe a checkpoint folder: layout, components, sizes, what is missing")
+    i.add_argument("ckpt_dir", type=Path)
+
+    t = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint (for tests and demos)")
+    t.add_argument("dest", type=Path)
+    t.add_argument("--layout", choices=("official", "diffusers"), default="official")
+    t.add_argument("--model", default="tiny-flf2v", help="registry size to build (tiny-flf2v, tiny-i2v)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--shards", type=int, default=2, help="DiT shard count (>1 writes an index)")
+    return p
+
+
+def _progress_bar(quiet: bool):
+    if quiet:
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="step", file=sys.stderr, dynamic_ncols=True, desc="denoising")
+
+    def update(i: int, n: int) -> None:
+        if bar.total != n:
+            bar.reset(total=n)
+        bar.update(i - bar.n)
+
+    return bar, update
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .loader import load
+    from .media import check_video_path, load_image
+
+    # fail fast on cheap checks, before minutes of model loading
+    out = check_video_path(args.out)
+    load_image(args.first, "first frame")
+    if args.last is not None:
+        load_image(args.last, "last frame")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    pipe = load(args.ckpt_dir, device=device, dtype=args.dtype)
+    log.info("model ready in %.1fs", time.perf_counter() - t0)
+    bar, update = _progress_bar(args.quiet)
+    try:
+        video = pipe.generate(
+            args.first, args.last, args.prompt, negative_prompt=args.negative_prompt, frames=args.frames,
+            max_area=args.max_area, size=args.size, steps=args.steps, shift=args.shift,
+            guidance=args.guidance, solver=args.solver, seed=args.seed, progress=update,
+        )  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
+    video.save(out, frames_dir=args.frames_dir)
+    t, h, w, _ = video.frames.shape
+    log.info("wrote %s: %d frames %dx%d at %d fps (%.1fs total)", out, t, w, h, video.fps, time.perf_counter() - t0)
+    print(out)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .checkpoint import describe
+
+    print(describe(args.ckpt_dir))
+    return 0
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    from .testing import make_tiny_checkpoint
+
+    print(make_tiny_checkpoint(args.dest, layout=args.layout, model=args.model, seed=args.seed, shards=args.shards))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    commands = {"generate": cmd_generate, "info": cmd_info, "make-tiny": cmd_make_tiny}
+    try:
+        return commands[args.command](args)
+    except SegueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
