@@ -54,7 +54,7 @@ class TensorSource:
 
     Safetensors shards are renamed key by key (``rename`` maps a file's key to the native key, or None
     to skip it), so the full foreign dict is never held in memory. ``.pth`` files are memory-mapped and
-    passed whole through ``adapt`` (adapters may split tensors, e.g. CLIP's fused qkv), still lazily.
+    passed whole through their adapter (which may split tensors, e.g. CLIP's fused qkv), still lazily.
     """
 
     def __init__(self, origin: str) -> None:
@@ -80,14 +80,12 @@ class TensorSource:
         return src
 
     @classmethod
-    def from_pth(
-        cls, path: Path, adapt: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
-    ) -> TensorSource:
-        src = cls(str(path))
-        sd = load_pth(path)
-        src._tensors = adapt(sd) if adapt else sd
-        src._shapes = {k: tuple(v.shape) for k, v in src._tensors.items()}
-        src._dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in src._tensors.items()}
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], origin: str) -> TensorSource:
+        """From an in-memory (typically memory-mapped) dict already in native names."""
+        src = cls(origin)
+        src._tensors = tensors
+        src._shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        src._dtypes = {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()}
         return src
 
     @property
@@ -126,7 +124,13 @@ class TensorSource:
 
 def _convert(t: torch.Tensor, name: str, device: Any, dtype_for: Callable) -> torch.Tensor:
     dtype = dtype_for(name, t) or t.dtype
-    return t.to(device=device, dtype=dtype)
+    out = t.to(device=device, dtype=dtype)
+    # CPU BLAS kernels pick code paths by alignment, so a tensor at an odd offset inside a safetensors
+    # file gives other last bits than the same values elsewhere: copy it to aligned memory so results
+    # do not depend on the file layout (the two layouts of one model give the same video).
+    if out.device.type == "cpu" and (out.data_ptr() % 64 or not out.is_contiguous()):
+        out = out.contiguous().clone()
+    return out
 
 
 _ST_DTYPES = {
@@ -276,20 +280,22 @@ def _plan_official(folder: Path) -> CheckpointPlan:
 
     raw = read_json(folder / OFFICIAL_DIT_CONFIG)
     dit_src = TensorSource.from_safetensors(safetensors_files(folder, DIT_WEIGHTS))
-    vae_src = TensorSource.from_pth(folder / OFFICIAL_VAE)
-    t5_src = TensorSource.from_pth(folder / OFFICIAL_T5, adapt=enc_adapter.t5_official_to_hf)
+    vae_src = TensorSource.from_tensors(load_pth(folder / OFFICIAL_VAE), str(folder / OFFICIAL_VAE))
+    t5_raw = load_pth(folder / OFFICIAL_T5)
     clip_path = folder / OFFICIAL_CLIP
     clip_src = None
     try:
         dit_cfg = dit_adapter.config_from_official(raw, dit_src.shapes)
         vae_cfg = vae_adapter.config_from_shapes(vae_src.shapes)
-        text_cfg = enc_adapter.t5_config_from_shapes(t5_src.shapes)
+        text_cfg = enc_adapter.t5_config_from_shapes({k: tuple(v.shape) for k, v in t5_raw.items()})
+        t5_src = TensorSource.from_tensors(enc_adapter.t5_official_to_hf(t5_raw), str(folder / OFFICIAL_T5))
         image_cfg = None
         if dit_cfg.image_dim is not None:
             if not clip_path.is_file():
                 raise CheckpointError(f"the DiT has an image branch but {clip_path} is missing")
-            clip_src = TensorSource.from_pth(clip_path, adapt=enc_adapter.clip_official_to_hf)
-            image_cfg = enc_adapter.clip_config_from_shapes(clip_src.shapes)
+            clip_raw = load_pth(clip_path)
+            image_cfg = enc_adapter.clip_config_from_shapes({k: tuple(v.shape) for k, v in clip_raw.items()})
+            clip_src = TensorSource.from_tensors(enc_adapter.clip_official_to_hf(clip_raw), str(clip_path))
         defaults = _segue_defaults(raw, _defaults_for(dit_cfg.model_type))
         config = ModelConfig(
             name=folder.name, dit=dit_cfg, vae=vae_cfg, text=text_cfg, image=image_cfg, defaults=defaults
