@@ -39,8 +39,9 @@ def test_generate_mp4_and_png_frames_end_to_end(official_ckpt, frames_dir, tmp_p
 @pytest.mark.parametrize("ext", [".gif", ".webm"])
 def test_other_formats(official_ckpt, frames_dir, tmp_path, ext, capsys):
     out = tmp_path / f"clip{ext}"
-    code = main(["-q", "generate", "--ckpt-dir", str(official_ckpt), "--first", str(frames_dir / "first.png"),
-                 "--last", str(frames_dir / "last.png"), "--frames", "5", "--steps", "1", "--out", str(out)])  # fmt: skip
+    first, last = str(frames_dir / "first.png"), str(frames_dir / "last.png")
+    args = ["--first", first, "--last", last, "--frames", "5", "--steps", "1", "--out", str(out)]
+    code = main(["-q", "generate", "--ckpt-dir", str(official_ckpt), *args])
     assert code == 0
     assert read_video(out).shape[0] == 5
 
