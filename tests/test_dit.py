@@ -19,8 +19,6 @@ from segue.adapters.dit import (
 from segue.config import REGISTRY, DiTConfig
 from segue.models.dit import WanDiT, apply_dtype_policy, dit_param_dtype, rope_split
 
-diffusers = pytest.importorskip("diffusers")
-
 TINY_FLF2V = REGISTRY["tiny-flf2v"].dit
 TINY_I2V = REGISTRY["tiny-i2v"].dit
 # Head dim 24 (pairs split 4/4/4), patch (2, 2, 2) in time, no image branch, no cross-attn norm.

@@ -62,19 +62,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _progress_bar(quiet: bool):
-    if quiet:
-        return None, None
-    from tqdm import tqdm
+class _Progress:
+    """A tqdm bar on stderr (step, it/s, ETA), opened at the first step so it knows the total."""
 
-    bar = tqdm(total=0, unit="step", file=sys.stderr, dynamic_ncols=True, desc="denoising")
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
 
-    def update(i: int, n: int) -> None:
-        if bar.total != n:
-            bar.reset(total=n)
-        bar.update(i - bar.n)
+    def __call__(self, i: int, n: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
 
-    return bar, update
+            self.bar = tqdm(total=n, unit="step", file=sys.stderr, dynamic_ncols=True, desc="denoising")
+        self.bar.update(i - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -92,16 +98,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     pipe = load(args.ckpt_dir, device=device, dtype=args.dtype)
     log.info("model ready in %.1fs", time.perf_counter() - t0)
-    bar, update = _progress_bar(args.quiet)
+    progress = _Progress(enabled=not args.quiet)
     try:
         video = pipe.generate(
             args.first, args.last, args.prompt, negative_prompt=args.negative_prompt, frames=args.frames,
             max_area=args.max_area, size=args.size, steps=args.steps, shift=args.shift,
-            guidance=args.guidance, solver=args.solver, seed=args.seed, progress=update,
+            guidance=args.guidance, solver=args.solver, seed=args.seed, progress=progress,
         )  # fmt: skip
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
     video.save(out, frames_dir=args.frames_dir)
     t, h, w, _ = video.frames.shape
     log.info("wrote %s: %d frames %dx%d at %d fps (%.1fs total)", out, t, w, h, video.fps, time.perf_counter() - t0)
