@@ -13,6 +13,7 @@ cast to it); RoPE is float64 complex math. ``apply_dtype_policy`` puts the weigh
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -108,10 +109,18 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype) -> Tensor:
     return out.transpose(1, 2).flatten(2).float()
 
 
+AttentionFn = Callable[[Tensor, Tensor, Tensor, torch.dtype], Tensor]
+
+
 class SelfAttention(nn.Module):
+    # ``attention`` is the one seam for parallelism: segue.parallel swaps in a sequence-parallel
+    # function (Ulysses/ring) from outside; on one device it is plain SDPA.
+    attention: AttentionFn
+
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         dim = cfg.dim
+        self.attention = _attention
         self.num_heads = cfg.num_heads
         self.q, self.k, self.v, self.o = (Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
@@ -122,7 +131,7 @@ class SelfAttention(nn.Module):
         q = self.norm_q(self.q(x)).unflatten(2, (n, -1))  # [B, L, n, d]
         k = self.norm_k(self.k(x)).unflatten(2, (n, -1))
         v = self.v(x).unflatten(2, (n, -1))
-        out = _attention(apply_rope(q, freqs), apply_rope(k, freqs), v, self.o.weight.dtype)
+        out = self.attention(apply_rope(q, freqs), apply_rope(k, freqs), v, self.o.weight.dtype)
         return self.o(out)  # [B, L, C]
 
 
