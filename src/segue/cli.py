@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,6 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--frames-dir", type=Path, help="also write lossless PNG frames here")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU)")
+    par = g.add_argument_group("parallel (start with torchrun --nproc_per_node=N -m segue generate ...)")
+    par.add_argument("--ulysses", type=int, default=1, help="Ulysses sequence-parallel degree (heads all-to-all)")
+    par.add_argument("--ring", type=int, default=1, help="ring-attention sequence-parallel degree")
+    par.add_argument("--cfg-parallel", action="store_true", help="conditional/unconditional passes on two halves")
+    par.add_argument("--fsdp", action="store_true", help="shard DiT and text-encoder weights over all ranks")
+    par.add_argument("--no-vae-parallel", action="store_true", help="decode on rank 0 only")
+    par.add_argument(
+        "--sp-reference-padding",
+        action="store_true",
+        help="leave padded tokens unmasked in attention, as the reference's distributed run does",
+    )
 
     i = sub.add_parser("info", help="describe a checkpoint folder: layout, components, sizes, what is missing")
     i.add_argument("ckpt_dir", type=Path)
@@ -94,11 +106,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     load_image(args.first, "first frame")
     if args.last is not None:
         load_image(args.last, "last frame")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    pipe = load(args.ckpt_dir, device=device, dtype=args.dtype)
+    parallel = _parallel_config(args)
+    if parallel is not None:
+        from .parallel.apply import load_parallel
+
+        pipe = load_parallel(args.ckpt_dir, parallel, device=args.device, dtype=args.dtype)
+        main_rank = pipe.parallel.is_main
+        if not main_rank:
+            logging.getLogger().setLevel(logging.WARNING)  # one voice: rank 0 logs and shows progress
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipe = load(args.ckpt_dir, device=device, dtype=args.dtype)
+        main_rank = True
     log.info("model ready in %.1fs", time.perf_counter() - t0)
-    progress = _Progress(enabled=not args.quiet)
+    progress = _Progress(enabled=not args.quiet and main_rank)
     try:
         video = pipe.generate(
             args.first, args.last, args.prompt, negative_prompt=args.negative_prompt, frames=args.frames,
@@ -107,11 +129,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )  # fmt: skip
     finally:
         progress.close()
+    if video is None:  # another rank of a parallel run: rank 0 writes
+        return 0
     video.save(out, frames_dir=args.frames_dir)
     t, h, w, _ = video.frames.shape
     log.info("wrote %s: %d frames %dx%d at %d fps (%.1fs total)", out, t, w, h, video.fps, time.perf_counter() - t0)
     print(out)
     return 0
+
+
+def _parallel_config(args: argparse.Namespace):
+    """A ParallelConfig when a parallel flag is set or torchrun started several processes, else None."""
+    import os
+
+    from .parallel.mesh import ParallelConfig
+
+    asked = args.ulysses > 1 or args.ring > 1 or args.cfg_parallel or args.fsdp
+    if not asked and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return None
+    return ParallelConfig(
+        ulysses=args.ulysses, ring=args.ring, cfg=args.cfg_parallel, fsdp=args.fsdp,
+        vae=not args.no_vae_parallel, reference_padding=args.sp_reference_padding,
+    )  # fmt: skip
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -136,11 +175,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except SegueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # in a torchrun job every rank validates the same input and fails the same way; torchrun then
+        # stops the job. Say which rank spoke when there are several.
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

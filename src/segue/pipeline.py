@@ -171,6 +171,8 @@ class Pipeline:
         self.text_encoder, self.image_encoder = text_encoder, image_encoder
         self.device = device
         self.source = source
+        # Set by segue.parallel.parallelize: which rank this is and the groups to talk over.
+        self.parallel: Any | None = None
 
     # -- settings ------------------------------------------------------------------------------
     def resolve(
@@ -245,9 +247,10 @@ class Pipeline:
         seed: int = 0,
         size: tuple[int, int] | None = None,
         progress: Progress | None = None,
-    ) -> Video:
+    ) -> Video | None:
         """Generate a clip from ``first`` (and ``last``) keyframes. ``size`` is (width, height) and
-        overrides ``max_area``. Unset settings come from the model's defaults."""
+        overrides ``max_area``. Unset settings come from the model's defaults. In a parallel run
+        (torchrun) every rank calls this; rank 0 gets the Video, the others None."""
         first_img = load_image(first, "first frame")
         last_img = load_image(last, "last frame") if last is not None else None
         if not isinstance(prompt, str):
@@ -274,13 +277,27 @@ class Pipeline:
 
         latent = self.denoise(noise, context, context_neg, clip, y, s, progress)
         t1 = time.perf_counter()
-        video = self.vae.decode(latent[None])[0]  # [3, F, H, W] in [-1, 1]
+        video = self.decode(latent)  # [3, F, H, W] in [-1, 1], None on ranks other than 0
         t_decode = time.perf_counter() - t1
         info = {
             "settings": s.__dict__,
             "seconds": {"conditioning": t_cond, "denoise": t1 - t0 - t_cond, "decode": t_decode},
         }
+        if video is None:
+            return None  # a parallel run's other ranks: only rank 0 holds the video
         return Video(to_uint8(video), cfg.defaults.fps, latent.cpu(), info)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor | None:
+        """VAE-decode [z, T, h, w]; in a parallel run split over the ranks, the video lands on rank 0."""
+        ps = self.parallel
+        if ps is None or ps.world_size == 1:
+            return self.vae.decode(latent[None])[0]
+        if ps.config.vae:
+            from .parallel.vae import parallel_decode
+
+            out = parallel_decode(self.vae, latent[None], ps.world_group, dst=0)
+            return None if out is None else out[0]
+        return self.vae.decode(latent[None])[0] if ps.is_main else None
 
     def denoise(
         self,
@@ -298,14 +315,38 @@ class Pipeline:
         n = len(solver.timesteps)
         for i, t in enumerate(solver.timesteps):
             timestep = t[None].to(self.device)  # [1]; the model sees the integer timestep
-            v = self.dit(latent[None], timestep, context[None], clip, y)[0]
-            if s.guidance != 1.0:  # guidance 1 is the conditional velocity alone: skip the second pass
-                v_neg = self.dit(latent[None], timestep, context_neg[None], clip, y)[0]
-                v = v_neg + s.guidance * (v - v_neg)
+            v = self.velocity(latent, timestep, context, context_neg, clip, y, s.guidance)
             latent = solver.step(v, latent)
             if progress is not None:
                 progress(i + 1, n)
         return latent
+
+    def velocity(
+        self,
+        latent: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        context_neg: torch.Tensor,
+        clip: torch.Tensor | None,
+        y: torch.Tensor | None,
+        guidance: float,
+    ) -> torch.Tensor:
+        """Guided velocity ``v_u + g * (v_c - v_u)``. With CFG parallel each half of the ranks runs one
+        of the two passes and they swap results; the arithmetic is the same, so the same latent."""
+        ps = self.parallel
+        if guidance == 1.0:  # the conditional velocity alone: skip the second pass
+            return self.dit(latent[None], timestep, context[None], clip, y)[0]
+        if ps is not None and ps.config.cfg:
+            import torch.distributed as dist
+
+            mine = self.dit(latent[None], timestep, (context if ps.cfg_rank == 0 else context_neg)[None], clip, y)
+            both = [torch.empty_like(mine) for _ in range(2)]
+            dist.all_gather(both, mine.contiguous(), group=ps.cfg_group)
+            v, v_neg = both[0][0], both[1][0]
+        else:
+            v = self.dit(latent[None], timestep, context[None], clip, y)[0]
+            v_neg = self.dit(latent[None], timestep, context_neg[None], clip, y)[0]
+        return v_neg + guidance * (v - v_neg)
 
 
 def seq_len(cfg: ModelConfig, frames: int, height: int, width: int) -> int:
