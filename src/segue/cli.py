@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", type=Path, required=True, help="output video: .mp4, .webm or .gif")
     g.add_argument("--frames-dir", type=Path, help="also write lossless PNG frames here")
+    g.add_argument("--save-latent", type=Path, help="also save the final latent [z, T, h, w] (torch .pt)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU)")
     par = g.add_argument_group("parallel (start with torchrun --nproc_per_node=N -m segue generate ...)")
@@ -132,6 +133,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if video is None:  # another rank of a parallel run: rank 0 writes
         return 0
     video.save(out, frames_dir=args.frames_dir)
+    if args.save_latent is not None:
+        from .media import atomic_path
+
+        with atomic_path(args.save_latent) as tmp:
+            torch.save(video.latent, tmp)
     t, h, w, _ = video.frames.shape
     log.info("wrote %s: %d frames %dx%d at %d fps (%.1fs total)", out, t, w, h, video.fps, time.perf_counter() - t0)
     print(out)
