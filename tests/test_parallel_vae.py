@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from segue.config import REGISTRY
 from segue.errors import InputError
 from segue.models.vae import WanVAE
-from segue.parallel.vae import COMM, split_rows, spatial_parallel
+from segue.parallel.vae import COMM, spatial_parallel, split_rows
 from segue.testing import randomize_
 
 TINY = REGISTRY["tiny-flf2v"].vae
@@ -55,7 +55,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 z = make_latent(b, h, w)
                 calls: list[tuple[int, int]] = []
                 COMM.reset()
-                res[(h, w, "all")] = parallel_decode(vae, z, None, progress=lambda i, n: calls.append((i, n)))
+                res[(h, w, "all")] = parallel_decode(vae, z, None, progress=lambda i, n, c=calls: c.append((i, n)))
                 res[(h, w, "bytes")] = COMM.bytes
                 res[(h, w, "progress")] = calls
                 res[(h, w, "noclamp")] = parallel_decode(vae, z, None, clamp=False)
@@ -139,7 +139,6 @@ def test_parallel_decode_matches_single_process(world: int, reference: dict, tmp
                 assert got.shape == ref.shape, (rank, h, w, kind)
                 diff = (got - ref).abs().max().item()
                 assert diff < 1e-5, f"rank {rank} {h}x{w} {kind}: max abs diff {diff:.3g}"
-                print(f"world {world} rank {rank} {h}x{w} {kind}: max abs diff {diff:.3g}")
             if rank == 0:
                 diff = (res[(h, w, "dst0")] - reference[(h, w, "all")]).abs().max().item()
                 assert diff < 1e-5, f"dst=0 {h}x{w}: max abs diff {diff:.3g}"
