@@ -1,10 +1,10 @@
 """FSDP2 weight sharding for inference: the DiT and the umT5 encoder split over all ranks.
 
-Each transformer block is one FSDP group and the root module (everything outside the blocks) is
-another, all over a 1-D mesh of the whole world. A group's weights are all-gathered just before its
-forward and freed right after it (``reshard_after_forward=True``, the root included), so a rank holds
-its 1/world slice of every weight plus the full weights of the group that is running: for the 14B
-DiT about one block (~350M parameters) on top of the shards. Nothing needs gradients: the models are
+Each transformer block is one FSDP group, and so is each other top-level part (embeddings, head),
+all over a 1-D mesh of the whole world. A group's weights are all-gathered just before its forward
+and freed right after it (``reshard_after_forward=True``, the root included), so a rank holds its
+1/world slice of every weight plus the full weights of the group that is running: for the 14B DiT one
+block (~400M parameters, ~0.8 GB in bf16) on top of the shards. Nothing needs gradients: the models are
 put in eval mode with ``requires_grad_(False)`` and FSDP registers no backward machinery.
 
 Mixed dtypes. The DiT's dtype policy (``apply_dtype_policy``) leaves bf16 matmul weights and fp32
@@ -98,8 +98,8 @@ def shard_module(
     price of a second block of full weights in memory. ``others`` are extra groups outside the chain.
     """
     root.eval().requires_grad_(False)  # FSDP2 only accepts mixed dtypes in a group without grads
-    if state.world_size == 1:
-        return root.to(state.device)
+    if state.world_size == 1:  # nothing to shard: place it (a meta model waits for load_sharded_)
+        return root if any(p.is_meta for p in root.parameters()) else root.to(state.device)
     if _is_sharded(root):
         raise ValueError(f"{type(root).__name__} is already sharded")
     mesh = fsdp_mesh(state)
@@ -165,11 +165,12 @@ def load_sharded_(
 ) -> nn.Module:
     """Fill a (meta-built, sharded) module from full tensors: each rank copies only its own rows.
 
-    ``tensors`` maps every state-dict key to a full tensor on the CPU; memory-mapped ones (safetensors
-    ``safe_open``, ``torch.load(mmap=True)``) are read only where this rank's slice lies. Parameters
-    keep the dtype the module gave them (cast on copy). Keys and shapes are checked first.
+    ``tensors`` maps every state-dict key to a full CPU tensor; it is only indexed, never copied
+    whole, so memory-mapped tensors (``torch.load(mmap=True)``) are read only where this rank's slice
+    lies. Parameters keep the dtype the module gave them (cast on copy). Keys and shapes are checked
+    first. Works on an unsharded module too (every parameter copied whole).
     """
-    check_keys(module, {k: v for k, v in tensors.items()}, component)
+    check_keys(module, tensors, component)
     if any(t.is_meta for t in module.parameters()) or any(b.is_meta for b in module.buffers()):
         module.to_empty(device=device)
     for name, p in module.named_parameters():
