@@ -35,9 +35,9 @@ def formulas() -> None:
         n_tok = cost.tokens(cfg, 81, h, w)
         f = cost.dit_flops(cfg, n_tok)
         print(f"\n## FLF2V-14B {name}, 81 frames: {n_tok:,} tokens, {f['total']:.2e} FLOP per DiT forward")
-        print(
-            "| GPUs | layout | DiT weights | T5 | activations | total / GPU | reference total / GPU | sent / rank / step |"
-        )
+        cols = ["GPUs", "layout", "DiT weights", "T5", "activations", "total / GPU", "reference total / GPU",
+                "sent / rank / step"]  # fmt: skip
+        print("| " + " | ".join(cols) + " |")
         print("|---|---|---|---|---|---|---|---|")
         for n in (1, 2, 4, 8, 16):
             lay = cost.Layout(n, ulysses=n, fsdp=n > 1)
