@@ -135,9 +135,8 @@ def _text_case(state, tok_dir: str) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, tok_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
-    )
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world)}
+    os.environ.update(env, LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -237,3 +236,29 @@ def test_text_encoder_matches_unsharded(results: list[dict]) -> None:
 def test_composes_with_sequence_parallel(results: list[dict], order: str) -> None:
     for r in results:
         assert _max_diff(r[order]["out"], r[order]["ref"]) < 1e-5
+
+
+def test_single_process_places_and_loads() -> None:
+    """World 1: nothing is sharded; a CPU model is placed, a meta model is filled by load_sharded_."""
+    from segue.errors import CheckpointError
+    from segue.models.dit import WanDiT
+    from segue.parallel import ParallelConfig, ParallelState
+    from segue.parallel.fsdp import full_param_bytes, load_sharded_, local_param_bytes, shard_dit
+    from segue.testing import randomize_
+
+    state = ParallelState(ParallelConfig(), 0, 1, torch.device("cpu"), 0, 0, 0)
+    dit = randomize_(WanDiT(CFG.dit), seed=1)
+    assert shard_dit(dit, state) is dit and not any(p.requires_grad for p in dit.parameters())
+    assert local_param_bytes(dit) == full_param_bytes(dit)
+    with torch.device("meta"):
+        meta = shard_dit(WanDiT(CFG.dit), state)
+    load_sharded_(meta, dit.state_dict(), "cpu", "DiT")
+    inputs = _dit_inputs(1)
+    with torch.no_grad():
+        assert torch.equal(meta(*inputs), dit(*inputs))
+    sd = dit.state_dict()
+    sd.pop("head.modulation")
+    with torch.device("meta"):
+        meta = WanDiT(CFG.dit)
+    with pytest.raises(CheckpointError, match="missing 1 tensor.*head.modulation"):
+        load_sharded_(meta, sd, "cpu", "DiT")

@@ -171,7 +171,8 @@ def load_sharded_(
     first. Works on an unsharded module too (every parameter copied whole).
     """
     check_keys(module, tensors, component)
-    if any(t.is_meta for t in module.parameters()) or any(b.is_meta for b in module.buffers()):
+    meta_buffers = {name for name, b in module.named_buffers() if b.is_meta}
+    if meta_buffers or any(p.is_meta for p in module.parameters()):
         module.to_empty(device=device)
     for name, p in module.named_parameters():
         full = tensors[name]
@@ -186,8 +187,8 @@ def load_sharded_(
     for name, b in module.named_buffers():
         if name in tensors:
             b.copy_(tensors[name])
-        elif b.is_meta or b.device != torch.device(device):
-            raise CheckpointError(f"{component}: buffer {name} is not in the state dict and cannot be restored")
+        elif name in meta_buffers:  # a non-persistent buffer: nothing to restore it from
+            raise CheckpointError(f"{component}: buffer {name} was on meta and is not in the state dict")
     return module
 
 

@@ -59,7 +59,7 @@ class ParallelState:
     sp_group: ProcessGroup | None = None  # ring * ulysses ranks of one CFG half
     ring_group: ProcessGroup | None = None
     ulysses_group: ProcessGroup | None = None
-    mesh: object | None = field(default=None, repr=False)  # torch DeviceMesh (cfg, ring, ulysses)
+    mesh: object | None = field(default=None, repr=False)  # torch DeviceMesh (replica, cfg, ring, ulysses)
 
     @property
     def sp_rank(self) -> int:
@@ -78,19 +78,22 @@ def layout(rank: int, pc: ParallelConfig) -> tuple[int, int, int]:
     """(cfg, ring, ulysses) coordinates of ``rank``."""
     u = rank % pc.ulysses
     r = (rank // pc.ulysses) % pc.ring
-    c = rank // (pc.ulysses * pc.ring)
+    c = (rank // (pc.ulysses * pc.ring)) % (2 if pc.cfg else 1)
     return c, r, u
 
 
 def _groups(pc: ParallelConfig, world: int, rank: int) -> dict[str, ProcessGroup]:
-    """Create every group on every rank in the same order (new_group is collective); keep ours."""
-    coords = [layout(q, pc) for q in range(world)]
+    """Create every group on every rank in the same order (new_group is collective); keep ours.
+
+    With FSDP the world may hold several replicas of the layout (same work, weights sharded over
+    all of them); the groups stay inside one replica."""
+    coords = [(q // pc.world_size, *layout(q, pc)) for q in range(world)]  # (replica, cfg, ring, ulysses)
     mine = coords[rank]
     keys = {
-        "cfg_group": lambda c: (c[1], c[2]),
-        "sp_group": lambda c: (c[0],),
-        "ring_group": lambda c: (c[0], c[2]),
-        "ulysses_group": lambda c: (c[0], c[1]),
+        "cfg_group": lambda c: (c[0], c[2], c[3]),
+        "sp_group": lambda c: (c[0], c[1]),
+        "ring_group": lambda c: (c[0], c[1], c[3]),
+        "ulysses_group": lambda c: (c[0], c[1], c[2]),
     }
     out: dict[str, ProcessGroup] = {}
     for name, key in keys.items():
@@ -125,10 +128,10 @@ def init_parallel(pc: ParallelConfig, device: str | torch.device | None = None) 
         backend = "nccl" if torch.cuda.is_available() and str(device or "cuda").startswith("cuda") else "gloo"
         dist.init_process_group(backend=backend)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if world != pc.world_size:
+    if world != pc.world_size and not (pc.fsdp and world % pc.world_size == 0):
         raise InputError(
             f"{world} processes started, but the layout needs (2 if --cfg-parallel else 1) x ring {pc.ring} x "
-            f"ulysses {pc.ulysses} = {pc.world_size}"
+            f"ulysses {pc.ulysses} = {pc.world_size}" + (" (or, with --fsdp, a multiple of it)" if pc.fsdp else "")
         )
     if device is None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
@@ -141,8 +144,8 @@ def init_parallel(pc: ParallelConfig, device: str | torch.device | None = None) 
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
-        shape = (2 if pc.cfg else 1, pc.ring, pc.ulysses)
-        mesh = init_device_mesh(dev.type, shape, mesh_dim_names=("cfg", "ring", "ulysses"))
+        shape = (world // pc.world_size, 2 if pc.cfg else 1, pc.ring, pc.ulysses)
+        mesh = init_device_mesh(dev.type, shape, mesh_dim_names=("replica", "cfg", "ring", "ulysses"))
     except Exception:  # the mesh is a convenience for FSDP; the explicit groups are what we use
         mesh = None
     return ParallelState(pc, rank, world, dev, c, r, u, dist.group.WORLD, mesh=mesh, **groups)
