@@ -99,13 +99,27 @@ class Timed:
         def timed(*a, **k):
             t = time.perf_counter()
             out = fn(*a, **k)
-            if isinstance(out, list):  # batch_isend_irecv: count the wait as communication
-                for w in out:
-                    w.wait()
             self.seconds += time.perf_counter() - t
-            return out
+            # async ops (the ring's P2P): count the time the caller then waits, not the overlap
+            if isinstance(out, list):
+                return [_TimedWork(w, self) for w in out]
+            return _TimedWork(out, self) if out is not None else None
 
         return timed
+
+
+class _TimedWork:
+    def __init__(self, work, timed: Timed) -> None:
+        self.work, self.timed = work, timed
+
+    def wait(self, *a):
+        t = time.perf_counter()
+        out = self.work.wait(*a)
+        self.timed.seconds += time.perf_counter() - t
+        return out
+
+    def __getattr__(self, name: str):
+        return getattr(self.work, name)
 
 
 def _worker(rank: int, world: int, port: int, layout: dict, out: str) -> None:
