@@ -16,7 +16,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -253,11 +253,7 @@ def _defaults_for(cfg_dit_type: str, max_area: int | None = None) -> GenerationD
     from .config import REGISTRY
 
     base = REGISTRY["flf2v-14b" if cfg_dit_type == "flf2v" else "i2v-14b-720p"].defaults
-    if max_area is None:
-        return base
-    from dataclasses import replace
-
-    return replace(base, max_area=max_area)
+    return base if max_area is None else replace(base, max_area=max_area)
 
 
 def _segue_defaults(raw: Mapping[str, Any], fallback: GenerationDefaults) -> GenerationDefaults:
@@ -265,8 +261,6 @@ def _segue_defaults(raw: Mapping[str, Any], fallback: GenerationDefaults) -> Gen
     extra = raw.get("segue_defaults")
     if not extra:
         return fallback
-    from dataclasses import asdict
-
     try:
         return GenerationDefaults(**{**asdict(fallback), **extra})
     except (TypeError, ValueError) as e:
@@ -338,8 +332,6 @@ def _plan_diffusers(folder: Path) -> CheckpointPlan:
         if sched.is_file():
             shift = read_json(sched).get("flow_shift")
             if shift:
-                from dataclasses import replace
-
                 fallback = replace(fallback, shift=float(shift))
         defaults = _segue_defaults(index, fallback)
         config = ModelConfig(
