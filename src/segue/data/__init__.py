@@ -1,0 +1,1 @@
+"""Training data: procedurally generated keyframe videos with captions."""

@@ -1,0 +1,1 @@
+"""Training: rectified-flow DiT training, VAE training, EMA, resumable checkpoints, data/FSDP parallel."""
