@@ -114,3 +114,20 @@ def test_single_file_dit_and_i2v(tmp_path):
     ck = make_tiny_checkpoint(tmp_path / "one", shards=1, model="tiny-i2v")
     assert (ck / "diffusion_pytorch_model.safetensors").is_file()
     assert plan_checkpoint(ck).config.dit.model_type == "i2v"
+
+
+def test_single_file_bundle_round_trip(official_ckpt, tmp_path, frames_dir):
+    from segue.bundle import save_bundle
+
+    pipe = segue.load(official_ckpt)
+    parts = {"dit": pipe.dit, "vae": pipe.vae, "text": pipe.text_encoder.model, "image": pipe.image_encoder.model}
+    path = save_bundle(tmp_path / "model.safetensors", pipe.config, parts, official_ckpt / "google" / "umt5-xxl")
+    assert detect_layout(path) == "segue"
+    again = segue.load(path)
+    assert again.config == pipe.config
+    a = pipe.generate(frames_dir / "first.png", frames_dir / "last.png", "a ball", frames=5, steps=2, seed=3)
+    b = again.generate(frames_dir / "first.png", frames_dir / "last.png", "a ball", frames=5, steps=2, seed=3)
+    assert torch.equal(a.latent, b.latent)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError):
+        segue.load(path)

@@ -230,8 +230,12 @@ def detect_layout(folder: str | Path) -> str:
     p = Path(folder)
     if not p.exists():
         raise CheckpointError(f"checkpoint folder not found: {p}")
+    from .bundle import is_bundle
+
+    if is_bundle(p):
+        return "segue"
     if not p.is_dir():
-        raise CheckpointError(f"checkpoint path is not a folder: {p}")
+        raise CheckpointError(f"checkpoint path is not a folder nor a segue .safetensors bundle: {p}")
     if (p / "model_index.json").is_file():
         return "diffusers"
     if (p / OFFICIAL_DIT_CONFIG).is_file() and (p / OFFICIAL_VAE).is_file():
@@ -246,7 +250,25 @@ def detect_layout(folder: str | Path) -> str:
 def plan_checkpoint(folder: str | Path) -> CheckpointPlan:
     folder = Path(folder)
     layout = detect_layout(folder)
-    return _plan_official(folder) if layout == "official" else _plan_diffusers(folder)
+    planners = {"official": _plan_official, "diffusers": _plan_diffusers, "segue": _plan_bundle}
+    return planners[layout](folder)
+
+
+def _plan_bundle(path: Path) -> CheckpointPlan:
+    """segue's single-file format: components under dit./vae./text./image., config in the metadata."""
+    from .bundle import materialize_tokenizer, read_bundle_metadata
+
+    config, tok_files = read_bundle_metadata(path)
+
+    def part(prefix: str) -> TensorSource:
+        return TensorSource.from_safetensors(
+            [path], rename=lambda k: k[len(prefix) :] if k.startswith(prefix) else None
+        )
+
+    image = part("image.") if config.image is not None else None
+    return CheckpointPlan(
+        path, "segue", config, part("dit."), part("vae."), part("text."), image, materialize_tokenizer(tok_files)
+    )
 
 
 def _defaults_for(cfg_dit_type: str, max_area: int | None = None) -> GenerationDefaults:

@@ -15,6 +15,9 @@ from .weights import check_keys
 
 log = logging.getLogger("segue")
 
+# The built-in default model (a segue bundle), shipped inside the package once trained.
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "default.safetensors"
+
 
 def resolve_device(device: str | torch.device) -> torch.device:
     try:
@@ -72,11 +75,14 @@ def build_components(plan: CheckpointPlan, device: torch.device, dtype: torch.dt
 def load(
     path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
 ) -> Pipeline:
-    """Load a checkpoint folder (official or diffusers layout, auto-detected) as a Pipeline."""
+    """Load a checkpoint (official or diffusers folder, or a segue .safetensors bundle; auto-detected)
+    as a Pipeline. Without a path, the built-in default model."""
     if path is None:
-        raise InputError(
-            "no checkpoint folder given and no built-in model is installed yet; pass the folder of "
-            "Wan2.1-FLF2V-14B-720P (official or -diffusers layout)"
-        )
+        if not DEFAULT_MODEL.is_file():
+            raise InputError(
+                "no checkpoint given and no built-in model is installed; pass the folder of "
+                "Wan2.1-FLF2V-14B-720P (official or -diffusers layout) or a segue .safetensors bundle"
+            )
+        path = DEFAULT_MODEL
     dev = resolve_device(device)
     return build_components(plan_checkpoint(path), dev, resolve_dtype(dtype, dev))

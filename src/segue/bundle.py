@@ -1,0 +1,94 @@
+"""segue's own single-file model format: every component, the config and the tokenizer in one
+safetensors file. This is how the built-in default model ships inside the package.
+
+Tensors are stored under ``dit.``, ``vae.`` (native names), ``text.`` and ``image.`` (transformers
+names); the metadata holds ``segue_format``, the ModelConfig as JSON (``segue_config``) and the
+tokenizer files (``tokenizer/<name>``).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .errors import CheckpointError
+from .media import atomic_path
+
+FORMAT_VERSION = "1"
+PARTS = ("dit", "vae", "text", "image")
+
+
+def is_bundle(path: str | Path) -> bool:
+    p = Path(path)
+    if not (p.is_file() and p.suffix == ".safetensors"):
+        return False
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return "segue_format" in (f.metadata() or {})
+    except Exception:
+        return False
+
+
+def save_bundle(
+    path: str | Path,
+    config: ModelConfig,
+    modules: dict[str, torch.nn.Module],
+    tokenizer_dir: str | Path,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``modules`` (keys among dit, vae, text, image) as one file; ``dtype`` casts floating tensors."""
+    tensors: dict[str, torch.Tensor] = {}
+    for part, module in modules.items():
+        if part not in PARTS:
+            raise ValueError(f"unknown part {part!r}; expected one of {PARTS}")
+        for name, t in module.state_dict().items():
+            t = t.detach().cpu()
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            tensors[f"{part}.{name}"] = t.contiguous().clone()  # clone: tied weights must not share storage
+    meta = {"format": "pt", "segue_format": FORMAT_VERSION, "segue_config": json.dumps(config.to_dict())}
+    for f in sorted(Path(tokenizer_dir).iterdir()):
+        if f.is_file() and f.suffix in (".json", ".model", ".txt"):
+            meta[f"tokenizer/{f.name}"] = f.read_text() if f.suffix != ".model" else f.read_bytes().hex()
+    dest = Path(path)
+    with atomic_path(dest) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return dest
+
+
+def read_bundle_metadata(path: Path) -> tuple[ModelConfig, dict[str, str]]:
+    """The config and the tokenizer files of a bundle."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    if meta.get("segue_format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: segue format {meta.get('segue_format')!r}, expected {FORMAT_VERSION}")
+    try:
+        config = ModelConfig.from_dict(json.loads(meta["segue_config"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad segue_config metadata ({e})") from None
+    files = {k.removeprefix("tokenizer/"): v for k, v in meta.items() if k.startswith("tokenizer/")}
+    return config, files
+
+
+def materialize_tokenizer(files: dict[str, str], cache: Path | None = None) -> Path:
+    """Write a bundle's tokenizer files into a folder that ``segue.tokenizer.load_tokenizer`` reads."""
+    if not files:
+        raise CheckpointError("the bundle holds no tokenizer files")
+    folder = Path(cache or tempfile.mkdtemp(prefix="segue-tokenizer-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        target = folder / name
+        if name.endswith(".model"):
+            target.write_bytes(bytes.fromhex(content))
+        else:
+            target.write_text(content)
+    return folder
