@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import string
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +50,12 @@ def load_tokenizer(folder: Path) -> Any:
         raise CheckpointError(f"cannot load a tokenizer from {folder}: expected {expected} ({err})") from err
 
 
-def _tiny_vocab(vocab_size: int) -> list[tuple[str, float]]:
+def _tiny_vocab(vocab_size: int, corpus: str = _CORPUS) -> list[tuple[str, float]]:
     """Unigram pieces with log-probability-like scores: words beat spelling them out."""
     chars = sorted(set(string.ascii_letters + string.digits + string.punctuation))
     pieces: list[tuple[str, float]] = [(s, 0.0) for s in _SPECIALS]
     pieces += [(_SPACE, -9.0)] + [(c, -10.0) for c in chars]
-    words = Counter(w.lower() for w in _CORPUS.replace(",", " ").replace(".", " ").replace(";", " ").split())
+    words = Counter(w.lower() for w in corpus.replace(",", " ").replace(".", " ").replace(";", " ").split())
     total = sum(words.values())
     ranked = sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))
     pieces += [(_SPACE + w, math.log(n / total)) for w, n in ranked]
@@ -70,19 +71,40 @@ def _tiny_vocab(vocab_size: int) -> list[tuple[str, float]]:
 
 def save_tiny_tokenizer(dest: Path, vocab_size: int) -> None:
     """Write a small T5-style tokenizer folder with exactly ``vocab_size`` ids (deterministic, offline)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
 
-    tok = Tokenizer(models.Unigram(_tiny_vocab(vocab_size), unk_id=2))
+    _save_t5_style(Tokenizer(models.Unigram(_tiny_vocab(vocab_size), unk_id=2)), Path(dest))
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, dest: Path) -> None:
+    """A T5-style Unigram tokenizer (pad 0, ``</s>`` 1, unk 2; EOS appended) for ``texts``: every
+    character stays spellable and the most frequent words become single pieces, scored by frequency.
+
+    Used for the built-in default model, whose captions come from a small fixed vocabulary (the
+    library's Unigram trainer collapses to characters on such a small, repetitive corpus)."""
+    from tokenizers import Tokenizer, models
+
+    pieces = _tiny_vocab(vocab_size, corpus=" ".join(texts))
+    _save_t5_style(Tokenizer(models.Unigram(pieces, unk_id=2)), Path(dest))
+
+
+def _t5_pipeline(tok: Any) -> None:
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers, processors
+
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement=_SPACE, prepend_scheme="always")
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
     )
+
+
+def _save_t5_style(tok: Any, dest: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    _t5_pipeline(tok)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
     )
-    dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(dest))

@@ -329,6 +329,14 @@ class WanVAE(nn.Module):
     def encode(self, video: Tensor, normalize: bool = True) -> Tensor:
         """[B, 3, F, H, W] in [-1, 1], F = 4n+1 -> latent mean [B, z, (F-1)/4+1, H/8, W/8] (float32
         when normalised). No sampling: the reference conditions on the mean."""
+        mu = self.encode_moments(video)[:, : self.cfg.z_dim]  # [B, z, T, h, w]
+        if not normalize:
+            return mu
+        mean, inv_std = self._latent_stats(mu.device)
+        return (mu - mean) * inv_std
+
+    def encode_moments(self, video: Tensor) -> Tensor:
+        """[B, 3, F, H, W] -> unnormalised [B, 2z, T, h, w]: mean then log-variance (for training)."""
         self._check_video(video)
         x = video.to(self.conv1.weight.dtype)
         tf = self.cfg.temporal_factor
@@ -340,11 +348,7 @@ class WanVAE(nn.Module):
             chunk = x[:, :, :1] if start == 0 else x[:, :, start - tf + 1 : start + 1]
             outs.append(self.encoder(chunk, cache))
         cache.reset()
-        mu = self.conv1(torch.cat(outs, dim=2))[:, : self.cfg.z_dim]  # [B, z, T, h, w]
-        if not normalize:
-            return mu
-        mean, inv_std = self._latent_stats(mu.device)
-        return (mu - mean) * inv_std
+        return self.conv1(torch.cat(outs, dim=2))  # [B, 2z, T, h, w]
 
     def decode(
         self,
