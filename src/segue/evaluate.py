@@ -1,16 +1,15 @@
 """Evaluation: does a keyframe-to-video model beat a crossfade, keep its keyframes, and follow its caption?
 
 Conventions used throughout:
-- Videos are [F, H, W, 3], uint8 or float in [0, 255]; frames are [H, W, 3] (or [H, W] grey).
-- PSNR uses a peak of 255. Over a frame range it is computed from the mean squared error pooled over
-  the whole range (one signal), so a single identical frame does not turn the score into +inf.
+- Videos are [F, H, W, 3], uint8 or float in [0, 255] (numpy or torch); frames [H, W, 3] (or [H, W]).
+- PSNR has peak 255. Over a frame range it uses the MSE pooled over the range (one signal), so one
+  identical frame does not turn the score into +inf.
 - SSIM is the standard Gaussian-window SSIM (11x11, sigma 1.5, K1=0.01, K2=0.03, "valid" region) on
   luminance Y = 0.299 R + 0.587 G + 0.114 B (BT.601). Frames smaller than 11 px use the largest odd
   window that fits, with sigma scaled alike. Over a range it is the mean of per-frame values.
 - Object tracks are (x, y) = (column, row) in pixel-index coordinates: pixel [i, j] has centre (j, i).
-- A clip is a mapping or an object with fields ``frames``, ``caption``, ``path``, ``track``,
-  ``object_color``; an ambiguous group is a sequence of clips (or has a ``clips`` field) that share
-  their first and last frames but follow different paths.
+- A clip is a mapping or object with ``frames``, ``caption``, ``path``, ``track``, ``object_color``; an
+  ambiguous group is a sequence of clips (or has ``clips``) sharing first/last frames, paths differing.
 """
 
 from __future__ import annotations
@@ -47,10 +46,12 @@ SHEET_ROWS = ("true", "crossfade", "model")
 # Image metrics.
 
 
+def _as_array(x: Any) -> np.ndarray:
+    return np.asarray(x.detach().cpu() if hasattr(x, "detach") else x)  # numpy, or a torch tensor
+
+
 def _as_float(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch tensor
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=np.float64)
+    return _as_array(x).astype(np.float64)
 
 
 def _check_same(a: np.ndarray, b: np.ndarray, what: str) -> None:
@@ -170,18 +171,16 @@ def track_object(video: Any, color: Sequence[float], tol: float = 60.0, min_pixe
     A plain RGB distance tolerates the small hue/brightness drift of generated frames while rejecting
     background and half-blended ghosts. Frames with fewer than ``min_pixels`` matches give NaN. [F, 2]
     """
-    v = _as_float(video)
-    if v.ndim == 3:
-        v = v[None]
+    v = _as_array(video)
+    v = v[None] if v.ndim == 3 else v
     if v.ndim != 4 or v.shape[-1] != 3:
         raise InputError(f"track_object: expected a video [F, H, W, 3], got shape {tuple(v.shape)}")
-    dist = np.linalg.norm(v - np.asarray(color, dtype=np.float64), axis=-1)  # [F, H, W]
-    mask = dist <= tol
+    c = np.asarray(color, dtype=np.float64)
+    mask = np.stack([np.linalg.norm(frame.astype(np.float64) - c, axis=-1) <= tol for frame in v])  # [F, H, W]
     count = mask.sum(axis=(1, 2))  # [F]
-    rows, cols = np.arange(v.shape[1]), np.arange(v.shape[2])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        x = (mask.sum(axis=1) @ cols) / count  # column sums weighted by column index
-        y = (mask.sum(axis=2) @ rows) / count
+    with np.errstate(invalid="ignore", divide="ignore"):  # empty frames: 0 / 0, overwritten below
+        x = (mask.sum(axis=1) @ np.arange(v.shape[2])) / count  # pixel counts per column, weighted by column
+        y = (mask.sum(axis=2) @ np.arange(v.shape[1])) / count
     out = np.stack([x, y], axis=-1)  # [F, 2]
     out[count < max(min_pixels, 1)] = np.nan
     return out
@@ -189,8 +188,6 @@ def track_object(video: Any, color: Sequence[float], tol: float = 60.0, min_pixe
 
 def _resample(track: np.ndarray, frames: int) -> np.ndarray:
     """Linear resampling of a [T, 2] track to [frames, 2] (tracks and videos may differ in length)."""
-    if len(track) == frames:
-        return track
     src, dst = np.linspace(0, 1, len(track)), np.linspace(0, 1, frames)
     return np.stack([np.interp(dst, src, track[:, k]) for k in range(2)], axis=-1)
 
@@ -212,20 +209,23 @@ def path_distances(video: Any, candidates: Sequence[Any], color: Sequence[float]
 
 def path_compliance(video: Any, candidates: Sequence[Any], color: Sequence[float], tol: float = 60.0) -> int:
     """Index of the candidate track the video's object follows most closely; -1 if it is never found."""
-    d = np.asarray(path_distances(video, candidates, color, tol))
+    return _nearest(path_distances(video, candidates, color, tol))
+
+
+def _nearest(distances: Sequence[float]) -> int:
+    d = np.asarray(distances, dtype=np.float64)
     return -1 if len(d) == 0 or np.all(np.isnan(d)) else int(np.nanargmin(d))
+
+
+def _correct(r: Any) -> bool:
+    if isinstance(r, Mapping):
+        return bool(r["correct"])
+    return bool(r[0] == r[1]) if isinstance(r, tuple | list) else bool(r)
 
 
 def caption_compliance(results: Iterable[Any]) -> float:
     """Fraction correct. Items are bools, (predicted, expected) pairs or dicts with a ``correct`` key."""
-    ok = []
-    for r in results:
-        if isinstance(r, Mapping):
-            ok.append(bool(r["correct"]))
-        elif isinstance(r, tuple | list):
-            ok.append(r[0] == r[1])
-        else:
-            ok.append(bool(r))
+    ok = [_correct(r) for r in results]
     return float(np.mean(ok)) if ok else math.nan
 
 
@@ -241,11 +241,9 @@ def contact_sheet(rows: Sequence[np.ndarray], labels: Sequence[str], every: int,
     f, h, w = rows[0].shape[:3]
     cols = sheet_columns(f, every)
     ch, cw = h * scale, w * scale
-    sheet = np.full(
-        (len(rows) * (ch + SHEET_GAP) + SHEET_GAP, SHEET_LABEL_W + len(cols) * (cw + SHEET_GAP) + SHEET_GAP, 3),
-        255,
-        np.uint8,
-    )
+    sheet_h = len(rows) * (ch + SHEET_GAP) + SHEET_GAP
+    sheet_w = SHEET_LABEL_W + len(cols) * (cw + SHEET_GAP) + SHEET_GAP
+    sheet = np.full((sheet_h, sheet_w, 3), 255, np.uint8)  # white gaps
     for r, video in enumerate(rows):
         video = np.clip(_as_float(video), 0, 255).astype(np.uint8)
         for c, i in enumerate(cols):
@@ -276,17 +274,12 @@ def _field(clip: Any, name: str) -> Any:
 
 
 def _group_clips(group: Any) -> list[Any]:
-    if isinstance(group, Mapping):
-        return list(group["clips"])
-    return list(getattr(group, "clips", group))
+    return list(group["clips"] if isinstance(group, Mapping) else getattr(group, "clips", group))
 
 
 def _generate(generate_fn: GenerateFn, clip: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
     truth = np.asarray(_field(clip, "frames"))
-    out = generate_fn(truth[0], truth[-1], str(_field(clip, "caption")), len(truth))
-    if hasattr(out, "detach"):
-        out = out.detach().cpu().numpy()
-    out = np.asarray(out)
+    out = _as_array(generate_fn(truth[0], truth[-1], str(_field(clip, "caption")), len(truth)))
     if out.shape != truth.shape:
         raise InputError(f"{where}: generate_fn returned shape {out.shape}, expected {truth.shape}")
     return out, truth
@@ -331,16 +324,13 @@ def _markdown(s: dict[str, Any]) -> str:
         ("in-between SSIM", m["model_ssim"], m["crossfade_ssim"], 4),
         ("caption compliance", m["model_compliance"], m["crossfade_compliance"], 3),
     ]
-    lines = [
-        f"# Evaluation ({s['n_clips']} clips, {s['n_groups']} ambiguous groups)",
-        "",
-        "| metric | model | crossfade | difference |",
-        "|---|---:|---:|---:|",
-    ]
+    lines = [f"# Evaluation ({s['n_clips']} clips, {s['n_groups']} ambiguous groups)", ""]
+    lines += ["| metric | model | crossfade | difference |", "|---|---:|---:|---:|"]
     lines += [f"| {n} | {_fmt(a, d)} | {_fmt(b, d)} | {_fmt(_diff(a, b), d)} |" for n, a, b, d in rows]
     lines += ["", "| target | value | threshold | result |", "|---|---:|---:|---|"]
     for name, t in s["thresholds"].items():
-        lines.append(f"| {name} | {_fmt(t['value'], 3)} | {t['op']} {t['target']} | {'pass' if t['pass'] else 'FAIL'} |")
+        verdict = "pass" if t["pass"] else "FAIL"
+        lines.append(f"| {name} | {_fmt(t['value'], 3)} | {t['op']} {t['target']} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -387,10 +377,10 @@ def evaluate_model(
         if n < sheet_clips:
             sheet_rows += [truth, base, video]
             sheet_labels += [f"{n} {name}" for name in SHEET_ROWS]
+        ends, mid = rec["model_endpoint"], (rec["model"]["psnr"], rec["crossfade"]["psnr"])
         say(
-            f"clip {n + 1}/{len(clips)}: in-between {rec['model']['psnr']:.2f} dB "
-            f"(crossfade {rec['crossfade']['psnr']:.2f}), endpoints {rec['model_endpoint']['first_psnr']:.2f}"
-            f"/{rec['model_endpoint']['last_psnr']:.2f} dB"
+            f"clip {n + 1}/{len(clips)}: in-between {mid[0]:.2f} dB (crossfade {mid[1]:.2f}), "
+            f"endpoints {ends['first_psnr']:.2f}/{ends['last_psnr']:.2f} dB"
         )
 
     per_group = []
@@ -402,41 +392,28 @@ def evaluate_model(
             video, truth = _generate(generate_fn, clip, f"group {g} caption {k}")
             color = _field(clip, "object_color")
             base = crossfade(truth[0], truth[-1], len(truth))
-            dist = path_distances(video, tracks, color, tol)
-            pred = path_compliance(video, tracks, color, tol)
-            base_pred = path_compliance(base, tracks, color, tol)
-            results.append(
-                {
-                    "caption": str(_field(clip, "caption")),
-                    "path": str(_field(clip, "path")),
-                    "expected": k,
-                    "predicted": pred,
-                    "correct": pred == k,
-                    "distances": dist,
-                    "crossfade_predicted": base_pred,
-                    "crossfade_correct": base_pred == k,
-                }
-            )
+            rec: dict[str, Any] = {"caption": str(_field(clip, "caption")), "path": str(_field(clip, "path"))}
+            rec["expected"] = k
+            for who, v in (("model", video), ("crossfade", base)):
+                rec[f"{who}_distances"] = path_distances(v, tracks, color, tol)
+                rec[f"{who}_predicted"] = _nearest(rec[f"{who}_distances"])
+                rec[f"{who}_correct"] = rec[f"{who}_predicted"] == k
+            results.append(rec)
         per_group.append({"index": g, "results": results})
-        say(f"group {g + 1}/{len(groups)}: {sum(r['correct'] for r in results)}/{len(results)} captions followed")
+        say(f"group {g + 1}/{len(groups)}: {sum(r['model_correct'] for r in results)}/{len(results)} captions followed")
 
     all_results = [r for grp in per_group for r in grp["results"]]
 
     def mean_of(key: str, sub: str) -> float:
         return _mean([c[key][sub] for c in per_clip])
 
-    means = {
-        "model_first_psnr": mean_of("model_endpoint", "first_psnr"),
-        "model_last_psnr": mean_of("model_endpoint", "last_psnr"),
-        "crossfade_first_psnr": mean_of("crossfade_endpoint", "first_psnr"),
-        "crossfade_last_psnr": mean_of("crossfade_endpoint", "last_psnr"),
-        "model_psnr": mean_of("model", "psnr"),
-        "model_ssim": mean_of("model", "ssim"),
-        "crossfade_psnr": mean_of("crossfade", "psnr"),
-        "crossfade_ssim": mean_of("crossfade", "ssim"),
-        "model_compliance": caption_compliance(all_results),
-        "crossfade_compliance": caption_compliance([r["crossfade_correct"] for r in all_results]),
-    }
+    means: dict[str, float] = {}
+    for who in ("model", "crossfade"):
+        means[f"{who}_first_psnr"] = mean_of(f"{who}_endpoint", "first_psnr")
+        means[f"{who}_last_psnr"] = mean_of(f"{who}_endpoint", "last_psnr")
+        means[f"{who}_psnr"] = mean_of(who, "psnr")
+        means[f"{who}_ssim"] = mean_of(who, "ssim")
+        means[f"{who}_compliance"] = caption_compliance([r[f"{who}_correct"] for r in all_results])
     means["model_endpoint_psnr"] = _mean([means["model_first_psnr"], means["model_last_psnr"]])
     means["psnr_gain_db"] = _diff(means["model_psnr"], means["crossfade_psnr"])
     # NaN (nothing to measure) compares False, so an empty evaluation never passes.
@@ -449,7 +426,9 @@ def evaluate_model(
         "n_clips": len(per_clip),
         "n_groups": len(per_group),
         "means": means,
-        "thresholds": {k: {"value": v, "op": op, "target": t, "pass": bool(v >= t)} for k, (v, op, t) in thresholds.items()},
+        "thresholds": {
+            k: {"value": v, "op": op, "target": t, "pass": bool(v >= t)} for k, (v, op, t) in thresholds.items()
+        },
         "clips": per_clip,
         "groups": per_group,
     }
