@@ -1,0 +1,174 @@
+"""Procedural training clips: determinism, geometry of the paths, captions, ambiguous groups, splits."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segue.data.synthetic import (
+    COLORS,
+    PATH_PHRASES,
+    PATHS,
+    SPLIT_OFFSETS,
+    SyntheticVideos,
+    ambiguous_test_groups,
+    contact_sheet,
+    make_ambiguous_group,
+    make_clip,
+    mover_track,
+    render_frames,
+    sample_scene,
+    vocabulary,
+)
+
+
+def _path_named(caption: str, path: str) -> bool:
+    phrases = [p.split("{n}")[0].strip() for p in PATH_PHRASES[path]]  # bounce: "bouncing"
+    named = any(p in caption for p in phrases)
+    if path == "circle_cw":  # "clockwise" is also inside "counterclockwise"
+        named = named and "counterclockwise" not in caption
+    return named
+
+
+def test_make_clip_is_deterministic_and_seed_dependent():
+    a, b, c = make_clip(3), make_clip(3), make_clip(4)
+    assert np.array_equal(a.frames, b.frames) and a.caption == b.caption and np.array_equal(a.track, b.track)
+    assert not np.array_equal(a.frames, c.frames)
+    assert len({make_clip(s).caption for s in range(20)}) >= 18
+
+
+def test_shapes_dtypes_and_ranges():
+    clip = make_clip(11, frames=9, size=(48, 80))
+    assert clip.frames.shape == (9, 48, 80, 3) and clip.frames.dtype == np.uint8
+    assert clip.track.shape == (9, 2) and clip.track.dtype == np.float32
+    assert clip.path in PATHS and clip.object_color in COLORS.values() and clip.group is None
+    assert clip.frames.std() > 5  # not a blank image
+    with pytest.raises(ValueError, match="frames >= 3"):
+        make_clip(0, frames=2)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_track_matches_drawn_object(seed):
+    # Only the main object (the second one removed), drawn on top of the background: its pixels are those the
+    # object changed; every shape is rotationally symmetric so their centroid is its centre.
+    scene = sample_scene(seed)
+    scene = dataclasses.replace(scene, second=None)
+    diff = np.abs(render_frames(scene) - render_frames(scene, with_objects=False)).max(-1)  # [F, H, W]
+    track = mover_track(scene, scene.main)[0]
+    ys, xs = np.mgrid[0 : scene.size[0], 0 : scene.size[1]] + 0.5
+    for f in range(scene.frames):
+        mask = diff[f] > 1.0
+        assert mask.sum() > 10, "object not visible"
+        centroid = np.array([xs[mask].mean(), ys[mask].mean()])
+        assert np.linalg.norm(centroid - track[f]) < 1.5, (seed, f, centroid, track[f])
+
+
+def test_track_of_clip_in_frame_coordinates_with_camera():
+    for seed in range(200):
+        scene = sample_scene(seed)
+        if scene.pan and scene.zoom[0] != scene.zoom[1]:
+            break
+    else:
+        pytest.fail("no seed with a pan and a zoom")
+    clip = make_clip(seed)
+    assert np.allclose(clip.track, mover_track(scene, scene.main)[0], atol=1e-4)
+    radius = clip.meta["radius_px"]
+    assert np.all(clip.track - radius[:, None] >= 0) and np.all(clip.track + radius[:, None] <= 64)
+    assert "camera" in clip.caption
+
+
+def test_captions_name_colour_shape_path_and_use_the_vocabulary():
+    vocab = set(vocabulary())
+    seen = set()
+    for seed in range(300):
+        clip = make_clip(seed, frames=5, size=(32, 32))
+        words = clip.caption.split()
+        assert set(words) <= vocab, set(words) - vocab
+        assert clip.meta["color_name"] in words and clip.meta["shape"] in words
+        assert _path_named(clip.caption, clip.path), (clip.path, clip.caption)
+        seen.add(clip.path)
+    assert seen == set(PATHS)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_arc_paths_bend_over_and_under(seed):
+    for path, sign in (("arc_over", -1), ("arc_under", 1)):
+        clip_scene = sample_scene(seed, path=path, camera=False)
+        track = mover_track(clip_scene, clip_scene.main)[0]
+        mid, chord = track[8, 1], (track[0, 1] + track[-1, 1]) / 2
+        assert sign * (mid - chord) > 0.15 * 64, (path, mid, chord)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bounce_touches_floor_and_stays_above_it(seed):
+    scene = sample_scene(seed, path="bounce", camera=False)
+    track, radius, _ = mover_track(scene, scene.main)
+    bottom = track[:, 1] + radius
+    assert bottom.max() == pytest.approx(scene.floor_y, abs=1e-6)
+    assert np.all(bottom <= scene.floor_y + 1e-6)
+    assert (np.abs(bottom - scene.floor_y) < 1e-6).sum() == len(scene.main.hops) + 1  # counted contacts
+
+
+def test_ambiguous_groups_share_keyframes_only():
+    for seed in range(8):
+        group = make_ambiguous_group(seed, n_paths=3 if seed % 2 else 2)
+        assert len(group) == (3 if seed % 2 else 2)
+        assert len({c.path for c in group}) == len(group) and len({c.caption for c in group}) == len(group)
+        for c in group:
+            assert c.group == seed and _path_named(c.caption, c.path)
+            assert np.array_equal(c.frames[0], group[0].frames[0]) and np.array_equal(c.frames[-1], group[0].frames[-1])
+        for i in range(len(group)):
+            for j in range(i + 1, len(group)):
+                assert not np.array_equal(group[i].frames[1:-1], group[j].frames[1:-1])
+                assert not np.array_equal(group[i].frames[4], group[j].frames[4])
+    with pytest.raises(ValueError, match="n_paths"):
+        make_ambiguous_group(0, n_paths=1)
+
+
+def test_dataset_items_are_deterministic_and_splits_disjoint():
+    a, b = SyntheticVideos("train", length=30, frames=5, size=(32, 32)), SyntheticVideos("train", 30, 5, (32, 32))
+    for i in (0, 7, 29):
+        x, y = a[i], b[i]
+        assert torch.equal(x["video"], y["video"]) and x["caption"] == y["caption"]
+    item = a[7]
+    assert item["video"].shape == (3, 5, 32, 32) and item["video"].dtype == torch.float32
+    assert item["video"].min() >= -1.0 and item["video"].max() <= 1.0
+    assert item["track"].shape == (5, 2) and isinstance(item["group"], int) and item["path"] in PATHS
+    test = SyntheticVideos("test", length=30, frames=5, size=(32, 32))
+    assert not {a.seed_of(i) for i in range(30)} & {test.seed_of(i) for i in range(30)}
+    assert SPLIT_OFFSETS["test"] > SPLIT_OFFSETS["val"] > SPLIT_OFFSETS["train"] + (1 << 39)
+    assert not torch.equal(a[0]["video"], test[0]["video"])
+    with pytest.raises(IndexError):
+        a[30]
+
+
+def test_dataset_ambiguous_fraction_forms_groups():
+    data = SyntheticVideos("train", length=60, frames=5, size=(32, 32), ambiguous_fraction=1.0)
+    clips = [data.clip(i) for i in range(6)]
+    assert all(c.group is not None for c in clips) and clips[0].group == clips[2].group != clips[3].group
+    assert np.array_equal(clips[0].frames[0], clips[1].frames[0]) and clips[0].path != clips[1].path
+    plain = SyntheticVideos("train", length=60, frames=5, size=(32, 32), ambiguous_fraction=0.0)
+    assert all(plain[i]["group"] == -1 for i in range(6))
+    groups = ambiguous_test_groups(2, frames=5, size=(32, 32))
+    assert len(groups) == 2 and all(c.group >= SPLIT_OFFSETS["test"] for g in groups for c in g)
+
+
+def test_contact_sheet_writes_a_grid(tmp_path):
+    clips = [make_clip(s) for s in range(3)]
+    contact_sheet(clips, tmp_path / "sheet.png", every=4)
+    image = Image.open(tmp_path / "sheet.png")
+    assert image.width == 5 * (64 * 2 + 2) and image.height >= 3 * 128
+
+
+def test_generation_speed():
+    start = time.perf_counter()
+    for seed in range(200):
+        make_clip(seed)
+    elapsed = time.perf_counter() - start
+    print(f"200 clips of 17x64x64: {elapsed:.2f} s")
+    assert elapsed < 60  # generous: only catches a pathological slowdown
