@@ -1,0 +1,80 @@
+"""The VAE objective: pixel reconstruction through the causal chunks, plus a KL prior on the latent.
+
+Training runs exactly the inference code paths: ``WanVAE.encode_moments`` encodes in time chunks of
+1, 4, 4, ... frames (what ``encode`` does, returning the mean and the log-variance), and ``decode``
+decodes one latent frame at a time with the causal feature cache. Gradients flow through the cache, so
+a chunk's loss also trains how earlier chunks are remembered. The latent is sampled with the
+reparameterisation ``z = mu + exp(logvar / 2) * eps``, in the VAE's raw (unnormalised) latent space.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Clamp of the log-variance (as the usual diagonal-Gaussian posterior does): keeps exp() finite early on.
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
+def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, 1)) per latent element, averaged: 0 exactly at mu=0, logvar=0."""
+    mu, logvar = mu.float(), logvar.float()
+    return 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).mean()
+
+
+def vae_loss(
+    vae: nn.Module,
+    video: Tensor,
+    kl_weight: float = 1e-6,
+    recon: str = "l1",
+    noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """(loss, parts) for videos [B, 3, F, H, W] in [-1, 1] (F = 4n+1).
+
+    loss = recon(decode(z), video) + kl_weight * KL, recon 'l1' or 'mse' per pixel (mean), z sampled
+    from the encoder's posterior with ``noise`` (or drawn from ``generator``). ``parts`` holds the
+    detached 'recon' and 'kl' terms.
+    """
+    if recon not in ("l1", "mse"):
+        raise ValueError(f"recon must be 'l1' or 'mse', got {recon!r}")
+    z_dim = vae.cfg.z_dim
+    moments = vae.encode_moments(video).float()  # [B, 2z, T, h, w]
+    mu, logvar = moments[:, :z_dim], moments[:, z_dim:].clamp(*LOGVAR_RANGE)
+    if noise is None:
+        noise = torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
+    z = mu + (0.5 * logvar).exp() * noise.to(mu.device, mu.dtype)  # [B, z, T, h, w]
+    out = vae.decode(z, normalized=False, clamp=False)  # [B, 3, F, H, W] float32
+    target = video.float()
+    rec = F.l1_loss(out, target) if recon == "l1" else F.mse_loss(out, target)
+    kl = kl_divergence(mu, logvar)
+    loss = rec + kl_weight * kl
+    return loss, {"recon": rec.detach(), "kl": kl.detach()}
+
+
+@dataclass
+class VAEObjective:
+    """Loss of one batch for ``segue.train.Trainer``: ``parts["vae"]`` on ``batch["video"]``.
+
+    The posterior noise of sample ``i`` comes from a generator seeded with ``batch["seed"][i]`` (torch's
+    RNG when absent), so it does not depend on how the batch is split over ranks."""
+
+    kl_weight: float = 1e-6
+    recon: str = "l1"
+
+    def __call__(self, parts: Mapping[str, nn.Module], batch: Mapping[str, Any]) -> Tensor:
+        vae = parts["vae"]
+        video = batch["video"].to(vae.conv1.weight.device)
+        seeds = batch.get("seed")
+        noise = None
+        if seeds is not None:
+            tf, sf, z = vae.cfg.temporal_factor, vae.cfg.spatial_factor, vae.cfg.z_dim
+            shape = (z, (video.shape[2] - 1) // tf + 1, video.shape[3] // sf, video.shape[4] // sf)
+            noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        loss, _ = vae_loss(vae, video, self.kl_weight, self.recon, noise=noise)
+        return loss
