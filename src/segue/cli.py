@@ -6,13 +6,14 @@ Logs and progress go to stderr; errors the user can fix are one line (``error: .
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
 
-from .errors import SegueError
+from .errors import InputError, SegueError
 
 log = logging.getLogger("segue")
 
@@ -65,6 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="describe a checkpoint folder: layout, components, sizes, what is missing")
     i.add_argument("ckpt_dir", type=Path)
+
+    tr = sub.add_parser("train", help="train a model with a preset recipe (resumes where it stopped)")
+    tr.add_argument("--preset", default="default", help="default (the built-in model) or smoke (seconds)")
+    tr.add_argument("--out", type=Path, default=Path("runs/default"), help="run folder (checkpoints, logs)")
+    tr.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count")
+    tr.add_argument("--install", action="store_true", help="copy the result into the package as the default")
+
+    ev = sub.add_parser("eval", help="score a model on the held-out procedural clips against a crossfade")
+    ev.add_argument("--ckpt", type=Path, default=None, help="model (default: the built-in one)")
+    ev.add_argument("--out", type=Path, default=Path("eval"), help="folder for eval.json, eval.md, contact_sheet.png")
+    ev.add_argument("--clips", type=int, default=32, help="held-out clips")
+    ev.add_argument("--groups", type=int, default=16, help="ambiguous groups (same keyframes, different paths)")
+    ev.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    ev.add_argument("--seed", type=int, default=0)
 
     t = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint (for tests and demos)")
     t.add_argument("dest", type=Path)
@@ -166,6 +181,53 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import shutil
+
+    from .loader import DEFAULT_MODEL
+    from .train.recipe import PRESETS, train_preset
+
+    if args.preset not in PRESETS:
+        raise InputError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
+    if args.steps_scale <= 0:
+        raise InputError(f"--steps-scale must be positive, got {args.steps_scale}")
+    path = train_preset(args.preset, args.out, steps_scale=args.steps_scale)
+    if args.install:
+        DEFAULT_MODEL.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, DEFAULT_MODEL)
+        log.info("installed %s as the built-in model (%s)", path, DEFAULT_MODEL)
+    print(path)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from .data.synthetic import SyntheticVideos, ambiguous_test_groups
+    from .evaluate import evaluate_model
+    from .loader import load
+
+    if args.clips < 1 or args.groups < 0:
+        raise InputError(f"--clips must be >= 1 and --groups >= 0, got {args.clips} and {args.groups}")
+    pipe = load(args.ckpt)
+    d = pipe.config.defaults
+    side = int(round(d.max_area**0.5))
+    data = SyntheticVideos("test", length=args.clips, frames=d.frames, size=(side, side), ambiguous_fraction=0.0)
+    clips = [data.clip(i) for i in range(args.clips)]
+    groups = ambiguous_test_groups(args.groups, frames=d.frames, size=(side, side))
+
+    def generate(first: np.ndarray, last: np.ndarray, caption: str, frames: int) -> np.ndarray:
+        h, w = first.shape[:2]
+        video = pipe.generate(Image.fromarray(first), Image.fromarray(last), caption, frames=frames,
+                              size=(w, h), steps=args.steps, seed=args.seed)  # fmt: skip
+        return video.frames
+
+    summary = evaluate_model(generate, clips, groups, args.out)
+    print(json.dumps({"means": summary["means"], "pass": summary["pass"]}, indent=2, default=str))
+    return 0
+
+
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from .testing import make_tiny_checkpoint
 
@@ -177,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    commands = {"generate": cmd_generate, "info": cmd_info, "make-tiny": cmd_make_tiny}
+    commands = {"generate": cmd_generate, "info": cmd_info, "make-tiny": cmd_make_tiny, "train": cmd_train,
+                "eval": cmd_eval}  # fmt: skip
     try:
         return commands[args.command](args)
     except SegueError as e:

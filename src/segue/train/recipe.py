@@ -1,0 +1,197 @@
+"""The three-stage FLF2V recipe as a preset: tokenizer, VAE, then DiT + encoders in three stages, then a bundle.
+
+``train_preset("default", out_dir)`` reproduces the built-in model from scratch; every step resumes from
+its own checkpoints after an interruption (a finished step leaves a ``done`` marker and is skipped).
+See docs/training.md for the schedule and the reasons behind it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ..bundle import save_bundle
+from ..config import DiTConfig, GenerationDefaults, ImageEncoderConfig, ModelConfig, TextEncoderConfig, VAEConfig
+from ..data.synthetic import SyntheticVideos, vocabulary
+from ..models.dit import WanDiT
+from ..models.encoders import ImageEncoder, TextEncoder
+from ..models.vae import WanVAE
+from ..tokenizer import load_tokenizer, train_tokenizer
+from .flow import FLF2VObjective
+from .trainer import TrainConfig, Trainer
+from .vae_loss import VAEObjective
+
+log = logging.getLogger("segue")
+
+HYBRID = {"first_last": 0.4, "first": 0.2, "none": 0.1, "random_subset": 0.3}
+FLF = {"first_last": 0.9, "first": 0.1}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One DiT stage: conditioning modes, data size, optimisation."""
+
+    name: str
+    steps: int
+    lr: float
+    modes: dict[str, float]
+    size: tuple[int, int] = (64, 64)
+    frames: int = 17
+    batch_size: int = 16
+    warmup: int = 0
+    caption_dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: ModelConfig
+    stages: tuple[Stage, ...]
+    vae_steps: int
+    vae_lr: float = 3e-4
+    vae_batch: int = 8
+    vae_clip: tuple[int, tuple[int, int]] = (5, (32, 32))  # frames, size: causal chunks make short clips enough
+    kl_weight: float = 1e-6
+    shift: float = 3.0
+    data_length: int = 200_000
+    seed: int = 0
+    stats_batches: int = 8
+    bundle_dtype: str = "float16"
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def _default_model(vocab: int, name: str, dim: int, layers: int, heads: int, vae_dim: int) -> ModelConfig:
+    text = TextEncoderConfig(vocab_size=vocab, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, text_len=64)
+    image = ImageEncoderConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, image_size=64,
+                               patch_size=8)  # fmt: skip
+    dit = DiTConfig(dim=dim, ffn_dim=dim * 8 // 3, num_heads=heads, num_layers=layers, freq_dim=64, text_dim=64,
+                    text_len=64, image_dim=64, image_pos_len=2 * image.num_tokens)  # fmt: skip
+    vae = VAEConfig(dim=vae_dim, z_dim=16, latent_mean=(0.0,) * 16, latent_std=(1.0,) * 16)
+    defaults = GenerationDefaults(frames=17, max_area=64 * 64, steps=25, shift=3.0, guidance=4.0, fps=8,
+                                  negative_prompt="")  # fmt: skip
+    return ModelConfig(name=name, dit=dit, vae=vae, text=text, image=image, defaults=defaults)
+
+
+PRESETS: dict[str, Preset] = {
+    "default": Preset(
+        model=_default_model(vocab=320, name="segue-default", dim=192, layers=6, heads=3, vae_dim=8),
+        stages=(
+            Stage("stage1-hybrid", steps=3000, lr=3e-4, modes=HYBRID, warmup=300),
+            Stage("stage2-flf", steps=2000, lr=2e-4, modes=FLF),
+            Stage("stage3-detail", steps=1000, lr=5e-5, modes=FLF, size=(96, 96), batch_size=8),
+        ),
+        vae_steps=3000,
+    ),
+    # the whole path in seconds, for tests: same code, tiny sizes and step counts
+    "smoke": Preset(
+        model=_default_model(vocab=160, name="segue-smoke", dim=32, layers=1, heads=2, vae_dim=4),
+        stages=(
+            Stage("stage1-hybrid", steps=2, lr=1e-3, modes=HYBRID, size=(32, 32), frames=5, batch_size=2),
+            Stage("stage2-flf", steps=1, lr=1e-3, modes=FLF, size=(32, 32), frames=5, batch_size=2),
+            Stage("stage3-detail", steps=1, lr=1e-3, modes=FLF, size=(48, 48), frames=5, batch_size=2),
+        ),
+        vae_steps=2,
+        vae_batch=2,
+        vae_clip=(5, (32, 32)),
+        data_length=64,
+        stats_batches=1,
+    ),
+}
+
+
+def _done(path: Path) -> bool:
+    return (path / "done").is_file()
+
+
+def _mark_done(path: Path, info: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "done").write_text(json.dumps(info, indent=2))
+
+
+def _load_ema(run: Path, part: str) -> dict[str, torch.Tensor]:
+    return torch.load(run / "ema.pt", map_location="cpu", weights_only=True)[part]
+
+
+def latent_stats(vae: WanVAE, data: SyntheticVideos, batches: int, batch_size: int) -> tuple[list, list]:
+    """Per-channel mean and std of the VAE's raw latent mean over training clips (the normalisation)."""
+    zs = []
+    with torch.no_grad():
+        for b in range(batches):
+            video = torch.stack([data[b * batch_size + i]["video"] for i in range(batch_size)])
+            zs.append(vae.encode(video, normalize=False).float())
+    z = torch.cat(zs).transpose(0, 1).reshape(vae.cfg.z_dim, -1)  # [z, N]
+    return z.mean(1).tolist(), z.std(1).clamp_min(1e-3).tolist()
+
+
+def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scale: float = 1.0) -> Path:
+    """Run the preset end to end (resuming where it stopped) and write ``out_dir/model.safetensors``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "preset.json").write_text(json.dumps({"preset": name, "steps_scale": steps_scale, **asdict(p)}, indent=2))
+    torch.manual_seed(p.seed)
+
+    def steps(n: int) -> int:
+        return max(1, round(n * steps_scale))
+
+    # 1. Tokenizer on the caption vocabulary (deterministic).
+    tok_dir = out / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        captions = [SyntheticVideos("train", length=2000).clip(i).caption for i in range(0, 2000, 7)]
+        train_tokenizer([" ".join(vocabulary())] * 20 + captions, p.model.text.vocab_size, tok_dir)
+    tokenizer = load_tokenizer(tok_dir)
+
+    # 2. VAE on short clips (the causal chunks see the same 1 + 4 frame pattern as long clips).
+    vae_run = out / "vae"
+    frames, size = p.vae_clip
+    if not _done(vae_run):
+        vae = WanVAE(p.model.vae)
+        tc = TrainConfig(steps=steps(p.vae_steps), batch_size=p.vae_batch, lr=p.vae_lr,
+                         warmup=min(200, p.vae_steps // 10), ema_decay=0.999, seed=p.seed, out_dir=str(vae_run),
+                         ckpt_every=250)  # fmt: skip
+        data = SyntheticVideos("train", length=p.data_length, frames=frames, size=size)
+        Trainer({"vae": vae}, VAEObjective(kl_weight=p.kl_weight), data, tc).run()
+        _mark_done(vae_run, {"steps": tc.steps})
+    vae = WanVAE(p.model.vae)
+    vae.load_state_dict(_load_ema(vae_run, "vae"))
+    stats_data = SyntheticVideos("train", length=p.data_length, frames=p.stages[0].frames, size=p.stages[0].size)
+    mean, std = latent_stats(vae.eval(), stats_data, p.stats_batches, 4)
+    vae_cfg = replace(p.model.vae, latent_mean=tuple(mean), latent_std=tuple(std))
+    model_cfg = replace(p.model, vae=vae_cfg)
+    vae = WanVAE(vae_cfg)
+    vae.load_state_dict(_load_ema(vae_run, "vae"))
+    vae.eval().requires_grad_(False)
+
+    # 3. DiT + text + image encoders, three stages; each starts from the previous stage's EMA weights.
+    parts = {"dit": WanDiT(model_cfg.dit), "text": TextEncoder(model_cfg.text, tokenizer),
+             "image": ImageEncoder(model_cfg.image)}  # fmt: skip
+    for m in parts.values():
+        m.requires_grad_(True)
+    prev: Path | None = None
+    for stage in p.stages:
+        run = out / stage.name
+        if prev is not None:
+            for part, module in parts.items():
+                module.load_state_dict(_load_ema(prev, part))
+        if not _done(run):
+            tc = TrainConfig(steps=steps(stage.steps), batch_size=stage.batch_size, lr=stage.lr, warmup=stage.warmup,
+                             ema_decay=0.999, seed=p.seed, out_dir=str(run), ckpt_every=250)  # fmt: skip
+            objective = FLF2VObjective(vae, shift=p.shift, modes=stage.modes, caption_dropout=stage.caption_dropout)
+            data = SyntheticVideos("train", length=p.data_length, frames=stage.frames, size=stage.size)
+            Trainer(parts, objective, data, tc).run()
+            _mark_done(run, {"steps": tc.steps})
+        prev = run
+
+    # 4. Ship the EMA weights of every component in one file.
+    assert prev is not None
+    final = {part: _load_ema(prev, part) for part in parts}
+    for part, module in parts.items():
+        module.load_state_dict(final[part])
+    modules = {"dit": parts["dit"], "vae": vae, "text": parts["text"].model, "image": parts["image"].model}
+    dtype = getattr(torch, p.bundle_dtype)
+    return save_bundle(out / "model.safetensors", model_cfg, modules, tok_dir, dtype=dtype)
