@@ -28,6 +28,10 @@ def test_smoke_preset_trains_ships_generates_and_evaluates(tmp_path, capsys):
         assert (out / stage / "done").is_file()
         steps = json.loads((out / stage / "done").read_text())["steps"]
         assert len((out / stage / "log.jsonl").read_text().splitlines()) == steps
+    # the stages at the first stage's size trained on the latent cache, built once; the larger one did not
+    assert (out / "latents" / "done").is_file()
+    cached = [json.loads((out / s.name / "data.json").read_text())["cached"] for s in PRESETS["smoke"].stages]
+    assert cached == [True, True, False]
     pipe = segue.load(bundle)
     cfg = pipe.config
     assert cfg.name == "segue-smoke" and cfg.defaults.frames == 17 and cfg.defaults.fps == 8

@@ -206,12 +206,9 @@ class FLF2VObjective:
         w = torch.tensor([self.modes[n] for n in names], dtype=torch.float64)
         return names[int(torch.multinomial(w, 1, generator=g))]
 
-    def __call__(self, parts: Mapping[str, nn.Module], batch: Mapping[str, Any]) -> Tensor:
-        dit = parts["dit"]
-        device = next(dit.parameters()).device
-        video = batch["video"].to(device)  # [B, 3, F, H, W]
-        b, frames = video.shape[0], video.shape[2]
-        seeds = batch.get("seed")
+    def draws(self, seeds: Tensor | None, b: int, frames: int) -> SampleDraws:
+        """Per-sample draws of a batch of ``b`` clips of ``frames`` frames, except the noise (drawn last,
+        from ``gens``, once the latent shape is known). Seeds None: drawn from torch's RNG."""
         if seeds is None:
             seeds = torch.randint(0, 2**62, (b,))
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -220,27 +217,41 @@ class FLF2VObjective:
         given = [given_frames(m, frames, g) for m, g in zip(modes, gens)]
         sigma = torch.cat([sample_sigmas(1, self.shift, g) for g in gens])  # [B]
         drop = [bool(torch.rand(1, generator=g) < self.caption_dropout) for g in gens]
+        return SampleDraws(gens, modes, given, sigma, drop)
+
+    def context(self, parts: Mapping[str, nn.Module], batch: Mapping[str, Any], drop: list[bool]) -> Tensor:
+        """[B, L, d] text context: the (jointly trained or frozen) text encoder on the captions, with the
+        dropped ones empty; ``batch["context"]`` when there is no text encoder."""
+        dit = parts["dit"]
+        device = next(dit.parameters()).device
+        text_encoder = parts.get("text", self.text_encoder)
+        if text_encoder is None:
+            return batch["context"].to(device)
+        captions = ["" if d else c for c, d in zip(batch["caption"], drop)]
+        return encode_captions(text_encoder, captions, dit.cfg.text_len).to(device)
+
+    def __call__(self, parts: Mapping[str, nn.Module], batch: Mapping[str, Any]) -> Tensor:
+        dit = parts["dit"]
+        device = next(dit.parameters()).device
+        video = batch["video"].to(device)  # [B, 3, F, H, W]
+        b, frames = video.shape[0], video.shape[2]
+        d = self.draws(batch.get("seed"), b, frames)
 
         with torch.no_grad():
             x0 = self.vae.encode(video)  # [B, z, T, h, w]
             y = None
             if dit.cfg.image_dim is not None:
                 tf, sf = self.vae.cfg.temporal_factor, self.vae.cfg.spatial_factor
-                y = conditioning_from_given(self.vae.encode, video, torch.stack(given), tf, sf)
-        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens]).to(device)
+                y = conditioning_from_given(self.vae.encode, video, torch.stack(d.given), tf, sf)
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in d.gens]).to(device)
 
-        text_encoder = parts.get("text", self.text_encoder)
-        if text_encoder is not None:
-            captions = ["" if d else c for c, d in zip(batch["caption"], drop)]
-            context = encode_captions(text_encoder, captions, dit.cfg.text_len).to(device)
-        else:
-            context = batch["context"].to(device)
+        context = self.context(parts, batch, d.drop)
         image_encoder = parts.get("image", self.image_encoder)
         clip = None
         if y is not None:
-            clip = self.clip_features(image_encoder, video, given, dit.cfg.image_pos_len is not None)
+            clip = self.clip_features(image_encoder, video, d.given, dit.cfg.image_pos_len is not None)
             clip = batch["clip"].to(device) if clip is None else clip
-        return dit_loss(dit, x0, y, context, clip, sigma, noise)
+        return dit_loss(dit, x0, y, context, clip, d.sigma, noise)
 
     @staticmethod
     def clip_features(encoder: nn.Module | None, video: Tensor, given: list[Tensor], two: bool) -> Tensor | None:
@@ -254,7 +265,26 @@ class FLF2VObjective:
         first = torch.zeros_like(given[0])
         first[0] = True
         frames = torch.cat([clip_frames(v, g if g.any() else first, count) for v, g in zip(video, given)])
-        feats = _encode(encoder, frames).float()  # [B*count, N, D]
-        feats = feats.reshape(video.shape[0], -1, feats.shape[-1])  # [B, count*N, D]
-        shown = torch.tensor([bool(g.any()) for g in given], device=feats.device, dtype=feats.dtype)
-        return feats * shown[:, None, None]
+        shown = torch.tensor([bool(g.any()) for g in given])
+        return encode_clip_frames(encoder, frames, shown)
+
+
+@dataclass
+class SampleDraws:
+    """One batch's per-sample draws (``FLF2VObjective.draws``): generators (for the noise, drawn last),
+    modes, given frames bool [F] each, sigma [B] and caption drops."""
+
+    gens: list[torch.Generator]
+    modes: list[str]
+    given: list[Tensor]
+    sigma: Tensor
+    drop: list[bool]
+
+
+def encode_clip_frames(encoder: nn.Module, frames: Tensor, shown: Tensor) -> Tensor:
+    """[B, count*N, D] CLIP tokens of frames [B*count, 3, H, W] in [-1, 1], zeroed where ``shown`` (bool
+    [B]) is False."""
+    b = shown.shape[0]
+    feats = _encode(encoder, frames).float()  # [B*count, N, D]
+    feats = feats.reshape(b, -1, feats.shape[-1])  # [B, count*N, D]
+    return feats * shown.to(device=feats.device, dtype=feats.dtype)[:, None, None]

@@ -22,6 +22,7 @@ from ..models.encoders import ImageEncoder, TextEncoder
 from ..models.vae import WanVAE
 from ..tokenizer import load_tokenizer, train_tokenizer
 from .flow import FLF2VObjective
+from .latents import CachedClips, CachedFLF2VObjective, build_latent_cache
 from .trainer import TrainConfig, Trainer
 from .vae_loss import VAEObjective
 
@@ -60,6 +61,10 @@ class Preset:
     seed: int = 0
     stats_batches: int = 8
     bundle_dtype: str = "float16"
+    # VAE latents of this many clips are cached once for the stages at the first stage's size and frame
+    # count (the others encode every step); 0: no cache. The cached stages cycle over these clips.
+    cache_clips: int = 10_000
+    cache_dtype: str = "float16"
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -98,6 +103,7 @@ PRESETS: dict[str, Preset] = {
         vae_clip=(5, (32, 32)),
         data_length=64,
         stats_batches=1,
+        cache_clips=8,
     ),
 }
 
@@ -168,6 +174,21 @@ def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scal
     vae.eval().requires_grad_(False)
 
     # 3. DiT + text + image encoders, three stages; each starts from the previous stage's EMA weights.
+    # Stages at the first stage's shape train on cached VAE latents (built once, below, when first needed).
+    cache_shape = (p.stages[0].frames, p.stages[0].size)
+    cache_dir = out / "latents"
+    cached_stages = [s for s in p.stages if (s.frames, s.size) == cache_shape]
+    cached_modes = sorted({m for s in cached_stages for m, w in s.modes.items() if w > 0})
+    cache: CachedClips | None = None
+
+    def uses_cache(stage: Stage, run: Path) -> bool:
+        """Whether this stage trains on the cache; a stage keeps the choice it started with."""
+        marker = run / "data.json"
+        if marker.is_file():
+            return bool(json.loads(marker.read_text())["cached"])
+        started = (run / "ckpt" / "latest").exists()  # begun before the cache existed: finish uncached
+        return p.cache_clips > 0 and (stage.frames, stage.size) == cache_shape and not started
+
     parts = {"dit": WanDiT(model_cfg.dit), "text": TextEncoder(model_cfg.text, tokenizer),
              "image": ImageEncoder(model_cfg.image)}  # fmt: skip
     for m in parts.values():
@@ -181,8 +202,22 @@ def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scal
         if not _done(run):
             tc = TrainConfig(steps=steps(stage.steps), batch_size=stage.batch_size, lr=stage.lr, warmup=stage.warmup,
                              ema_decay=0.999, seed=p.seed, out_dir=str(run), ckpt_every=250)  # fmt: skip
-            objective = FLF2VObjective(vae, shift=p.shift, modes=stage.modes, caption_dropout=stage.caption_dropout)
             data = SyntheticVideos("train", length=p.data_length, frames=stage.frames, size=stage.size)
+            cached = uses_cache(stage, run)
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "data.json").write_text(json.dumps({"cached": cached}))
+            if cached:
+                if not _done(cache_dir):
+                    n = min(p.cache_clips, p.data_length)
+                    build_latent_cache(vae, data, n, cache_dir, cached_modes, dtype=getattr(torch, p.cache_dtype))
+                    _mark_done(cache_dir, {"clips": n, "modes": cached_modes})
+                if cache is None:
+                    cache = CachedClips(cache_dir, temporal=vae.cfg.temporal_factor)
+                kw = dict(shift=p.shift, modes=stage.modes, caption_dropout=stage.caption_dropout)
+                objective = CachedFLF2VObjective(**kw)
+                data = cache
+            else:
+                objective = FLF2VObjective(vae, shift=p.shift, modes=stage.modes, caption_dropout=stage.caption_dropout)
             Trainer(parts, objective, data, tc).run()
             _mark_done(run, {"steps": tc.steps})
         prev = run

@@ -1,0 +1,292 @@
+"""A latent cache for DiT training: the VAE encodes of every clip done once instead of at every step.
+
+``FLF2VObjective`` encodes the clean clip and its conditioning video at every step, which on CPU costs
+several times the DiT step itself. The VAE is frozen during DiT training, so these latents are a pure
+function of the clip: ``build_latent_cache`` stores them for clips ``0..n-1`` of a dataset, and
+``CachedFLF2VObjective`` trains on ``CachedClips`` with the same per-sample draws (mode, sigma, caption
+drop, noise) as ``FLF2VObjective``, so that its loss on a clip and seed is the uncached loss.
+
+What is stored per clip:
+- ``x0``: the normalised latent of the clip [z, T, h, w];
+- ``cond[mode]``: the latent of the conditioning video (given frames kept, zeros elsewhere) of each cached
+  mode: "first_last", "first" and "random_subset". "none" needs no encode per clip: its conditioning
+  video is all zeros, encoded once for the whole cache;
+- ``given[mode]``: the given pixel frames, bool [F];
+- ``frames``: uint8 [K, 3, H, W] pixel frames for CLIP: the first and the last frame, then the first and
+  the last frame of the random subset (K = 4 when "random_subset" is cached, else 2);
+- the caption.
+
+Differences from uncached training, by design:
+- "random_subset" has ONE subset per clip, drawn from the clip index (``cached_subset``): every epoch shows
+  a clip with the same subset, where uncached training draws a new subset per sample. The draws that
+  chose the subset are still consumed, so sigma, caption drop and noise are those of the uncached run.
+- Latents may be stored as float16 (the default in the recipe): a relative rounding error of at most
+  2**-11 (~5e-4; ~2e-4 measured on whole latents) on normalised latents of unit scale, far below the
+  noise the flow target adds; the loss moved by ~1e-5 relative in the tests (float32 storage: bit equal).
+- Training cycles over the ``n`` cached clips instead of the dataset's whole length.
+
+Layout of the cache folder: ``config.json`` (what was cached, with a fingerprint of the VAE's weights),
+``shard-XXXXX.pt`` (``shard_size`` clips each, each written atomically) and ``meta.pt`` (written last, the
+mark of a finished cache). An interrupted build resumes at the first missing shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ..errors import InputError
+from .flow import MODES, FLF2VObjective, dit_loss, encode_clip_frames, given_frames, mask_from_given
+from .trainer import _atomic_save, _atomic_write_text, _fmt_seconds, sample_seed
+
+CACHE_VERSION = 1
+ENCODED_MODES = ("first_last", "first", "random_subset")  # the modes with one conditioning encode per clip
+SUBSET_SEED = 0x5EB5E7  # mixed with the clip index: the fixed random subset of each clip
+# which two slots of the stored frames CLIP sees for each mode (first and last given frame)
+CLIP_SLOTS = {"first_last": (0, 1), "first": (0, 0), "none": (0, 0), "random_subset": (2, 3)}
+
+
+def cached_subset(index: int, frames: int) -> Tensor:
+    """Bool [frames]: the random subset of given frames of clip ``index`` in a cache (fixed per clip)."""
+    g = torch.Generator().manual_seed(sample_seed(SUBSET_SEED, index))
+    return given_frames("random_subset", frames, g)
+
+
+def _given(mode: str, index: int, frames: int) -> Tensor:
+    return cached_subset(index, frames) if mode == "random_subset" else given_frames(mode, frames)
+
+
+def vae_fingerprint(vae: nn.Module) -> str:
+    """sha256 of the VAE's weights and latent normalisation: a cache is only valid for the VAE that made it."""
+    h = hashlib.sha256()
+    for name, t in sorted(vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
+    h.update(json.dumps([list(vae.cfg.latent_mean), list(vae.cfg.latent_std)]).encode())
+    return h.hexdigest()
+
+
+def _to_uint8(video: Tensor) -> Tensor:
+    """[3, F, H, W] in [-1, 1] -> uint8; the data must be 8-bit frames (x / 127.5 - 1), checked bit for bit."""
+    u8 = ((video.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    if not torch.equal(u8.float() / 127.5 - 1.0, video.float()):
+        raise InputError("the latent cache stores CLIP frames as uint8: the dataset's videos must be 8-bit frames")
+    return u8
+
+
+def _encode_batch(vae: nn.Module, videos: Tensor, modes: Sequence[str], indices: Sequence[int]) -> dict[str, Tensor]:
+    """x0 and conditioning latents of videos [b, 3, F, H, W] for each mode, in one VAE call."""
+    b, frames = videos.shape[0], videos.shape[2]
+    inputs = [videos]
+    for mode in modes:
+        keep = torch.stack([_given(mode, i, frames) for i in indices])[:, None, :, None, None]  # [b, 1, F, 1, 1]
+        inputs.append(torch.where(keep, videos, torch.zeros((), dtype=videos.dtype)))
+    with torch.no_grad():
+        latents = vae.encode(torch.cat(inputs)).float()  # [(1 + M) b, z, T, h, w]
+    parts = latents.split(b)
+    return {"x0": parts[0], **{mode: z for mode, z in zip(modes, parts[1:])}}
+
+
+def _build_shard(
+    vae: nn.Module, dataset: Dataset, indices: range, modes: Sequence[str], batch_size: int, dtype: torch.dtype
+) -> dict[str, Any]:
+    x0, cond, frames_u8, captions = [], {m: [] for m in modes}, [], []
+    n_frames = 0
+    for start in range(indices.start, indices.stop, batch_size):
+        idx = list(range(start, min(start + batch_size, indices.stop)))
+        items = [dataset[i] for i in idx]
+        videos = torch.stack([it["video"] for it in items]).float()  # [b, 3, F, H, W]
+        z = _encode_batch(vae, videos, modes, idx)
+        x0.append(z["x0"].to(dtype))
+        for m in modes:
+            cond[m].append(z[m].to(dtype))
+        n_frames = videos.shape[2]
+        for i, it in zip(idx, items):
+            u8 = _to_uint8(it["video"])  # [3, F, H, W]
+            slots = [0, n_frames - 1]
+            if "random_subset" in modes:
+                given = cached_subset(i, n_frames).nonzero().flatten().tolist()
+                slots += [given[0], given[-1]]
+            frames_u8.append(u8[:, slots].transpose(0, 1))  # [K, 3, H, W]
+            captions.append(it["caption"])
+    given = {m: torch.stack([_given(m, i, n_frames) for i in indices]) for m in modes}
+    return {
+        "index": torch.tensor(list(indices)),
+        "x0": torch.cat(x0),
+        "cond": {m: torch.cat(v) for m, v in cond.items()},
+        "given": given,
+        "frames": torch.stack(frames_u8),
+        "caption": captions,
+    }
+
+
+def _dataset_info(dataset: Dataset) -> dict[str, Any]:
+    keys = ("split", "length", "frames", "size", "ambiguous_fraction")
+    info = {k: getattr(dataset, k) for k in keys if hasattr(dataset, k)}
+    if "size" in info:
+        info["size"] = list(info["size"])
+    return {"class": type(dataset).__name__, **info}
+
+
+def build_latent_cache(
+    vae: nn.Module,
+    dataset: Dataset,
+    n_clips: int,
+    path: str | Path,
+    modes: Sequence[str],
+    batch_size: int = 8,
+    progress: bool = True,
+    *,
+    shard_size: int = 1024,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Encode clips ``0..n_clips-1`` of ``dataset`` (items with ``video`` [3, F, H, W] 8-bit in [-1, 1] and
+    ``caption``) into the cache folder ``path``; returns it. ``modes``: the conditioning modes to cache
+    ("none" is always available). ``batch_size`` clips go through the VAE at a time, each with its
+    conditioning videos (one call of (1 + modes) * batch_size videos). Latents are stored in ``dtype``.
+
+    Resumable: finished shards are kept; a folder built with other settings (or another VAE) is an error."""
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise InputError(f"unknown conditioning modes {bad}; known: {', '.join(MODES)}")
+    if n_clips < 1 or n_clips > len(dataset) or batch_size < 1 or shard_size < 1:  # type: ignore[arg-type]
+        raise InputError(f"need 1 <= n_clips <= {len(dataset)}, batch_size, shard_size >= 1")  # type: ignore[arg-type]
+    encoded = [m for m in ENCODED_MODES if m in modes]
+    path = Path(path)
+    config = {
+        "version": CACHE_VERSION, "n_clips": n_clips, "shard_size": shard_size, "modes": encoded,
+        "dtype": str(dtype).removeprefix("torch."), "dataset": _dataset_info(dataset), "vae": vae_fingerprint(vae),
+    }  # fmt: skip
+    cfg_file = path / "config.json"
+    if cfg_file.is_file():
+        old = json.loads(cfg_file.read_text())
+        if old != config:
+            diff = sorted(k for k in config if old.get(k) != config[k])
+            raise InputError(f"the latent cache at {path} was built with other settings ({', '.join(diff)}); remove it")
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(json.dumps(config, indent=2), cfg_file)
+    if (path / "meta.pt").is_file():
+        return path
+
+    shards = [range(s, min(s + shard_size, n_clips)) for s in range(0, n_clips, shard_size)]
+    names = [f"shard-{k:05d}.pt" for k in range(len(shards))]
+    t0, done_before = time.perf_counter(), 0
+    for rng, name in zip(shards, names):
+        if (path / name).is_file():
+            done_before = rng.stop
+            continue
+        _atomic_save(_build_shard(vae, dataset, rng, encoded, batch_size, dtype), path / name)
+        if progress:
+            per = (time.perf_counter() - t0) / (rng.stop - done_before)
+            eta = _fmt_seconds(per * (n_clips - rng.stop))
+            print(f"latent cache {rng.stop}/{n_clips} clips  {per:.3f} s/clip  eta {eta}", file=sys.stderr, flush=True)
+
+    # "none": the latent of an all-zero conditioning video, the same for every clip
+    video = dataset[0]["video"]
+    with torch.no_grad():
+        zero = vae.encode(torch.zeros_like(video)[None].float())[0].to(dtype)  # [z, T, h, w]
+    _atomic_save({"config": config, "shards": names, "none": zero}, path / "meta.pt")
+    return path
+
+
+class CachedClips(Dataset):
+    """The clips of a finished latent cache, all in memory. Item: ``x0`` float32 [z, T, h, w]; per mode
+    (the cached ones and "none"): ``cond`` float32 [z, T, h, w], ``given`` bool [F] and ``mask``
+    [4, T, h, w] (the DiT's frame mask); ``frames`` uint8 [K, 3, H, W] (see the module doc), ``caption``
+    and ``index``."""
+
+    def __init__(self, path: str | Path, temporal: int = 4) -> None:
+        path = Path(path)
+        if not (path / "meta.pt").is_file():
+            raise InputError(f"no finished latent cache at {path} (meta.pt is missing)")
+        meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+        shards = [torch.load(path / n, map_location="cpu", weights_only=True) for n in meta["shards"]]
+        self.config = meta["config"]
+        self.modes = [*self.config["modes"], "none"]
+        self.temporal = temporal
+        self.x0 = torch.cat([s["x0"] for s in shards])  # [N, z, T, h, w] in the storage dtype
+        self.cond = {m: torch.cat([s["cond"][m] for s in shards]) for m in self.config["modes"]}
+        self.given = {m: torch.cat([s["given"][m] for s in shards]) for m in self.config["modes"]}
+        self.frames = torch.cat([s["frames"] for s in shards])  # [N, K, 3, H, W] uint8
+        self.captions = [c for s in shards for c in s["caption"]]
+        self.none = meta["none"]
+        # the frame count: from a cached mode's given frames, else from the latent's time axis
+        given_any = next(iter(self.given.values()), None)
+        n_frames = given_any.shape[-1] if given_any is not None else (self.x0.shape[2] - 1) * temporal + 1
+        self.n_frames = n_frames
+        lat_h, lat_w = self.x0.shape[-2:]
+        none_given = torch.zeros(n_frames, dtype=torch.bool)
+        self._fixed_masks = {
+            m: mask_from_given(given_frames(m, n_frames), lat_h, lat_w, temporal) for m in ("first_last", "first")
+        }
+        self._fixed_masks["none"] = mask_from_given(none_given, lat_h, lat_w, temporal)
+
+    def __len__(self) -> int:
+        return self.x0.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        lat_h, lat_w = self.x0.shape[-2:]
+        cond = {m: z[i].float() for m, z in self.cond.items()}
+        given = {m: g[i] for m, g in self.given.items()}
+        cond["none"] = self.none.float()
+        given["none"] = torch.zeros(self.n_frames, dtype=torch.bool)
+        mask = {
+            m: self._fixed_masks[m] if m in self._fixed_masks else mask_from_given(g, lat_h, lat_w, self.temporal)
+            for m, g in given.items()
+        }
+        return {"x0": self.x0[i].float(), "cond": cond, "given": given, "mask": mask, "frames": self.frames[i],
+                "caption": self.captions[i], "index": i}  # fmt: skip
+
+
+@dataclass
+class CachedFLF2VObjective(FLF2VObjective):
+    """``FLF2VObjective`` on ``CachedClips`` batches: the same per-sample draws, latents from the cache.
+
+    For "first_last", "first" and "none" the loss equals ``FLF2VObjective``'s on the same clip and seed (up
+    to the cache's storage precision); "random_subset" uses the clip's cached subset. No VAE is needed."""
+
+    vae: nn.Module | None = None
+
+    def __call__(self, parts: Mapping[str, nn.Module], batch: Mapping[str, Any]) -> Tensor:
+        dit = parts["dit"]
+        device = next(dit.parameters()).device
+        x0 = batch["x0"].to(device).float()  # [B, z, T, h, w]
+        b = x0.shape[0]
+        missing = sorted(m for m, w in self.modes.items() if w > 0 and m not in batch["cond"])
+        if missing:
+            raise InputError(f"modes {missing} are not in the latent cache (it has {sorted(batch['cond'])})")
+        n_frames = batch["given"]["none"].shape[-1]
+        # the draws consume the same numbers as uncached; a random subset is then replaced by the cached one
+        d = self.draws(batch.get("seed"), b, n_frames)
+        given = [batch["given"][m][i] if m == "random_subset" else g for i, (m, g) in enumerate(zip(d.modes, d.given))]
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in d.gens]).to(device)
+
+        y = clip = None
+        if dit.cfg.image_dim is not None:
+            mask = torch.stack([batch["mask"][m][i] for i, m in enumerate(d.modes)])  # [B, 4, T, h, w]
+            cond = torch.stack([batch["cond"][m][i] for i, m in enumerate(d.modes)])  # [B, z, T, h, w]
+            y = torch.cat([mask.float(), cond.float()], dim=1).to(device)
+        context = self.context(parts, batch, d.drop)
+        if y is not None:
+            image_encoder = parts.get("image", self.image_encoder)
+            if image_encoder is None:
+                clip = batch["clip"].to(device)
+            else:
+                count = 2 if dit.cfg.image_pos_len is not None else 1
+                slots = torch.tensor([CLIP_SLOTS[m][:count] for m in d.modes])  # [B, count]
+                picked = batch["frames"][torch.arange(b)[:, None], slots]  # [B, count, 3, H, W] uint8
+                frames = picked.flatten(0, 1).float() / 127.5 - 1.0  # as the dataset maps 8-bit frames
+                shown = torch.tensor([bool(g.any()) for g in given])
+                clip = encode_clip_frames(image_encoder, frames.to(device), shown)
+        return dit_loss(dit, x0, y, context, clip, d.sigma, noise)
