@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ import torch.multiprocessing as mp
 
 from segue.config import DiTConfig, get_config
 from segue.parallel import cost
+from segue.testing import free_port, rendezvous_env
 
 GB = 1e9
 
@@ -123,8 +123,7 @@ class _TimedWork:
 
 
 def _worker(rank: int, world: int, port: int, layout: dict, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))  # fmt: skip
+    rendezvous_env(rank, world, port)
     torch.set_num_threads(1)
     from segue.models.dit import WanDiT
     from segue.parallel.mesh import ParallelConfig, init_parallel
@@ -174,12 +173,6 @@ def _worker(rank: int, world: int, port: int, layout: dict, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure() -> None:
     from segue.models.dit import WanDiT
     from segue.testing import randomize_
@@ -206,7 +199,7 @@ def measure() -> None:
     for world, layouts in LAYOUTS.items():
         for layout in layouts:
             with tempfile.TemporaryDirectory() as out:
-                mp.start_processes(_worker, args=(world, _free_port(), layout, out), nprocs=world, start_method="spawn")
+                mp.start_processes(_worker, args=(world, free_port(), layout, out), nprocs=world, start_method="spawn")
                 rows = [torch.load(Path(out) / f"{r}.pt") for r in range(world)]
             wall = max(r["wall"] for r in rows)
             comm = sum(r["comm"] for r in rows) / world

@@ -6,27 +6,19 @@ results of its sub-cases, the parent compares them.
 
 from __future__ import annotations
 
-import os
-import socket
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from segue.config import REGISTRY
+from segue.testing import join_workers, rendezvous_env, start_workers
 from segue.tokenizer import save_tiny_tokenizer
 
 CFG = REGISTRY["tiny-flf2v"]
 PROMPTS = ["A cat walks across the road, the sky turns orange.", "", "a dog " * 9]
 TIMEOUT_S = 80
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _dit_inputs(seed: int):
@@ -135,8 +127,7 @@ def _text_case(state, tok_dir: str) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, tok_dir: str) -> None:
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world)}
-    os.environ.update(env, LOCAL_RANK=str(rank))
+    rendezvous_env(rank, world, port)
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -165,16 +156,8 @@ def results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     out = tmp_path_factory.mktemp(f"fsdp{world}")
     tok = out / "tok"
     save_tiny_tokenizer(tok, CFG.text.vocab_size)
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(out), str(tok))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
+    procs = start_workers(_worker, world, str(out), str(tok))
+    alive = join_workers(procs, TIMEOUT_S)
     assert not alive, f"{len(alive)} worker(s) hung past {TIMEOUT_S}s"
     res = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
     errors = [r["error"] for r in res if "error" in r]

@@ -6,7 +6,6 @@ Each case is a real ``torchrun --nproc_per_node=N -m segue generate ...`` job; o
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,12 +13,7 @@ import pytest
 import torch
 
 from segue.media import read_video
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from segue.testing import free_port
 
 
 def _generate(ckpt, frames_dir, out_dir, nproc: int, *flags: str, size: str = "80x48"):
@@ -33,7 +27,7 @@ def _generate(ckpt, frames_dir, out_dir, nproc: int, *flags: str, size: str = "8
         cmd = [sys.executable, "-m", "segue", "-q", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_free_port()}", "-m", "segue", "-q", *args]  # fmt: skip
+               f"--master_port={free_port()}", "-m", "segue", "-q", *args]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -76,7 +70,7 @@ def test_reference_padding_switch_changes_uneven_runs(official_ckpt, frames_dir,
 
 
 def test_wrong_process_count_fails_cleanly(official_ckpt, frames_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m",
            "segue", "generate", "--ckpt-dir", str(official_ckpt), "--first", str(frames_dir / "first.png"),
            "--out", str(tmp_path / "v.mp4"), "--ulysses", "2", "--ring", "2"]  # fmt: skip

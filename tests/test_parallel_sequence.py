@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from segue.config import DiTConfig
 from segue.errors import InputError
 from segue.models.dit import WanDiT
 from segue.parallel.mesh import ParallelConfig, ParallelState
 from segue.parallel.sequence import apply_sequence_parallel, remove_sequence_parallel
-from segue.testing import randomize_
+from segue.testing import join_workers, randomize_, rendezvous_env, start_workers
 
 # 4 heads (Ulysses 4 possible), head dim 12, an image branch so every block input is exercised.
 CFG = DiTConfig(
@@ -75,15 +72,8 @@ def expected_bytes(kwargs: dict, size: str) -> dict[str, int]:
     return {**sent, "total": sum(sent.values())}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    os.environ["LOCAL_RANK"] = str(rank)
+    rendezvous_env(rank, world, port)
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -116,16 +106,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def _spawn(world: int, tmp: Path) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(tmp))) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
+    procs = start_workers(_worker, world, str(tmp))
+    join_workers(procs, timeout=120)
     errors = [f.read_text() for f in sorted(tmp.glob("*.err"))]
     assert not errors, "worker failed:\n" + "\n".join(errors)
     assert all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]}"

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from segue.config import REGISTRY
 from segue.errors import InputError
 from segue.models.vae import WanVAE
 from segue.parallel.vae import COMM, spatial_parallel, split_rows
-from segue.testing import randomize_
+from segue.testing import join_workers, randomize_, rendezvous_env, start_workers
 
 TINY = REGISTRY["tiny-flf2v"].vae
 # (batch, h, w): even over 2 ranks, uneven over 2 and 4 (4 ranks on 5 rows: bands of 2, 1, 1, 1)
@@ -43,9 +39,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
     from segue.parallel.vae import parallel_decode
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
-    )
+    rendezvous_env(rank, world, port)
     torch.set_num_threads(1)
     res: dict = {}
     try:
@@ -87,24 +81,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.save(res, Path(out) / f"rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(world: int, tmp: Path) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(tmp))) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + TIMEOUT_S  # one deadline for all: a failed rank can hang the others
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
+    procs = start_workers(_worker, world, str(tmp))
+    alive = join_workers(procs, TIMEOUT_S)
     assert not alive, f"{len(alive)} of {world} workers hung"
     results = []
     for r in range(world):

@@ -4,15 +4,12 @@ exact resume) and data parallel / FSDP2 training over 2 gloo processes against o
 from __future__ import annotations
 
 import json
-import os
-import socket
 import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from PIL import Image
 
 from segue.config import REGISTRY, VAEConfig
@@ -20,7 +17,7 @@ from segue.models.dit import WanDiT
 from segue.models.vae import WanVAE
 from segue.pipeline import Pipeline, frame_mask, image_to_tensor
 from segue.sampling.solvers import Euler
-from segue.testing import randomize_
+from segue.testing import join_workers, randomize_, rendezvous_env, start_workers
 from segue.train.flow import (
     FLF2VObjective,
     conditioning_for_training,
@@ -304,12 +301,6 @@ def test_resume_is_exact(tmp_path: Path, workers: int):
 # -- distributed: 2 gloo processes vs one process -----------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dist_run(out: Path, fsdp: bool, state) -> dict:
     trainer = Trainer({"dit": _new_dit()}, latent_loss, _LatentSet(), _train_cfg(out, steps=3, ckpt_every=2), state)
     losses = trainer.run()
@@ -319,8 +310,7 @@ def _dist_run(out: Path, fsdp: bool, state) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world)}
-    os.environ.update(env, LOCAL_RANK=str(rank))
+    rendezvous_env(rank, world, port)
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -349,17 +339,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], dict]:
     out = tmp_path_factory.mktemp("dist")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, str(out))) for r in range(2)]
-    for p in procs:
-        p.start()
+    procs = start_workers(_worker, 2, str(out))
     single = _dist_run(out / "single", False, None)  # meanwhile: one process, the whole batch of 4
-    for p in procs:
-        p.join(TIMEOUT_S)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
+    alive = join_workers(procs, TIMEOUT_S)
     assert not alive, f"{len(alive)} worker(s) hung past {TIMEOUT_S}s"
     res = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     errors = [r["error"] for r in res if "error" in r]

@@ -271,11 +271,10 @@ def _plan_bundle(path: Path) -> CheckpointPlan:
     )
 
 
-def _defaults_for(cfg_dit_type: str, max_area: int | None = None) -> GenerationDefaults:
+def _defaults_for(cfg_dit_type: str) -> GenerationDefaults:
     from .config import REGISTRY
 
-    base = REGISTRY["flf2v-14b" if cfg_dit_type == "flf2v" else "i2v-14b-720p"].defaults
-    return base if max_area is None else replace(base, max_area=max_area)
+    return REGISTRY["flf2v-14b" if cfg_dit_type == "flf2v" else "i2v-14b-720p"].defaults
 
 
 def _segue_defaults(raw: Mapping[str, Any], fallback: GenerationDefaults) -> GenerationDefaults:

@@ -8,7 +8,6 @@ noise, classifier-free guidance and the solver live here. The same loop serves f
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -347,11 +346,3 @@ class Pipeline:
             v = self.dit(latent[None], timestep, context[None], clip, y)[0]
             v_neg = self.dit(latent[None], timestep, context_neg[None], clip, y)[0]
         return v_neg + guidance * (v - v_neg)
-
-
-def seq_len(cfg: ModelConfig, frames: int, height: int, width: int) -> int:
-    """Tokens the DiT attends over for a clip of this size (for progress and cost estimates)."""
-    pt, ph, pw = cfg.dit.patch_size
-    lat_t = (frames - 1) // cfg.vae.temporal_factor + 1
-    s = cfg.vae.spatial_factor
-    return math.ceil(lat_t / pt) * (height // s // ph) * (width // s // pw)

@@ -174,3 +174,49 @@ def make_tiny_checkpoint(
          "lower_order_final": True, "final_sigmas_type": "zero"},
     )  # fmt: skip
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-process runs on one machine (gloo tests and CPU benchmarks), the way torchrun starts them.
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for the rendezvous of a local process group."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rendezvous_env(rank: int, world: int, port: int) -> None:
+    """Set the variables torchrun sets, so ``segue.parallel.init_parallel`` joins a local group."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))  # fmt: skip
+
+
+def start_workers(target, world: int, *args) -> list:
+    """Start ``target(rank, world, port, *args)`` in ``world`` spawned processes sharing a fresh port."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def join_workers(procs: list, timeout: float) -> list:
+    """Wait for all workers under one shared deadline (a failed rank can leave the others waiting in a
+    collective); kill the ones still running and return them, so a test fails instead of hanging."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+        p.join()
+    return alive
