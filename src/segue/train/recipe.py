@@ -55,6 +55,8 @@ class Preset:
     vae_lr: float = 3e-4
     vae_batch: int = 8
     vae_clip: tuple[int, tuple[int, int]] = (9, (32, 32))  # frames, size of the VAE's training clips
+    # crops of this size from the rendered clips (same scale as the native size, a quarter of the pixels)
+    vae_crop: tuple[int, int] | None = None
     kl_weight: float = 1e-6
     shift: float = 3.0
     data_length: int = 200_000
@@ -68,13 +70,16 @@ class Preset:
     notes: dict[str, str] = field(default_factory=dict)
 
 
-def _default_model(vocab: int, name: str, dim: int, layers: int, heads: int, vae_dim: int) -> ModelConfig:
+def _default_model(
+    vocab: int, name: str, dim: int, layers: int, heads: int, vae_dim: int, z_dim: int = 16
+) -> ModelConfig:
     text = TextEncoderConfig(vocab_size=vocab, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, text_len=64)
     image = ImageEncoderConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, image_size=64,
                                patch_size=8)  # fmt: skip
     dit = DiTConfig(dim=dim, ffn_dim=dim * 8 // 3, num_heads=heads, num_layers=layers, freq_dim=64, text_dim=64,
-                    text_len=64, image_dim=64, image_pos_len=2 * image.num_tokens)  # fmt: skip
-    vae = VAEConfig(dim=vae_dim, z_dim=16, latent_mean=(0.0,) * 16, latent_std=(1.0,) * 16)
+                    text_len=64, image_dim=64, image_pos_len=2 * image.num_tokens, in_dim=2 * z_dim + 4,
+                    out_dim=z_dim)  # fmt: skip
+    vae = VAEConfig(dim=vae_dim, z_dim=z_dim, latent_mean=(0.0,) * z_dim, latent_std=(1.0,) * z_dim)
     defaults = GenerationDefaults(frames=17, max_area=64 * 64, steps=25, shift=3.0, guidance=4.0, fps=8,
                                   negative_prompt="")  # fmt: skip
     return ModelConfig(name=name, dit=dit, vae=vae, text=text, image=image, defaults=defaults)
@@ -82,16 +87,19 @@ def _default_model(vocab: int, name: str, dim: int, layers: int, heads: int, vae
 
 PRESETS: dict[str, Preset] = {
     "default": Preset(
-        model=_default_model(vocab=320, name="segue-default", dim=192, layers=6, heads=3, vae_dim=16),
+        # z 32: twice Wan's latent channels, for a tiny VAE's reconstruction at 8x spatial compression
+        model=_default_model(vocab=320, name="segue-default", dim=192, layers=6, heads=3, vae_dim=16, z_dim=32),
         stages=(
             Stage("stage1-hybrid", steps=3000, lr=3e-4, modes=HYBRID, warmup=300),
             Stage("stage2-flf", steps=2000, lr=2e-4, modes=FLF),
             Stage("stage3-detail", steps=1000, lr=5e-5, modes=FLF, size=(96, 96), batch_size=8),
         ),
         vae_steps=3000,
-        # 9 frames = chunks of 1, 4, 4: the third chunk sees the steady-state causal cache (5-frame clips
-        # left later frames 4 dB worse; docs/training.md)
-        vae_clip=(9, (32, 32)),
+        # whole 17-frame clips (every causal-cache position; shorter clips drifted past their length) at the
+        # native 64x64 scale (a VAE trained on 32x32 renders lost 4 dB at 64x64), as 32x32 crops for speed
+        vae_clip=(17, (64, 64)),
+        vae_crop=(32, 32),
+        vae_batch=4,
     ),
     # the whole path in seconds, for tests: same code, tiny sizes and step counts
     "smoke": Preset(
@@ -104,11 +112,33 @@ PRESETS: dict[str, Preset] = {
         vae_steps=2,
         vae_batch=2,
         vae_clip=(5, (32, 32)),
+        vae_crop=(24, 24),
         data_length=64,
         stats_batches=1,
         cache_clips=8,
     ),
 }
+
+
+class Crops(torch.utils.data.Dataset):
+    """Item i: a crop of ``data[i]['video']`` at a position that is a function of (seed, i) (resumes exactly)."""
+
+    def __init__(self, data: torch.utils.data.Dataset, size: tuple[int, int], seed: int = 0) -> None:
+        h, w = data.size  # type: ignore[attr-defined]
+        if not (0 < size[0] <= h and 0 < size[1] <= w):
+            raise ValueError(f"crop {size} does not fit clips of {(h, w)}")
+        self.data, self.size, self.seed = data, tuple(size), seed
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.data[index]
+        video = item["video"]  # [3, F, H, W]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        top = int(torch.randint(video.shape[2] - self.size[0] + 1, (1,), generator=g))
+        left = int(torch.randint(video.shape[3] - self.size[1] + 1, (1,), generator=g))
+        return {"video": video[:, :, top : top + self.size[0], left : left + self.size[1]]}
 
 
 def _done(path: Path) -> bool:
@@ -164,6 +194,8 @@ def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scal
                          warmup=min(200, p.vae_steps // 10), ema_decay=0.999, seed=p.seed, out_dir=str(vae_run),
                          ckpt_every=250)  # fmt: skip
         data = SyntheticVideos("train", length=p.data_length, frames=frames, size=size)
+        if p.vae_crop is not None:
+            data = Crops(data, p.vae_crop, seed=p.seed)
         Trainer({"vae": vae}, VAEObjective(kl_weight=p.kl_weight), data, tc).run()
         _mark_done(vae_run, {"steps": tc.steps})
     vae = WanVAE(p.model.vae)
