@@ -172,6 +172,9 @@ class Pipeline:
         self.source = source
         # Set by segue.parallel.parallelize: which rank this is and the groups to talk over.
         self.parallel: Any | None = None
+        # Classifier-free guidance as one DiT call on a batch of two (cond, uncond) instead of two
+        # calls: fewer, larger kernels for twice the activation memory. Ignored under CFG parallel.
+        self.cfg_batch: bool = False
 
     # -- settings ------------------------------------------------------------------------------
     def resolve(
@@ -331,7 +334,8 @@ class Pipeline:
         guidance: float,
     ) -> torch.Tensor:
         """Guided velocity ``v_u + g * (v_c - v_u)``. With CFG parallel each half of the ranks runs one
-        of the two passes and they swap results; the arithmetic is the same, so the same latent."""
+        of the two passes and they swap results; the arithmetic is the same, so the same latent.
+        With ``cfg_batch`` both passes run as one batch of two (equal within fp rounding)."""
         ps = self.parallel
         if guidance == 1.0:  # the conditional velocity alone: skip the second pass
             return self.dit(latent[None], timestep, context[None], clip, y)[0]
@@ -342,6 +346,19 @@ class Pipeline:
             both = [torch.empty_like(mine) for _ in range(2)]
             dist.all_gather(both, mine.contiguous(), group=ps.cfg_group)
             v, v_neg = both[0][0], both[1][0]
+        elif self.cfg_batch:
+            # One batch of two, cond first. The DiT zero-pads text to text_len itself: pad both here
+            # so prompts of different token lengths stack.
+            text_len = self.config.dit.text_len
+            for name, c in (("prompt", context), ("negative prompt", context_neg)):
+                if c.shape[0] > text_len:
+                    raise InputError(f"{name} context has {c.shape[0]} tokens, at most {text_len} allowed")
+            texts = torch.stack([F.pad(c, (0, 0, 0, text_len - c.shape[0])) for c in (context, context_neg)])
+            # clip and y belong to the one sample: FLF2V's two frames' CLIP tokens regroup to one row.
+            clip2 = None if clip is None else clip.reshape(1, -1, clip.shape[-1]).expand(2, -1, -1)
+            y2 = None if y is None else y.expand(2, *y.shape[1:])
+            both = self.dit(latent[None].expand(2, *latent.shape), timestep, texts, clip2, y2)
+            v, v_neg = both[0], both[1]
         else:
             v = self.dit(latent[None], timestep, context[None], clip, y)[0]
             v_neg = self.dit(latent[None], timestep, context_neg[None], clip, y)[0]

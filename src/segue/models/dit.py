@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -231,6 +232,19 @@ class ImageEmbedding(nn.Module):
         return self.proj(clip)  # [B, N_img, dim] fp32
 
 
+@dataclass
+class Embedded:
+    """The blocks' inputs (``WanDiT.embed``): split out so step caches can run or skip the blocks."""
+
+    tokens: Tensor  # [B, L, C] fp32
+    e: Tensor  # [B, C] time embedding (the head's modulation)
+    e0: Tensor  # [B, 6, C] the blocks' modulation
+    freqs: Tensor  # [L, 1, head_dim/2] RoPE rotations
+    text: Tensor  # [B, text_len, C]
+    image: Tensor | None  # [B, N_img, C]
+    grid: tuple[int, int, int, int]  # (B, f, h, w) token grid
+
+
 class WanDiT(nn.Module):
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
@@ -265,14 +279,10 @@ class WanDiT(nn.Module):
         )  # [f, h, w, c]
         return grid.reshape(f * h * w, 1, -1)
 
-    def forward(
-        self,
-        x: Tensor,
-        t: Tensor,
-        context: Tensor,
-        clip: Tensor | None = None,
-        y: Tensor | None = None,
-    ) -> Tensor:
+    def embed(
+        self, x: Tensor, t: Tensor, context: Tensor, clip: Tensor | None = None, y: Tensor | None = None
+    ) -> Embedded:
+        """Everything before the blocks: tokens, time modulation, RoPE, text and image context."""
         cfg = self.cfg
         if y is not None:
             x = torch.cat([x, y.to(x.dtype)], dim=1)  # [B, in_dim, T, H, W]
@@ -305,15 +315,31 @@ class WanDiT(nn.Module):
         context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
         text = self.text_embedding(context)  # [B, text_len, C]
         image = self.img_emb(clip) if self.img_emb is not None and clip is not None else None
+        return Embedded(tokens, e, e0, freqs, text, image, (b, f, h, w))
 
-        for block in self.blocks:
-            tokens = block(tokens, e0, freqs, text, image)
-        out = self.head(tokens, e)  # [B, L, out_dim*pt*ph*pw]
-
-        # Unpatchify: (f h w pt ph pw c) -> c (f pt) (h ph) (w pw).
-        out = out.view(b, f, h, w, pt, ph, pw, cfg.out_dim)
-        out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)
+    def unpatchify(self, tokens: Tensor, emb: Embedded) -> Tensor:
+        """Head and unpatchify: [B, L, C] -> [B, out_dim, T, H, W]."""
+        cfg = self.cfg
+        b, f, h, w = emb.grid
+        pt, ph, pw = cfg.patch_size
+        out = self.head(tokens, emb.e)  # [B, L, out_dim*pt*ph*pw]
+        # (f h w pt ph pw c) -> c (f pt) (h ph) (w pw)
+        out = out.view(b, f, h, w, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, cfg.out_dim, f * pt, h * ph, w * pw)
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor,
+        clip: Tensor | None = None,
+        y: Tensor | None = None,
+    ) -> Tensor:
+        emb = self.embed(x, t, context, clip, y)
+        tokens = emb.tokens
+        for block in self.blocks:
+            tokens = block(tokens, emb.e0, emb.freqs, emb.text, emb.image)
+        return self.unpatchify(tokens, emb)
 
 
 # ---------------------------------------------------------------------------------------------

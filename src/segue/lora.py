@@ -1,0 +1,356 @@
+"""LoRA files for the Wan DiT, merged into the weights: ``load_lora(dit, path)`` / ``unload_lora(dit, info)``.
+
+Accepted key layouts (a file may mix suffix styles; the names map onto the official parameter names):
+
+(a) diffusers / PEFT: ``transformer.blocks.N.attn1.to_q.lora_A.weight`` + ``lora_B.weight`` (attn1 = self,
+    attn2 = cross, ``add_k_proj``/``add_v_proj`` = ``k_img``/``v_img``, ``ffn.net.0.proj``/``ffn.net.2``),
+    ``lora_B.bias`` = a bias delta (PEFT ``lora_bias``);
+(b) official names, ``diffusion_model.`` prefix: ``diffusion_model.blocks.N.self_attn.q.lora_A.weight`` or
+    ``lora_down``/``lora_up``, optional ``.alpha``, and the full deltas of the distilled LoRAs (lightx2v,
+    CausVid extractions): ``X.diff`` (added to ``X.weight``, or to the parameter ``X`` itself, e.g. a norm
+    weight), ``X.diff_b`` (added to ``X.bias``), ``blocks.N.diff_m`` (added to ``blocks.N.modulation``);
+(c) kohya / ComfyUI / musubi: ``lora_unet_blocks_N_self_attn_q.lora_down.weight`` + ``.alpha``, the module
+    path written with underscores.
+
+Merge rule, per parameter W (Linear [out, in] or Conv [out, in, k...]), computed in fp32 and cast back:
+``W += scale * (alpha / rank) * up @ down`` (alpha defaults to the rank), ``W += scale * diff``,
+``bias += scale * diff_b``. ``scale`` is the LoRA strength; it scales the full deltas too (as ComfyUI).
+
+Unloading. ``LoraInfo`` keeps a CPU copy of every parameter the LoRA changed, as it was before the merge, in
+its own dtype (``exact=True``, the default): ``unload_lora`` restores those bits exactly. This costs host
+memory equal to the touched weights (about 26 GB of bf16 for a LoRA on every block Linear of the 14B model);
+``exact=False`` keeps only the LoRA's own tensors and subtracts the recomputed delta instead (off by one
+rounding of the weight dtype). LoRAs stack; unloading one that is not the last loaded restores the ones
+above it, removes it and merges the others again, so the result equals loading only the others, in order.
+
+Merged weights cannot be fp8 (``segue.accel.fp8``): load LoRAs first, then quantize.
+
+Few-step distilled LoRAs (lightx2v "StepDistill-CfgDistill", CausVid): 4 steps, no CFG pass (guidance 1),
+``FEW_STEP`` below. The lightx2v recipe for Wan2.1 (its ``wan_i2v_distill_lora_4step_cfg.json``: 4 steps,
+``enable_cfg`` false, ``sample_shift`` 5) takes ``denoising_step_list`` [1000, 750, 500, 250] on the grid
+``linspace(1, 0, 1001)[:-1]`` shifted by 5: sigmas 1.0, 0.9375, 0.8333, 0.625, timesteps 1000, 937.5, 833.3,
+625 (floats). Its step is ``x0 = x - sigma * v`` and then re-noising x0 with FRESH Gaussian noise to the next
+sigma (an LCM-style stochastic sampler; the last step returns x0). CausVid trains on the same four points
+with shift 8. segue's ``euler`` with 4 steps and shift 5 runs at timesteps 999, 937, 833, 624 (the UniPC
+grid starts at sigma 0.999; the ``dpm++`` grid gives exactly 1000, 937, 833, 625) and steps
+deterministically along the predicted velocity (the same x0, with the noise implied by x instead of fresh
+noise). Reproducing lightx2v exactly needs a re-noising solver on the ``dpm++`` grid in
+segue.sampling.solvers (not added here).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .adapters.dit import native_to_diffusers
+from .errors import InputError
+
+# Recommended settings for few-step distilled LoRAs (lightx2v 4-step, CausVid): see the module docstring.
+FEW_STEP = dict(steps=4, guidance=1.0, shift=5.0, solver="euler")
+
+# Key prefixes stripped before mapping (diffusers pipelines, official/ComfyUI files, PEFT wrappers).
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "base_model.model.")
+_KOHYA_PREFIX = "lora_unet_"
+# Key suffix -> (role, what it changes). Longest first: ".diff_b" before ".diff".
+_SUFFIXES = (
+    (".lora_A.default.weight", "down"),
+    (".lora_B.default.weight", "up"),
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora_down.weight", "down"),
+    (".lora_up.weight", "up"),
+    (".lora_B.bias", "bias"),
+    (".alpha", "alpha"),
+    (".diff_b", "bias"),
+    (".diff_m", "modulation"),
+    (".diff", "diff"),
+)
+_MAX_LISTED = 20
+
+
+@dataclass
+class _Term:
+    """One contribution to a parameter: low rank (up @ down * factor) or full (diff * factor)."""
+
+    factor: float
+    full: Tensor | None = None
+    up: Tensor | None = None
+    down: Tensor | None = None
+
+    def delta(self, shape: torch.Size, device: torch.device) -> Tensor:
+        if self.full is not None:
+            return self.full.to(device=device, dtype=torch.float32) * self.factor
+        assert self.up is not None and self.down is not None
+        up = self.up.to(device=device, dtype=torch.float32).flatten(1)  # [out, r]
+        down = self.down.to(device=device, dtype=torch.float32).flatten(1)  # [r, in*k]
+        return (up @ down).mul_(self.factor).view(shape)
+
+
+@dataclass(eq=False)
+class LoraInfo:
+    """What ``load_lora`` merged: enough to undo it. ``params``: the official names it changed."""
+
+    source: str
+    scale: float
+    params: list[str]
+    rank: int | None
+    skipped: list[str] = field(default_factory=list)  # problems ignored with strict=False
+    exact: bool = True
+    _terms: dict[str, list[_Term]] = field(default_factory=dict, repr=False)
+    _originals: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+
+@dataclass
+class _Group:
+    """The keys of one file that target one module (or parameter) path."""
+
+    keys: list[str] = field(default_factory=list)
+    down: Tensor | None = None
+    up: Tensor | None = None
+    alpha: Tensor | None = None
+    diff: Tensor | None = None
+    bias: Tensor | None = None
+    modulation: Tensor | None = None
+
+
+def read_lora_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Tensors of a .safetensors LoRA file (on CPU)."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"LoRA file {str(p)!r} does not exist")
+    if p.suffix != ".safetensors":
+        raise InputError(f"LoRA file {str(p)!r}: only .safetensors files are read")
+    return load_file(str(p), device="cpu")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The DiT inside wrappers that hold it as ``.dit`` (e.g. segue.accel.cache.StepCache)."""
+    while "dit" in model._modules and "blocks" not in model._modules:
+        model = model._modules["dit"]  # type: ignore[assignment]
+    return model
+
+
+def _path_index(params: Mapping[str, Tensor]) -> dict[str, str]:
+    """Every spelling of a module/parameter path -> its official path: official, diffusers, and both with
+    underscores for kohya names."""
+    index: dict[str, str] = {}
+    for name in params:
+        official = name.rpartition(".")[0] if name.endswith((".weight", ".bias")) else name
+        spellings = {official}
+        try:
+            diff_name = next(iter(native_to_diffusers({name: None})))
+            spellings.add(diff_name.rpartition(".")[0] if name.endswith((".weight", ".bias")) else diff_name)
+        except (ValueError, StopIteration):
+            pass
+        for s in spellings:
+            index.setdefault(s, official)
+            index.setdefault(s.replace(".", "_"), official)
+    return index
+
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    """File key -> (module path as written, role), or None for an unknown suffix."""
+    body = key
+    for prefix in _PREFIXES:
+        if body.startswith(prefix):
+            body = body[len(prefix) :]
+            break
+    if body.startswith(_KOHYA_PREFIX):
+        body = body[len(_KOHYA_PREFIX) :]
+    for suffix, role in _SUFFIXES:
+        if body.endswith(suffix):
+            return body[: -len(suffix)], role
+    return None
+
+
+def _listing(problems: list[str]) -> str:
+    shown = "; ".join(problems[:_MAX_LISTED])
+    more = len(problems) - _MAX_LISTED
+    return shown + (f"; and {more} more" if more > 0 else "")
+
+
+def _plan(
+    dit: nn.Module, sd: Mapping[str, Tensor], scale: float
+) -> tuple[dict[str, list[_Term]], list[str], int | None]:
+    """Map a LoRA state dict onto the DiT: (terms per official parameter, problems, max rank)."""
+    params = dict(dit.named_parameters())
+    index = _path_index(params)
+    groups: dict[str, _Group] = {}
+    problems: list[str] = []
+    for key, tensor in sd.items():
+        split = _split_key(key)
+        if split is None:
+            problems.append(f"{key} (not a LoRA tensor name segue knows)")
+            continue
+        path, role = split
+        if role == "modulation":
+            official = index.get(f"{path}.modulation") or index.get(f"{path}_modulation")
+        else:
+            official = index.get(path)
+        if official is None:
+            problems.append(f"{key} (no DiT parameter of that name)")
+            continue
+        g = groups.setdefault(official if role != "modulation" else f"{official}#m", _Group())
+        g.keys.append(key)
+        if getattr(g, role) is not None:
+            problems.append(f"{key} (a second {role} tensor for {official})")
+            continue
+        setattr(g, role, tensor)
+
+    terms: dict[str, list[_Term]] = {}
+    ranks: list[int] = []
+
+    def add(name: str, term: _Term, shape: tuple[int, ...], keys: list[str]) -> None:
+        p = params.get(name)
+        if p is None:
+            problems.append(f"{', '.join(keys)} (the DiT has no {name})")
+        elif tuple(p.shape) != shape:
+            problems.append(f"{', '.join(keys)} (delta shape {shape} does not fit {name} {tuple(p.shape)})")
+        else:
+            terms.setdefault(name, []).append(term)
+
+    for official, g in groups.items():
+        if official.endswith("#m"):
+            name = official[:-2]
+            assert g.modulation is not None
+            add(name, _Term(scale, full=g.modulation), tuple(g.modulation.shape), g.keys)
+            continue
+        weight_name = f"{official}.weight" if f"{official}.weight" in params else official
+        if (g.down is None) != (g.up is None):
+            missing = "down (lora_A/lora_down)" if g.down is None else "up (lora_B/lora_up)"
+            problems.append(f"{', '.join(g.keys)} (no {missing} matrix for {official})")
+        elif g.down is not None and g.up is not None:
+            rank = g.down.shape[0]
+            if g.up.ndim < 2 or g.up.shape[1] != rank or math.prod(g.up.shape[2:]) != 1:
+                problems.append(f"{', '.join(g.keys)} (up {tuple(g.up.shape)} and down {tuple(g.down.shape)} differ)")
+            else:
+                alpha = float(g.alpha.item()) if g.alpha is not None else float(rank)
+                ranks.append(rank)
+                shape = (g.up.shape[0], *g.down.shape[1:])
+                p = params.get(weight_name)
+                # Linear and Conv: [out, in] or [out, in, k...]; a flat down covers a conv's in*k too
+                if p is not None and p.ndim > 2 and len(shape) == 2 and shape[1] == math.prod(p.shape[1:]):
+                    shape = tuple(p.shape)
+                add(weight_name, _Term(scale * alpha / rank, up=g.up, down=g.down), shape, g.keys)
+        elif g.alpha is not None:
+            problems.append(f"{', '.join(g.keys)} (alpha without lora matrices for {official})")
+        if g.diff is not None:
+            add(weight_name, _Term(scale, full=g.diff), tuple(g.diff.shape), g.keys)
+        if g.bias is not None:
+            add(f"{official}.bias", _Term(scale, full=g.bias), tuple(g.bias.shape), g.keys)
+    return terms, problems, max(ranks) if ranks else None
+
+
+def _lora_stack(dit: nn.Module) -> list[LoraInfo]:
+    stack = getattr(dit, "_segue_loras", None)
+    if stack is None:
+        stack = []
+        dit._segue_loras = stack  # type: ignore[assignment]
+    return stack
+
+
+def _check_mergeable(dit: nn.Module, names: list[str]) -> None:
+    from .accel.fp8 import FP8Linear
+
+    for name in names:
+        owner = dit.get_submodule(name.rpartition(".")[0]) if "." in name else dit
+        if isinstance(owner, FP8Linear):
+            raise InputError(f"{name} holds fp8 weights: load LoRAs before quantize_fp8, not after")
+    meta = [n for n in names if dict(dit.named_parameters())[n].is_meta]
+    if meta:
+        raise InputError(f"the DiT's weights are not loaded (meta tensors: {meta[0]}, ...): load it first")
+
+
+@torch.no_grad()
+def _merge(dit: nn.Module, info: LoraInfo) -> None:
+    params = dict(dit.named_parameters())
+    info._originals = {}
+    for name, terms in info._terms.items():
+        p = params[name]
+        if info.exact:
+            info._originals[name] = p.detach().to("cpu", copy=True)
+        acc = p.detach().float()  # for an fp32 weight this is the weight itself: updated in place
+        for term in terms:
+            acc += term.delta(p.shape, p.device)
+        p.copy_(acc)  # rounds to the weight's dtype once
+
+
+@torch.no_grad()
+def _restore(dit: nn.Module, info: LoraInfo) -> None:
+    params = dict(dit.named_parameters())
+    for name, terms in info._terms.items():
+        p = params[name]
+        if info.exact:
+            p.copy_(info._originals[name])
+        else:
+            acc = p.detach().float()
+            for term in terms:
+                acc -= term.delta(p.shape, p.device)
+            p.copy_(acc)
+    info._originals = {}
+
+
+def load_lora(
+    dit: nn.Module,
+    path: str | os.PathLike[str] | Mapping[str, Tensor],
+    scale: float = 1.0,
+    strict: bool = True,
+    exact: bool = True,
+) -> LoraInfo:
+    """Merge a LoRA (a .safetensors path, or its state dict) into ``dit``'s weights, in place.
+
+    ``strict``: keys that map to no DiT parameter, or whose shapes do not fit, raise InputError naming them;
+    with ``strict=False`` they are skipped with a warning (listed in ``LoraInfo.skipped``). ``exact``: keep the
+    original weights on the CPU so ``unload_lora`` restores them bit for bit (see the module docstring).
+    """
+    model = _unwrap(dit)
+    if isinstance(path, Mapping):
+        sd, source = dict(path), "<state dict>"
+    else:
+        sd, source = read_lora_file(path), str(path)
+    if not sd:
+        raise InputError(f"LoRA {source} holds no tensors")
+    terms, problems, rank = _plan(model, sd, float(scale))
+    if problems and strict:
+        raise InputError(f"LoRA {source}: {len(problems)} key(s) do not fit this DiT: {_listing(problems)}")
+    if problems:
+        warnings.warn(f"LoRA {source}: skipped {len(problems)} key(s): {_listing(problems)}", stacklevel=2)
+    if not terms:
+        raise InputError(f"LoRA {source}: none of its keys apply to this DiT")
+    _check_mergeable(model, list(terms))
+    info = LoraInfo(source, float(scale), sorted(terms), rank, problems, exact, terms)
+    _merge(model, info)
+    _lora_stack(model).append(info)
+    return info
+
+
+def unload_lora(dit: nn.Module, info: LoraInfo) -> None:
+    """Undo ``load_lora``. LoRAs loaded after ``info`` stay merged (they are taken out and merged again)."""
+    model = _unwrap(dit)
+    stack = _lora_stack(model)
+    if not any(i is info for i in stack):
+        raise InputError(f"LoRA {info.source} is not loaded on this DiT")
+    pos = next(k for k, i in enumerate(stack) if i is info)
+    above = stack[pos + 1 :]
+    for other in reversed(above):
+        _restore(model, other)
+    _restore(model, info)
+    del stack[pos:]
+    for other in above:
+        _merge(model, other)
+        stack.append(other)
+
+
+def loaded_loras(dit: nn.Module) -> list[LoraInfo]:
+    """The LoRAs merged into ``dit``, in load order."""
+    return list(_lora_stack(_unwrap(dit)))
