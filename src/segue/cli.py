@@ -52,6 +52,47 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-latent", type=Path, help="also save the final latent [z, T, h, w] (torch .pt)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU)")
+    sp = g.add_argument_group("speed and memory (docs/performance.md)")
+    sp.add_argument(
+        "--memory",
+        default="auto",
+        metavar="PROFILE",
+        help="auto (from free GPU memory), gpu, offload, block-swap, fp8 (lossy) or low (lossy)",
+    )
+    sp.add_argument(
+        "--attention",
+        default="auto",
+        metavar="KERNEL",
+        help="auto, sdpa, flash, cudnn, efficient, math, fa3, sage (lossy)",
+    )
+    sp.add_argument("--compile", action="store_true", help="regional torch.compile of the DiT blocks")
+    sp.add_argument(
+        "--cfg-batch",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run both CFG passes as one batch of two (default: on GPU when it fits)",
+    )
+    sp.add_argument(
+        "--exact",
+        action="store_true",
+        help="the reference's arithmetic on GPU too: no fused QKV/fp32 RoPE, SDPA, two CFG passes",
+    )
+    sp.add_argument("--step-cache", choices=("teacache", "magcache"), help="reuse DiT residuals across steps (lossy)")
+    sp.add_argument("--cache-threshold", type=float, help="higher skips more steps")
+    sp.add_argument("--cache-calibration", help="calibration JSON from bench/calibrate_cache.py")
+    sp.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="merge a LoRA (diffusers, official or kohya names); repeat to stack",
+    )
+    sp.add_argument(
+        "--few-step",
+        action="store_true",
+        help="settings of 4-step distilled LoRAs (lightx2v/CausVid): 4 steps, no CFG, shift 5, lcm",
+    )
+    sp.add_argument("--text-encoder-cpu", action="store_true", help="run the text encoder on the CPU")  # fmt: skip
     par = g.add_argument_group("parallel (start with torchrun --nproc_per_node=N -m segue generate ...)")
     par.add_argument("--ulysses", type=int, default=1, help="Ulysses sequence-parallel degree (heads all-to-all)")
     par.add_argument("--ring", type=int, default=1, help="ring-attention sequence-parallel degree")
@@ -124,7 +165,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         load_image(args.last, "last frame")
     t0 = time.perf_counter()
     parallel = _parallel_config(args)
+    speed = _speed_options(args)
+    if args.few_step:
+        from .lora import FEW_STEP
+
+        for key, value in FEW_STEP.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
     if parallel is not None:
+        given = [f for f, v in (("--memory", args.memory != "auto"), ("--attention", args.attention != "auto"),
+                 ("--compile", args.compile), ("--cfg-batch", args.cfg_batch is not None), ("--exact", args.exact),
+                 ("--step-cache", args.step_cache), ("--lora", args.lora),
+                 ("--text-encoder-cpu", args.text_encoder_cpu)) if v]  # fmt: skip
+        if given:
+            raise InputError(f"{', '.join(given)}: one-process options; a parallel run saves memory with --fsdp")
         from .parallel.apply import load_parallel
 
         pipe = load_parallel(args.ckpt_dir, parallel, device=args.device, dtype=args.dtype)
@@ -133,7 +187,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             logging.getLogger().setLevel(logging.WARNING)  # one voice: rank 0 logs and shows progress
     else:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        pipe = load(args.ckpt_dir, device=device, dtype=args.dtype)
+        pipe = load(args.ckpt_dir, device=device, dtype=args.dtype, speed=speed)
         main_rank = True
     log.info("model ready in %.1fs", time.perf_counter() - t0)
     progress = _Progress(enabled=not args.quiet and main_rank)
@@ -157,6 +211,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     log.info("wrote %s: %d frames %dx%d at %d fps (%.1fs total)", out, t, w, h, video.fps, time.perf_counter() - t0)
     print(out)
     return 0
+
+
+def _speed_options(args: argparse.Namespace):
+    from .accel.options import SpeedOptions, parse_lora
+
+    return SpeedOptions(
+        memory=args.memory, attention=args.attention, cfg_batch=args.cfg_batch, compile=args.compile,
+        step_cache=args.step_cache, cache_threshold=args.cache_threshold, cache_calibration=args.cache_calibration,
+        loras=tuple(parse_lora(x) for x in args.lora), text_encoder_cpu=args.text_encoder_cpu, exact=args.exact,
+    )  # fmt: skip
 
 
 def _parallel_config(args: argparse.Namespace):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,9 @@ from .checkpoint import CheckpointPlan, plan_checkpoint
 from .errors import InputError
 from .pipeline import Pipeline
 from .weights import check_keys
+
+if TYPE_CHECKING:
+    from .accel.options import SpeedOptions
 
 log = logging.getLogger("segue")
 
@@ -73,10 +77,14 @@ def build_components(plan: CheckpointPlan, device: torch.device, dtype: torch.dt
 
 
 def load(
-    path: str | Path | None = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+    path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    speed: SpeedOptions | None = None,
 ) -> Pipeline:
     """Load a checkpoint (official or diffusers folder, or a segue .safetensors bundle; auto-detected)
-    as a Pipeline. Without a path, the built-in default model."""
+    as a Pipeline. Without a path, the built-in default model. ``speed`` (segue.accel.options): memory
+    profile, LoRAs, attention kernel, compile, step cache; None loads the plain reference path."""
     if path is None:
         if not DEFAULT_MODEL.is_file():
             raise InputError(
@@ -85,4 +93,8 @@ def load(
             )
         path = DEFAULT_MODEL
     dev = resolve_device(device)
-    return build_components(plan_checkpoint(path), dev, resolve_dtype(dtype, dev))
+    if speed is None:
+        return build_components(plan_checkpoint(path), dev, resolve_dtype(dtype, dev))
+    from .accel.options import build_pipeline
+
+    return build_pipeline(plan_checkpoint(path), dev, resolve_dtype(dtype, dev), speed)

@@ -171,6 +171,8 @@ class Pipeline:
         self.device = device
         self.source = source
         # Set by segue.parallel.parallelize: which rank this is and the groups to talk over.
+        # What segue.accel.options applied (memory profile, kernels, LoRAs), for logs and Video.info.
+        self.applied: list[str] = []
         self.parallel: Any | None = None
         # Classifier-free guidance as one DiT call on a batch of two (cond, uncond) instead of two
         # calls: fewer, larger kernels for twice the activation memory. Ignored under CFG parallel.
@@ -283,6 +285,7 @@ class Pipeline:
         t_decode = time.perf_counter() - t1
         info = {
             "settings": s.__dict__,
+            "speed": list(self.applied),
             "seconds": {"conditioning": t_cond, "denoise": t1 - t0 - t_cond, "decode": t_decode},
         }
         if video is None:

@@ -236,7 +236,7 @@ class ImageEmbedding(nn.Module):
 class Embedded:
     """The blocks' inputs (``WanDiT.embed``): split out so step caches can run or skip the blocks."""
 
-    tokens: Tensor  # [B, L, C] fp32
+    tokens: Tensor | None  # [B, L, C] fp32 (forward takes it out, so it is freed block by block)
     e: Tensor  # [B, C] time embedding (the head's modulation)
     e0: Tensor  # [B, 6, C] the blocks' modulation
     freqs: Tensor  # [L, 1, head_dim/2] RoPE rotations
@@ -336,7 +336,7 @@ class WanDiT(nn.Module):
         y: Tensor | None = None,
     ) -> Tensor:
         emb = self.embed(x, t, context, clip, y)
-        tokens = emb.tokens
+        tokens, emb.tokens = emb.tokens, None  # the blocks' residual stream; no second reference kept alive
         for block in self.blocks:
             tokens = block(tokens, emb.e0, emb.freqs, emb.text, emb.image)
         return self.unpatchify(tokens, emb)

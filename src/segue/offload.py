@@ -1,0 +1,911 @@
+"""Memory profiles: where each component's weights live, chosen by one name and applied from outside.
+
+``apply_profile(pipe, name)`` rearranges a loaded Pipeline; the model code is untouched (method
+wrappers, module hooks, ``Tensor.data`` swaps). Profiles (``PROFILES``):
+
+- ``gpu``: everything on the compute device (the plain pipeline).
+- ``offload``: text encoder, image encoder and VAE stay in CPU memory (pinned with CUDA) and are
+  copied to the device only for the duration of their ``encode`` / ``decode`` call.
+- ``block-swap``: offload, plus the DiT's blocks live in pinned CPU memory and stream through a
+  few device slots (``BlockSwap``), plus the VAE decodes in row bands (``segue.tiled_vae``).
+- ``fp8``: offload, plus fp8 DiT block weights (``segue.accel.fp8.quantize_fp8``; lossy).
+- ``low``: block swap with fp8 blocks, tiled decode, and the text encoder running on the CPU.
+
+``auto`` picks the first of gpu, offload, block-swap, low whose estimated peak at the model's
+default size fits the free GPU memory; ``fp8`` is only used when asked for. Every profile but
+``fp8``/``low`` gives the same video as ``gpu``, bit for bit. Undo with ``remove_profile``.
+
+Estimated peak device memory for FLF2V-14B at 1280x720, 81 frames (75,600 tokens), bf16 DiT, CFG as
+two passes, default options (``memory_table()``; decimal GB):
+
+| profile    | weights on device | DiT activations | VAE encode | VAE decode | text encode | peak    | CPU RAM |
+|------------|-------------------|-----------------|------------|------------|-------------|---------|---------|
+| gpu        | 46.3 GB           | 18.1 GB         | 15.3 GB    | 18.8 GB    | 0.3 GB      | 65.1 GB | 0.0 GB  |
+| offload    | 33.2 GB           | 18.1 GB         | 15.8 GB    | 19.3 GB    | 11.6 GB     | 52.5 GB | 13.1 GB |
+| block-swap | 2.5 GB            | 18.1 GB         | 15.8 GB    | 10.2 GB    | 11.6 GB     | 20.6 GB | 45.4 GB |
+| fp8        | 17.0 GB           | 18.1 GB         | 15.8 GB    | 19.3 GB    | 11.6 GB     | 36.4 GB | 13.1 GB |
+| low        | 1.7 GB            | 18.1 GB         | 15.8 GB    | 10.2 GB    | 0.0 GB      | 19.8 GB | 29.3 GB |
+
+The phases do not overlap: peak = weights on device + the largest phase (a phase's column counts
+the weights it brings in: umT5 11.4 GB, CLIP 1.3 GB, VAE 0.5 GB). The DiT activations are one
+forward (its float64 RoPE temporaries are the largest part) plus the sampling loop's latents; with
+``fp8`` the fp8 matmul's quantized activations stay below that peak. None of these figures is a GPU
+measurement; the CUDA caching allocator adds fragmentation and kernels their workspaces on top.
+
+How the estimates are made: weights are exact byte counts of meta-device builds. Activation peaks
+run the real forward code (DiT forward, ``WanVAE.encode``, ``WanVAE.decode`` / ``tiled_decode``) on
+meta tensors under a dispatch mode that adds up every tensor storage created and still referenced
+(``trace_peak``); attention is counted as a flash-style kernel (output only, no L x L matrix), and
+kernel workspaces (cuDNN, cuBLAS) and allocator fragmentation are not included. On CPU the same
+counter on real tensors gives the same numbers for the tiny model (tests/test_offload.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+import logging
+import unittest.mock
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from .config import ModelConfig
+from .errors import InputError
+from .tiled_vae import decoder_halo, tiled_decode
+
+log = logging.getLogger("segue")
+
+__all__ = [
+    "PROFILES",
+    "BlockSwap",
+    "ComponentOffload",
+    "apply_profile",
+    "choose_profile",
+    "current_profile",
+    "estimate_memory",
+    "memory_table",
+    "remove_profile",
+    "trace_peak",
+]
+
+PROFILES: dict[str, str] = {
+    "gpu": "everything on the device",
+    "offload": "text encoder, image encoder and VAE on the CPU, moved in only while they run",
+    "block-swap": "offload + DiT blocks streamed from pinned CPU memory + VAE decoded in row bands",
+    "fp8": "offload + fp8 DiT block weights (lossy)",
+    "low": "block swap with fp8 blocks + banded VAE decode + text encoder run on the CPU (lossy)",
+}
+# Tried by "auto" in this order: the fastest that fits; fp8 only when nothing exact fits.
+AUTO_ORDER = ("gpu", "offload", "block-swap", "low")
+_FP8_PROFILES = ("fp8", "low")
+_SWAP_PROFILES = ("block-swap", "low")
+
+DEFAULT_BAND_ROWS = 16  # latent rows per VAE band: at 720p 9.7 GB decode peak instead of 18.8 GB
+DEFAULT_RESIDENT = 0  # blocks kept on the device besides the swap slots
+DEFAULT_PREFETCH = 1  # blocks copied ahead of the running one
+_ALIGN = 256  # byte alignment of each tensor inside a packed block buffer
+_HEADROOM = 0.9  # "auto": use at most this share of the available memory
+
+
+# ---------------------------------------------------------------------------------------------
+# Moving a module's tensors: Tensor.data swaps keep every Parameter object (and any reference the
+# model or an optimiser holds) valid, and tied weights (umT5's embedding) stay one tensor.
+
+
+def _tensors(module: nn.Module) -> list[Tensor]:
+    """Unique parameters and buffers of ``module`` (by identity; tied ones once)."""
+    seen: dict[int, Tensor] = {}
+    for t in (*module.parameters(), *module.buffers()):
+        seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
+def _place(tensors: Iterable[Tensor], device: torch.device) -> None:
+    for t in tensors:
+        if t.device != device:
+            t.data = t.data.to(device)
+
+
+def _home_copy(t: Tensor, pin: bool) -> Tensor:
+    """``t`` contiguous in CPU memory (pinned when asked): its resting place. A CPU tensor that is
+    already so is used as it is (no copy)."""
+    home = t.detach().to("cpu").contiguous()
+    return home.pin_memory() if pin and not home.is_pinned() else home
+
+
+def _want_pin(device: torch.device, pin: bool | None) -> bool:
+    return device.type == "cuda" and torch.cuda.is_available() if pin is None else pin
+
+
+def _patch_method(obj: Any, name: str, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Callable[[], None]:
+    """Shadow ``obj.name`` with ``make(current)`` as an instance attribute; returns the undo."""
+    had = name in obj.__dict__
+    previous = obj.__dict__.get(name)
+    setattr(obj, name, make(getattr(obj, name)))
+
+    def undo() -> None:
+        if had:
+            setattr(obj, name, previous)
+        else:
+            delattr(obj, name)
+
+    return undo
+
+
+class ComponentOffload:
+    """Keep ``module``'s weights in CPU memory; copy them to ``device`` around calls of ``methods``.
+
+    Each wrapped call loads every tensor (from pinned memory, ``non_blocking``: the copies are
+    ordered before the call's kernels on the current stream), runs, then points the tensors back at
+    their CPU copies; the device copies are freed in stream order. Weights are read-only here (it
+    is for inference), so nothing is copied back. Nested wrapped calls load once.
+    """
+
+    def __init__(
+        self, module: nn.Module, device: torch.device | str, methods: Sequence[str], pin: bool | None = None
+    ) -> None:
+        self.module = module
+        self.device = torch.device(device)
+        self.tensors = _tensors(module)
+        if any(t.is_meta for t in self.tensors):
+            raise InputError(f"{type(module).__name__} still has meta tensors: load its weights first")
+        pin = _want_pin(self.device, pin)
+        self.home = [_home_copy(t, pin) for t in self.tensors]
+        for t, h in zip(self.tensors, self.home):
+            t.data = h
+        self.depth = 0
+        self.loads = 0  # how many times the weights went to the device (for tests and logs)
+        self._undo = [_patch_method(module, m, self._wrap) for m in methods]
+
+    def _wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def offloaded(*args: Any, **kwargs: Any) -> Any:
+            self.load()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.unload()
+
+        return offloaded
+
+    def load(self) -> None:
+        self.depth += 1
+        if self.depth > 1:
+            return
+        self.loads += 1
+        for t, h in zip(self.tensors, self.home):
+            # a real copy also on a CPU "device", so that a CPU test sees the weights move
+            t.data = torch.empty(h.shape, dtype=h.dtype, device=self.device).copy_(h, non_blocking=True)
+
+    def unload(self) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            for t, h in zip(self.tensors, self.home):
+                t.data = h
+
+    @property
+    def loaded(self) -> bool:
+        return self.depth > 0
+
+    def remove(self, to: torch.device | str) -> None:
+        """Unwrap the methods and put the weights on ``to`` for good."""
+        for undo in reversed(self._undo):
+            undo()
+        self._undo = []
+        to = torch.device(to)
+        for t, h in zip(self.tensors, self.home):
+            t.data = h.to(to, copy=True) if to.type != "cpu" or h.is_pinned() else h
+        self.home = []
+
+
+# ---------------------------------------------------------------------------------------------
+# Block swap.
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _view(buf: Tensor, offset: int, like: Tensor) -> Tensor:
+    """The bytes ``buf[offset:]`` seen as a tensor of ``like``'s dtype and shape."""
+    return buf[offset : offset + _nbytes(like)].view(like.dtype).view(like.shape)
+
+
+@dataclass
+class _Swapped:
+    """One swapped block: its tensors, their offsets in a packed buffer, and its CPU home buffer."""
+
+    index: int
+    tensors: list[Tensor]
+    offsets: list[int]
+    home: Tensor  # uint8 [nbytes], pinned with CUDA
+    home_views: list[Tensor]
+    slot_views: dict[int, list[Tensor]] = field(default_factory=dict)
+
+
+class BlockSwap:
+    """Stream a module list's blocks through a few device buffers, block by block, with hooks.
+
+    Blocks ``0 .. resident-1`` are moved to the device for good. Every other block is packed into
+    one CPU buffer (pinned with CUDA) and its parameters point into it between calls. The device
+    holds ``prefetch + 1`` slots, each one block's bytes. A forward pre-hook on block i makes sure
+    its bytes are in a slot, points its tensors there (no allocation, no copy on the compute
+    stream), and starts copying the next ``prefetch`` blocks (wrapping around to the first swapped
+    block, for the next forward) into the other slots. A forward post-hook points the block back at
+    its CPU copy and marks its slot free. The device holds at most ``resident + prefetch + 1``
+    blocks' bytes (the running one and the prefetched ones), and at most ``resident + 1`` blocks
+    have their parameters pointing at device memory (the resident ones and the running one).
+
+    CUDA: copies run on a side stream, ``non_blocking`` from pinned memory, so they overlap the
+    previous block's compute. Per slot two events order the two streams: ``ready`` (recorded on the
+    copy stream after the copy; the compute stream waits on it before the block's kernels) and
+    ``free`` (recorded on the compute stream after the block that used the slot; the copy stream
+    waits on it before overwriting the slot). The host never blocks. One copy per block.
+    On another device (CPU) the same code runs with plain synchronous copies and no streams.
+
+    Inference only (``Tensor.data`` swaps under autograd would leave gradients in the wrong place).
+    Host memory: torch rounds each pinned allocation up to a power of two (a 0.82 GB bf16 block of
+    the 14B model takes 1 GiB) unless ``PYTORCH_ALLOC_CONF=pinned_max_round_threshold_mb:64``.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        device: torch.device | str,
+        resident: int = DEFAULT_RESIDENT,
+        prefetch: int = DEFAULT_PREFETCH,
+        pin: bool | None = None,
+    ) -> None:
+        if resident < 0 or prefetch < 0:
+            raise InputError(f"resident and prefetch must be >= 0, got {resident} and {prefetch}")
+        self.device = torch.device(device)
+        self.blocks = list(blocks)
+        self.resident = min(resident, len(self.blocks))
+        self.prefetch = prefetch
+        self.cuda = self.device.type == "cuda"
+        pin = _want_pin(self.device, pin)
+        for block in self.blocks[: self.resident]:
+            _place(_tensors(block), self.device)
+        self.swapped: list[_Swapped] = []
+        for i, block in enumerate(self.blocks[self.resident :], start=self.resident):
+            self.swapped.append(self._pack(i, block, pin))
+        self._position = {s.index: p for p, s in enumerate(self.swapped)}
+        n_slots = min(prefetch + 1, len(self.swapped))
+        size = max((s.home.numel() for s in self.swapped), default=0)
+        self.slots = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(n_slots)]
+        self.owner: list[int | None] = [None] * n_slots  # swapped position held by each slot
+        self._next_slot = 0
+        self.running: int | None = None  # block index inside its forward
+        self.copies = 0  # host-to-device block copies made
+        self.max_on_device = 0  # high-water mark of blocks with device weights (resident included)
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(self.device)
+            self.ready = [torch.cuda.Event() for _ in self.slots]
+            self.free = [torch.cuda.Event() for _ in self.slots]
+        self._hooks = []
+        for s in self.swapped:
+            block = self.blocks[s.index]
+            self._hooks.append(block.register_forward_pre_hook(functools.partial(self._enter, s.index)))
+            self._hooks.append(block.register_forward_hook(functools.partial(self._leave, s.index), always_call=True))
+
+    @staticmethod
+    def _pack(index: int, block: nn.Module, pin: bool) -> _Swapped:
+        tensors = _tensors(block)
+        offsets, total = [], 0
+        for t in tensors:
+            if type(t) not in (Tensor, nn.Parameter) or t.layout != torch.strided or t.is_meta:
+                raise TypeError(f"block {index}: cannot swap a {type(t).__name__} ({t.layout}, {t.device})")
+            offsets.append(total)
+            total = _align(total + _nbytes(t))
+        home = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+        views = []
+        for t, off in zip(tensors, offsets):
+            v = _view(home, off, t)
+            v.copy_(t.detach())
+            t.data = v
+            views.append(v)
+        return _Swapped(index, tensors, offsets, home, views)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def on_device(self) -> list[int]:
+        """Indices of the blocks whose weights are in device memory now (resident, slots)."""
+        held = {self.swapped[p].index for p in self.owner if p is not None}
+        return sorted(set(range(self.resident)) | held)
+
+    def _slot_of(self, pos: int) -> int | None:
+        return self.owner.index(pos) if pos in self.owner else None
+
+    def _fetch(self, pos: int, protect: set[int]) -> int:
+        """Make sure swapped block ``pos`` is in a slot (copy it if not); never evict ``protect``."""
+        slot = self._slot_of(pos)
+        if slot is not None:
+            return slot
+        for _ in range(len(self.slots)):  # round robin over the slots, skipping protected owners
+            slot = self._next_slot
+            self._next_slot = (self._next_slot + 1) % len(self.slots)
+            if self.owner[slot] not in protect:
+                break
+        else:
+            raise RuntimeError("block swap: no free slot (more blocks protected than slots)")
+        s = self.swapped[pos]
+        dst = self.slots[slot][: s.home.numel()]
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(self.free[slot])  # the slot's previous block is done
+                dst.copy_(s.home, non_blocking=True)
+                self.ready[slot].record(self.copy_stream)
+        else:
+            dst.copy_(s.home)
+        self.owner[slot] = pos
+        self.copies += 1
+        return slot
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _enter(self, index: int, module: nn.Module, args: Any) -> None:
+        pos = self._position[index]
+        slot = self._fetch(pos, protect=set())
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
+        s = self.swapped[pos]
+        views = s.slot_views.get(slot)
+        if views is None:
+            views = s.slot_views[slot] = [_view(self.slots[slot], off, t) for t, off in zip(s.tensors, s.offsets)]
+        for t, v in zip(s.tensors, views):
+            t.data = v
+        self.running = index
+        protect = {pos}
+        for j in range(1, self.prefetch + 1):
+            nxt = (pos + j) % len(self.swapped)
+            self._fetch(nxt, protect)
+            protect.add(nxt)
+        self.max_on_device = max(self.max_on_device, len(self.on_device()))
+
+    def _leave(self, index: int, module: nn.Module, args: Any, output: Any) -> None:
+        pos = self._position[index]
+        s = self.swapped[pos]
+        slot = self._slot_of(pos)
+        if self.cuda and slot is not None:
+            self.free[slot].record(torch.cuda.current_stream(self.device))
+        for t, v in zip(s.tensors, s.home_views):
+            t.data = v
+        self.running = None
+
+    # -- teardown ------------------------------------------------------------------------------
+    def remove(self, to: torch.device | str | None = None) -> None:
+        """Remove the hooks, free the slots and put every block's weights on ``to`` (default: device)."""
+        to = self.device if to is None else torch.device(to)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for s in self.swapped:
+            for t, v in zip(s.tensors, s.home_views):
+                t.data = v.clone() if to.type == "cpu" else v.to(to)
+        for block in self.blocks[: self.resident]:
+            _place(_tensors(block), to)
+        self.swapped, self.slots, self.owner = [], [], []
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory accounting by tracing: run code on meta (or real) tensors and add up live storages.
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts bytes of tensor storages created inside the mode while they are referenced.
+
+    ``peak`` is the largest total seen. Storages of ``ignore`` (weights, inputs made outside) are
+    not counted. A storage is released when the last tensor made in the mode that uses it dies.
+    """
+
+    def __init__(self, ignore: Iterable[Tensor] = ()) -> None:
+        super().__init__()
+        self.ignore = {t.untyped_storage()._cdata for t in ignore}
+        self.live: dict[int, list[int]] = {}  # storage -> [bytes, tensors referencing it]
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor):
+                self._track(t)
+        return out
+
+    def _track(self, t: Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.ignore or storage.nbytes() == 0:
+            return
+        entry = self.live.get(key)
+        if entry is None:
+            entry = self.live[key] = [storage.nbytes(), 0]
+            self.current += entry[0]
+            self.peak = max(self.peak, self.current)
+        entry[1] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self.live[key]
+            self.current -= entry[0]
+
+
+class _FlashAttention(TorchFunctionMode):
+    """Counts ``scaled_dot_product_attention`` as a fused kernel: its output, no L x L scores."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, v = args[0], args[2]
+            return torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+        return func(*args, **kwargs)
+
+
+def trace_peak(fn: Callable[[], Any], ignore: Iterable[Tensor] = ()) -> int:
+    """Peak bytes of the tensors ``fn`` creates and holds (its result included), attention counted
+    as a flash-style kernel. Works on meta tensors (shapes only, no compute)."""
+    with torch.no_grad(), _FlashAttention(), LiveBytes(ignore) as counter:
+        fn()
+    return counter.peak
+
+
+# How each profile runs fp8 weights: "low" dequantizes per layer (no fp8 copy of the activations).
+_FP8_MATMUL = {"fp8": None, "low": False}  # quantize_fp8's scaled_mm argument
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_dit(cfg: Any, dtype: torch.dtype, fp8: str | None) -> nn.Module:
+    """The DiT on meta in the run dtype; with ``fp8`` (a profile name) its blocks quantized as there."""
+    from .models.dit import WanDiT, apply_dtype_policy
+
+    with torch.device("meta"):
+        dit = apply_dtype_policy(WanDiT(cfg), dtype)
+    if fp8 is not None:
+        from .accel.fp8 import quantize_fp8
+
+        # "fp8" takes the fp8-matmul path on the GPU: trace that path (scaled_mm=True) on meta
+        quantize_fp8(dit, scaled_mm=True if _FP8_MATMUL[fp8] is None else _FP8_MATMUL[fp8])
+    return dit.eval()
+
+
+def _fp8_matmul_on_meta() -> contextlib.AbstractContextManager[Any]:
+    """While tracing, let fp8 layers take their GPU fp8-matmul path on meta tensors."""
+    fp8 = importlib.import_module("segue.accel.fp8")
+    if not hasattr(fp8, "_device_has_fp8_mm"):  # its internals changed: trace the weight-only path
+        return contextlib.nullcontext()
+    return unittest.mock.patch.object(fp8, "_device_has_fp8_mm", lambda device: True)
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_vae(cfg: Any) -> nn.Module:
+    from .models.vae import WanVAE
+
+    with torch.device("meta"):
+        return WanVAE(cfg).eval()
+
+
+def _latent_shape(cfg: ModelConfig, frames: int, height: int, width: int) -> tuple[int, int, int]:
+    s = cfg.vae.spatial_factor
+    return (frames - 1) // cfg.vae.temporal_factor + 1, height // s, width // s
+
+
+@functools.lru_cache(maxsize=32)
+def _dit_activations(
+    cfg: ModelConfig, frames: int, height: int, width: int, dtype: torch.dtype, batch: int, fp8: str | None
+) -> int:
+    """Trace of one DiT forward (batch 2 = CFG as one batch) on meta, inputs included."""
+    dit = _meta_dit(cfg.dit, dtype, fp8)
+    t, h, w = _latent_shape(cfg, frames, height, width)
+    d = cfg.dit
+
+    def run() -> None:
+        with torch.device("meta"):
+            x = torch.empty(batch, d.out_dim, t, h, w)
+            y = torch.empty(batch, d.in_dim - d.out_dim, t, h, w) if d.image_dim is not None else None
+            clip = None
+            if cfg.image is not None and d.image_dim is not None:
+                n_img = d.image_pos_len or cfg.image.num_tokens
+                clip = torch.empty(batch, n_img, d.image_dim)
+            context = torch.empty(batch, d.text_len, d.text_dim)
+            with _fp8_matmul_on_meta() if fp8 is not None else contextlib.nullcontext():
+                dit(x, torch.empty(1), context, clip, y)
+
+    return trace_peak(run, _tensors(dit))
+
+
+@functools.lru_cache(maxsize=32)
+def _vae_trace(cfg: ModelConfig, frames: int, height: int, width: int, mode: str) -> int:
+    """Trace of the pipeline's VAE encode (of the conditioning video) or whole-frame decode, on meta."""
+    vae = _meta_vae(cfg.vae)
+    t, h, w = _latent_shape(cfg, frames, height, width)
+
+    def run() -> None:
+        with torch.device("meta"):
+            if mode == "encode":
+                vae.encode(torch.empty(1, 3, frames, height, width))
+            else:
+                vae.decode(torch.empty(1, cfg.vae.z_dim, t, h, w))
+
+    return trace_peak(run, _tensors(vae))
+
+
+def _tiled_buffers(cfg: ModelConfig, t: int, h: int, w: int) -> int:
+    """Bytes held through ``tiled_decode``'s band loop: the video, the low part's output, the latent."""
+    v = cfg.vae
+    video = 3 * (1 + v.temporal_factor * (t - 1)) * (v.spatial_factor**2 * h * w) * 4
+    low = v.dim * v.dim_mult[-1] * t * h * w * 4
+    return video + low + v.z_dim * t * h * w * 4
+
+
+@functools.lru_cache(maxsize=32)
+def _tiled_trace(cfg: ModelConfig, frames: int, height: int, width: int, band_rows: int) -> int:
+    """Peak of ``tiled_decode``: its two buffers at full size plus the tallest band's own working set.
+
+    The band loop is the peak, and a band's working set depends only on its rows with halo (a fresh
+    time cache per band, steady after two latent frames), so one band of that height is traced over
+    3 latent frames instead of every band over every frame (tests/test_offload.py checks this
+    against full traces)."""
+    vae = _meta_vae(cfg.vae)
+    t, h, w = _latent_shape(cfg, frames, height, width)
+    halo = decoder_halo(vae.decoder)  # type: ignore[arg-type]
+    rows = max(min(h, r0 + band_rows + halo) - max(0, r0 - halo) for r0 in range(0, h, band_rows))
+    t_probe = min(t, 3)
+
+    def run() -> None:
+        with torch.device("meta"):
+            tiled_decode(vae, torch.empty(1, cfg.vae.z_dim, t_probe, rows, w), rows)  # type: ignore[arg-type]
+
+    band = trace_peak(run, _tensors(vae)) - _tiled_buffers(cfg, t_probe, rows, w)
+    return _tiled_buffers(cfg, t, h, w) + band
+
+
+@functools.lru_cache(maxsize=4)
+def _param_counts(cfg: ModelConfig) -> dict[str, int]:
+    from .parallel.cost import param_counts
+
+    return param_counts(cfg)
+
+
+def _weight_bytes(module: nn.Module) -> int:
+    return sum(_nbytes(t) for t in _tensors(module))
+
+
+def _encoder_activations(cfg: ModelConfig) -> tuple[int, int]:
+    """Rough activation bytes of the text encoder (one prompt) and CLIP (two frames): small next to
+    their weights. Hidden states and FFN in 2 bytes, attention scores and position bias in fp32."""
+    tx = cfg.text
+    text = tx.text_len * (8 * tx.d_model + 2 * tx.d_ff) * 2 + 3 * tx.num_heads * tx.text_len**2 * 4
+    image = 0
+    if cfg.image is not None:
+        im, n = cfg.image, 2 * cfg.image.num_tokens
+        image = n * (8 * im.hidden_size + 2 * im.intermediate_size) * 2 + 3 * 2 * im.num_heads * im.num_tokens**2 * 4
+        image += 2 * 3 * im.image_size**2 * 4  # the preprocessed frames
+    return text, image
+
+
+def _fp8_available() -> bool:
+    return importlib.util.find_spec("segue.accel.fp8") is not None
+
+
+def estimate_memory(
+    config: ModelConfig,
+    profile: str,
+    frames: int,
+    height: int,
+    width: int,
+    *,
+    resident: int = DEFAULT_RESIDENT,
+    prefetch: int = DEFAULT_PREFETCH,
+    band_rows: int = DEFAULT_BAND_ROWS,
+    dtype: torch.dtype = torch.bfloat16,
+    cfg_batch: bool = False,
+    text_encoder_on_cpu: bool | None = None,
+) -> dict[str, int]:
+    """Estimated device bytes of one generation with ``profile`` (see the module docstring).
+
+    Keys: ``weights`` (on the device all run long), ``dit_activations`` (one DiT forward plus the
+    sampling loop's latents), ``vae_encode``, ``vae_decode``, ``text_encode``, ``image_encode`` (each
+    phase's extra bytes, weights brought in for it included), ``peak`` (weights + the largest
+    phase), ``host`` (CPU bytes holding offloaded weights). ``dtype`` is the DiT/umT5 run dtype;
+    the other options are ``apply_profile``'s.
+    """
+    if profile not in PROFILES:
+        raise InputError(f"unknown memory profile {profile!r}; choose one of: {', '.join(PROFILES)}")
+    fp8 = profile if profile in _FP8_PROFILES else None
+    if fp8 is not None and not _fp8_available():
+        raise InputError(f"profile {profile!r} needs segue.accel.fp8, which is not installed")
+    counts = _param_counts(config)
+    wb = torch.finfo(dtype).bits // 8
+    t5 = counts["t5"] * wb
+    clip = counts["clip"] * (2 if dtype != torch.float32 else 4)  # CLIP runs fp16 beside a low-precision DiT
+    vae = counts["vae"] * 4  # the VAE runs fp32
+
+    dit = _meta_dit(config.dit, dtype, fp8)
+    block_bytes = [_weight_bytes(b) for b in dit.blocks]
+    dit_all = _weight_bytes(dit)
+    if profile in _SWAP_PROFILES:
+        on_device = min(len(block_bytes), resident + prefetch + 1)
+        dit_dev = dit_all - sum(block_bytes) + sum(sorted(block_bytes)[-on_device:])
+    else:
+        dit_dev = dit_all
+
+    batch = 2 if cfg_batch else 1
+    acts = _dit_activations(config, frames, height, width, dtype, batch, fp8)
+    t, h, w = _latent_shape(config, frames, height, width)
+    acts += 10 * config.vae.z_dim * t * h * w * 4  # noise, latent, y, velocities, solver history
+    enc = _vae_trace(config, frames, height, width, "encode")
+    if profile in _SWAP_PROFILES:
+        dec = _tiled_trace(config, frames, height, width, band_rows)
+    else:
+        dec = _vae_trace(config, frames, height, width, "decode")
+    text_acts, image_acts = _encoder_activations(config)
+
+    text_on_cpu = profile == "low" if text_encoder_on_cpu is None else text_encoder_on_cpu
+    if profile == "gpu":  # all resident; each phase adds only its activations
+        weights = dit_dev + clip + vae + (0 if text_on_cpu else t5)
+        phases = {"text_encode": text_acts, "image_encode": image_acts, "vae_encode": enc, "vae_decode": dec}
+        host = t5 if text_on_cpu else 0
+    else:  # the DiT (or its swap slots) resident; each phase brings its component's weights in
+        weights = dit_dev
+        phases = {
+            "text_encode": t5 + text_acts,
+            "image_encode": clip + image_acts,
+            "vae_encode": vae + enc,
+            "vae_decode": vae + dec,
+        }
+        home_blocks = sum(block_bytes[resident:]) if profile in _SWAP_PROFILES else 0
+        host = t5 + clip + vae + home_blocks
+    if text_on_cpu:
+        phases["text_encode"] = 0  # umT5 runs on the CPU
+    out = {"weights": weights, "dit_activations": acts, **phases}
+    out["peak"] = weights + max(acts, *phases.values())
+    out["host"] = host
+    return {k: int(v) for k, v in out.items()}
+
+
+def memory_table(
+    model: str = "flf2v-14b", frames: int = 81, height: int = 720, width: int = 1280, **kwargs: Any
+) -> str:
+    """A markdown table of ``estimate_memory`` for every profile (decimal GB)."""
+    from .config import get_config
+
+    cfg = get_config(model)
+    rows = [
+        "| profile | weights on device | DiT activations | VAE encode | VAE decode | text encode | peak | CPU RAM |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    keys = ("weights", "dit_activations", "vae_encode", "vae_decode", "text_encode", "peak", "host")
+    for name in PROFILES:
+        if name in _FP8_PROFILES and not _fp8_available():
+            continue
+        est = estimate_memory(cfg, name, frames, height, width, **kwargs)
+        rows.append(f"| {name} | " + " | ".join(f"{est[k] / 1e9:.1f} GB" for k in keys) + " |")
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Profiles on a pipeline.
+
+
+@dataclass
+class _Applied:
+    name: str
+    undo: list[Callable[[torch.device], None]]  # each takes where the weights should end up
+    offloads: dict[str, ComponentOffload] = field(default_factory=dict)
+    swap: BlockSwap | None = None
+    fp8: bool = False
+
+
+_APPLIED: weakref.WeakKeyDictionary[Any, _Applied] = weakref.WeakKeyDictionary()
+
+
+def current_profile(pipe: Any) -> str:
+    """The profile applied to ``pipe`` ("gpu" when none was)."""
+    state = _APPLIED.get(pipe)
+    return state.name if state is not None else "gpu"
+
+
+def _undo(pipe: Any, to: torch.device) -> None:
+    """Remove the wrappers and hooks of the applied profile; its offloaded weights go to ``to``."""
+    state = _APPLIED.pop(pipe, None)
+    if state is not None:
+        for undo in reversed(state.undo):
+            undo(to)
+
+
+def remove_profile(pipe: Any) -> None:
+    """Undo ``apply_profile``: wrappers and hooks removed, every weight on the pipeline's device.
+    fp8 weights stay fp8 (quantizing is not undone)."""
+    _undo(pipe, pipe.device)
+    for module in _components(pipe).values():
+        _place(_tensors(module), pipe.device)
+
+
+def _inner_dit(dit: nn.Module) -> nn.Module:
+    """The WanDiT inside wrappers that keep it as their ``dit`` submodule (the step cache)."""
+    while "dit" in dit._modules and "blocks" not in dit._modules:
+        dit = dit._modules["dit"]  # type: ignore[assignment]
+    return dit
+
+
+def _components(pipe: Any) -> dict[str, nn.Module]:
+    comps = {"dit": pipe.dit, "vae": pipe.vae, "text": pipe.text_encoder, "image": pipe.image_encoder}
+    return {k: m for k, m in comps.items() if isinstance(m, nn.Module)}
+
+
+def _default_size(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(frames, height, width) of a run at the model's defaults with a 16:9 landscape frame."""
+    from .pipeline import fit_latent_size
+
+    s, p = cfg.vae.spatial_factor, cfg.dit.patch_size[1]
+    lat_h, lat_w = fit_latent_size(9, 16, cfg.defaults.max_area, s, p)
+    return cfg.defaults.frames, lat_h * s, lat_w * s
+
+
+def _run_dtype(pipe: Any) -> torch.dtype:
+    dtypes = [p.dtype for p in pipe.dit.parameters() if p.dtype in (torch.bfloat16, torch.float16)]
+    return dtypes[0] if dtypes else torch.float32
+
+
+def choose_profile(pipe: Any, **kwargs: Any) -> str:
+    """The first of ``AUTO_ORDER`` whose estimated peak at the model's default size fits the free
+    memory of the pipeline's GPU (plus what the pipeline already holds there); "gpu" off CUDA."""
+    dev = pipe.device
+    if dev.type != "cuda":
+        return "gpu"
+    held = sum(_nbytes(t) for m in _components(pipe).values() for t in _tensors(m) if t.device == dev)
+    cfg_batch = bool(getattr(pipe, "cfg_batch", False))
+    return pick_profile(pipe.config, dev, _run_dtype(pipe), held=held, cfg_batch=cfg_batch, **kwargs)
+
+
+def pick_profile(
+    config: ModelConfig,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.bfloat16,
+    held: int = 0,
+    cfg_batch: bool = False,
+    free: int | None = None,
+    **kwargs: Any,
+) -> str:
+    """``choose_profile`` before any weights are loaded: from the config, the device's free memory
+    (or ``free`` bytes) plus ``held`` bytes the run may reuse. "gpu" off CUDA."""
+    dev = torch.device(device)
+    if dev.type != "cuda" and free is None:
+        return "gpu"
+    if free is None:
+        free, _ = torch.cuda.mem_get_info(dev)
+    budget = (free + held) * _HEADROOM
+    frames, height, width = _default_size(config)
+    tried = []
+    for name in AUTO_ORDER:
+        if name in _FP8_PROFILES and not _fp8_available():
+            continue
+        est = estimate_memory(config, name, frames, height, width, dtype=dtype, cfg_batch=cfg_batch, **kwargs)
+        peak = est["peak"]
+        tried.append(f"{name} {peak / 1e9:.1f} GB")
+        if peak <= budget:
+            log.info("memory profile auto: %.1f GB usable on %s; %s -> %s", budget / 1e9, dev, ", ".join(tried), name)
+            return name
+    log.warning("memory profile auto: no profile fits %.1f GB (%s); using %s", budget / 1e9, ", ".join(tried), name)
+    return name
+
+
+def _tiled(vae: nn.Module, band_rows: int) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    def make(_plain: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def decode(
+            z: Tensor, normalized: bool = True, clamp: bool = True, progress: Callable[[int, int], None] | None = None
+        ) -> Tensor:
+            return tiled_decode(vae, z, band_rows, normalized=normalized, clamp=clamp, progress=progress)  # type: ignore[arg-type]
+
+        return decode
+
+    return make
+
+
+def apply_profile(
+    pipe: Any,
+    name: str = "auto",
+    *,
+    resident: int = DEFAULT_RESIDENT,
+    prefetch: int = DEFAULT_PREFETCH,
+    band_rows: int = DEFAULT_BAND_ROWS,
+    text_encoder_on_cpu: bool | None = None,
+    pin: bool | None = None,
+    device: torch.device | str | None = None,
+) -> str:
+    """Arrange ``pipe``'s weights by the memory profile ``name`` (a key of ``PROFILES`` or "auto")
+    and return the profile applied. A profile applied before is undone first (fp8 stays).
+
+    ``device``: the compute device to use from now on (sets ``pipe.device``; default: keep it).
+    Works from wherever the weights are: a pipeline loaded onto the CPU and given ``device="cuda"``
+    never holds more on the GPU than the profile says (load with ``dtype="bf16"`` then).
+    ``resident``/``prefetch``: block swap (see ``BlockSwap``); ``band_rows``: latent rows per VAE
+    band; ``text_encoder_on_cpu``: run umT5 on the CPU (default: only in "low"); ``pin``: pinned
+    CPU copies (default: when the device is CUDA).
+    """
+    known = ("auto", *PROFILES)
+    if name not in known:
+        raise InputError(f"unknown memory profile {name!r}; choose one of: {', '.join(known)}")
+    if band_rows < 1:
+        raise InputError(f"band_rows must be at least 1, got {band_rows}")
+    if device is not None:
+        from .loader import resolve_device
+
+        pipe.device = resolve_device(device)
+    if name == "auto":
+        name = choose_profile(pipe, resident=resident, prefetch=prefetch, band_rows=band_rows)
+    ps = getattr(pipe, "parallel", None)
+    if name != "gpu" and ps is not None and ps.world_size > 1:
+        raise InputError(f"memory profile {name!r} is for one-GPU runs; a parallel run saves memory with --fsdp")
+    if name in _FP8_PROFILES and not _fp8_available():
+        raise InputError(f"memory profile {name!r} needs segue.accel.fp8, which is not installed")
+    dev = pipe.device
+    cpu = torch.device("cpu")
+    _undo(pipe, cpu)  # a previous profile's offloaded weights stay on the CPU: no spike on the device
+    state = _Applied(name, [])
+    comps = _components(pipe)
+    text_on_cpu = name == "low" if text_encoder_on_cpu is None else text_encoder_on_cpu
+
+    # The encoders and the VAE: on the device, or offloaded around their entry points.
+    for key, methods in (("text", ("encode",)), ("image", ("encode",)), ("vae", ("encode", "decode"))):
+        module = comps.get(key)
+        if module is None:
+            continue
+        if key == "text" and text_on_cpu:
+            _place(_tensors(module), cpu)  # runs on the CPU; the pipeline moves its output over
+        elif name == "gpu":
+            _place(_tensors(module), dev)
+        else:
+            if key == "vae" and name in _SWAP_PROFILES:
+                untile = _patch_method(module, "decode", _tiled(module, band_rows))  # the offload wraps it
+                state.undo.append(lambda _to, untile=untile: untile())
+            off = ComponentOffload(module, dev, methods, pin)
+            state.offloads[key] = off
+            state.undo.append(off.remove)
+
+    # The DiT: fp8 where it is now (before anything moves it to the device), then placed or swapped.
+    dit = _inner_dit(pipe.dit)
+    if dit is not pipe.dit and name in _SWAP_PROFILES and resident < 1:
+        # the step cache reads block 0's modulation outside the block's call: keep that block resident
+        log.info("block swap under a step cache: block 0 stays on the device")
+        resident = 1
+    if name in _FP8_PROFILES:
+        from .accel.fp8 import quantize_fp8
+
+        quantize_fp8(dit, scaled_mm=_FP8_MATMUL[name])
+        state.fp8 = True
+    if name in _SWAP_PROFILES:
+        in_blocks = {id(t) for t in _tensors(dit.blocks)}
+        _place([t for t in _tensors(dit) if id(t) not in in_blocks], dev)
+        swap = BlockSwap(dit.blocks, dev, resident=resident, prefetch=prefetch, pin=pin)
+        state.swap = swap
+        state.undo.append(swap.remove)
+    else:
+        _place(_tensors(dit), dev)
+
+    if name != "gpu":
+        _APPLIED[pipe] = state
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # give the freed device copies back for the next user to see
+    elif name != "gpu":
+        log.info("memory profile %s on %s saves no memory (it is meant for a GPU)", name, dev)
+    log.info("memory profile %s: %s", name, PROFILES[name])
+    return name
