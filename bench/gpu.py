@@ -98,10 +98,10 @@ def _chain(*parts: Callable[[Pipeline], tuple[Undo, str]]) -> Callable[[Pipeline
 
 
 def _block_swap(pipe: Pipeline) -> tuple[Undo, str]:
-    from segue.offload import block_swap, remove_block_swap
+    from segue.offload import BlockSwap
 
-    handle = block_swap(pipe.dit, pipe.device, resident=1)
-    return (lambda: remove_block_swap(pipe.dit, handle)), "DiT blocks streamed from pinned CPU memory"
+    swap = BlockSwap(pipe.dit.blocks, pipe.device, resident=0, prefetch=1)
+    return (lambda: swap.remove(pipe.device)), "DiT blocks streamed from pinned CPU memory, 1 prefetched"
 
 
 def _fp8(pipe: Pipeline) -> tuple[Undo, str]:
