@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import segue
+import segue.memory as memory
 import segue.offload as offload
 import segue.tiled_vae as tiled_vae
 from segue.config import get_config
@@ -101,7 +102,7 @@ def test_tiled_decode_bounds_memory() -> None:
     with torch.no_grad():
         full = trace_peak(lambda: vae.decode(z), weights)
         tiled = trace_peak(lambda: tiled_decode(vae, z, 8), weights)
-    meta_vae = offload._meta_vae(TINY.vae)
+    meta_vae = memory._meta_vae(TINY.vae)
     zm = torch.empty(z.shape, device="meta")
     assert trace_peak(lambda: meta_vae.decode(zm), list(meta_vae.parameters())) == full
     assert trace_peak(lambda: tiled_decode(meta_vae, zm, 8), list(meta_vae.parameters())) == tiled
@@ -109,7 +110,7 @@ def test_tiled_decode_bounds_memory() -> None:
     assert video < tiled < 0.6 * full, (tiled, full)
     # the estimator's shortcut (one band over 3 latent frames, buffers scaled) equals a full trace
     t, h, w, band = 4, 30, 4, 6
-    est = offload._tiled_trace(TINY, 1 + 4 * (t - 1), 8 * h, 8 * w, band)
+    est = memory._tiled_trace(TINY, 1 + 4 * (t - 1), 8 * h, 8 * w, band)
     shape = (1, TINY.vae.z_dim, t, h, w)
     assert est == trace_peak(
         lambda: tiled_decode(meta_vae, torch.empty(shape, device="meta"), band), meta_vae.parameters()

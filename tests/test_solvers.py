@@ -130,10 +130,12 @@ def test_unbatched_latent_and_reset(name: str):
         solver.step(x0, x0)
 
 
-@pytest.mark.parametrize("name", SOLVERS)
+# lcm re-noises with fresh noise, so the constant velocity below is no longer the true one after its first
+# step; tests/test_lcm.py checks it with the velocity of the path through each sample instead.
+@pytest.mark.parametrize("name", [s for s in SOLVERS if s != "lcm"])
 @pytest.mark.parametrize("steps,shift", [(1, 1.0), (4, 5.0), (50, 16.0)])
 def test_exact_on_linear_flow(name: str, steps: int, shift: float):
-    """With the true constant velocity x1 - x0, every solver lands on x0."""
+    """With the true constant velocity x1 - x0, every deterministic solver lands on x0."""
     torch.manual_seed(2)
     data = torch.randn(1, 4, 2, 3, 3)
     noise = torch.randn(1, 4, 2, 3, 3)

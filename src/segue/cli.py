@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     g.add_argument("--shift", type=float, help="timestep shift (default: the model's)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
-    g.add_argument("--solver", help="unipc (default), dpm++ or euler")
+    g.add_argument("--solver", help="unipc (default), dpm++, euler, or lcm (stochastic, for 4-step distilled LoRAs)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", type=Path, required=True, help="output video: .mp4, .webm or .gif")
     g.add_argument("--frames-dir", type=Path, help="also write lossless PNG frames here")

@@ -26,16 +26,16 @@ above it, removes it and merges the others again, so the result equals loading o
 Merged weights cannot be fp8 (``segue.accel.fp8``): load LoRAs first, then quantize.
 
 Few-step distilled LoRAs (lightx2v "StepDistill-CfgDistill", CausVid): 4 steps, no CFG pass (guidance 1),
-``FEW_STEP`` below. The lightx2v recipe for Wan2.1 (its ``wan_i2v_distill_lora_4step_cfg.json``: 4 steps,
-``enable_cfg`` false, ``sample_shift`` 5) takes ``denoising_step_list`` [1000, 750, 500, 250] on the grid
-``linspace(1, 0, 1001)[:-1]`` shifted by 5: sigmas 1.0, 0.9375, 0.8333, 0.625, timesteps 1000, 937.5, 833.3,
-625 (floats). Its step is ``x0 = x - sigma * v`` and then re-noising x0 with FRESH Gaussian noise to the next
-sigma (an LCM-style stochastic sampler; the last step returns x0). CausVid trains on the same four points
-with shift 8. segue's ``euler`` with 4 steps and shift 5 runs at timesteps 999, 937, 833, 624 (the UniPC
-grid starts at sigma 0.999; the ``dpm++`` grid gives exactly 1000, 937, 833, 625) and steps
-deterministically along the predicted velocity (the same x0, with the noise implied by x instead of fresh
-noise). Reproducing lightx2v exactly needs a re-noising solver on the ``dpm++`` grid in
-segue.sampling.solvers (not added here).
+the stochastic ``lcm`` solver: ``FEW_STEP`` below. The lightx2v recipe for Wan2.1 (its
+``wan_i2v_distill_lora_4step_cfg.json``: 4 steps, ``enable_cfg`` false, ``sample_shift`` 5) takes
+``denoising_step_list`` [1000, 750, 500, 250] on the grid ``linspace(1, 0, 1001)[:-1]`` shifted by 5: sigmas
+1.0, 0.9375, 0.8333, 0.625, timesteps 1000, 937.5, 833.33, 625 (floats); CausVid's 4-step config warps the
+same four points with shift 8 (pass ``shift=8``). Each step takes ``x0 = x - sigma * v`` and re-noises it to the next
+sigma with fresh Gaussian noise, the last step returning x0: segue's ``lcm`` solver, on exactly that grid
+(float32 timesteps), its noise drawn from a CPU generator seeded from the generation's seed. This is the
+sampler of the distillation (CausVid, Self-Forcing) and of lightx2v until Nov 2025; lightx2v's scheduler now
+steps deterministically (``x0 + sigma_next * v``), which ``euler`` approximates (its grid starts at timestep
+999, not 1000).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from .adapters.dit import native_to_diffusers
 from .errors import InputError
 
 # Recommended settings for few-step distilled LoRAs (lightx2v 4-step, CausVid): see the module docstring.
-FEW_STEP = dict(steps=4, guidance=1.0, shift=5.0, solver="euler")
+FEW_STEP = dict(steps=4, guidance=1.0, shift=5.0, solver="lcm")
 
 # Key prefixes stripped before mapping (diffusers pipelines, official/ComfyUI files, PEFT wrappers).
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "base_model.model.")

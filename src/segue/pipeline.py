@@ -315,11 +315,11 @@ class Pipeline:
         progress: Progress | None = None,
     ) -> torch.Tensor:
         """The sampling loop: velocity with classifier-free guidance, one solver step per timestep."""
-        solver = make_solver(s.solver, s.steps, s.shift, self.device)
+        solver = make_solver(s.solver, s.steps, s.shift, self.device, seed=s.seed)
         latent = noise
         n = len(solver.timesteps)
         for i, t in enumerate(solver.timesteps):
-            timestep = t[None].to(self.device)  # [1]; the model sees the integer timestep
+            timestep = t[None].to(self.device)  # [1]; the solver's timestep (integer-valued except lcm's)
             v = self.velocity(latent, timestep, context, context_neg, clip, y, s.guidance)
             latent = solver.step(v, latent)
             if progress is not None:

@@ -1,9 +1,12 @@
-"""Flow-matching ODE solvers for Wan2.1 sampling: UniPC (the reference default), DPM++ and Euler.
+"""Flow-matching solvers for Wan2.1 sampling: UniPC (the reference default), DPM++, Euler, and the few-step
+stochastic LCM sampler of step-distilled models.
 
 The model predicts a velocity `v` on the straight path `x_t = (1 - sigma) * x0 + sigma * noise`, so the
 data prediction is `x0 = x_t - sigma * v`, with `alpha = 1 - sigma` and half-log-SNR
 `lambda = log(alpha) - log(sigma)`. UniPC and DPM++ are multistep solvers in `lambda` on that x0
-prediction; Euler steps the velocity directly.
+prediction; Euler steps the velocity directly. LCM (for the 4-step distilled LoRAs: lightx2v, CausVid) takes
+the same x0 and re-noises it to the next sigma with fresh Gaussian noise, as those models were trained to
+be sampled (see `LCM`).
 
 The numerics follow the reference's step code (Wan2.1 `wan/utils/fm_solvers_unipc.py` and
 `fm_solvers.py`, adapted from diffusers) op for op: the per-step scalars are 0-d float32 tensors
@@ -14,6 +17,7 @@ Usage:
     solver = make_solver("unipc", steps=50, shift=16.0, device="cuda")
     for t in solver.timesteps:
         x = solver.step(velocity(x, t), x)
+    make_solver("lcm", steps=4, shift=5.0, device="cuda", seed=seed)  # stochastic: re-noises from `seed`
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch import Tensor
 
 from segue.errors import InputError
 
-SOLVERS = ("unipc", "dpm++", "euler")
+SOLVERS = ("unipc", "dpm++", "euler", "lcm")
 
 NUM_TRAIN_TIMESTEPS = 1000
 # First sigma of the 1000-step training grid `1 - linspace(1, 1/1000, 1000)`, stored in float32 by the
@@ -60,6 +64,18 @@ def dpmpp_schedule(steps: int, shift: float, device: torch.device | str = "cpu")
     return _schedule(shift_sigmas(s, shift), device)
 
 
+def lcm_schedule(steps: int, shift: float, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """LCM grid: the DPM++ sigmas (1 - k/steps, shifted), with float32 timesteps `sigma * 1000`, unrounded.
+
+    For 4 steps this is the distilled models' `denoising_step_list` [1000, 750, 500, 250] warped by the shift
+    (lightx2v, CausVid, Self-Forcing): at shift 5 sigmas 1, 0.9375, 0.8333, 0.625 and timesteps 1000.0, 937.5,
+    833.3333, 625.0, which those references feed to the model as floats (DPM++ truncates: 1000, 937, 833, 625).
+    """
+    _, sigmas = dpmpp_schedule(steps, shift)
+    timesteps = (sigmas[:-1] * NUM_TRAIN_TIMESTEPS).to(device)  # float32 product, as the references
+    return timesteps, sigmas
+
+
 def _lambda(sigma: Tensor) -> Tensor:
     """Half log-SNR of a 0-d sigma: log(alpha) - log(sigma); +inf at sigma 0, -inf at sigma 1."""
     alpha = 1 - sigma
@@ -69,7 +85,7 @@ def _lambda(sigma: Tensor) -> Tensor:
 class Solver:
     """A stateful sampler over a fixed schedule; call `step` once per entry of `timesteps`.
 
-    `timesteps` [N] int64 are what the model sees; `sigmas` [N+1] float32 (CPU) end with 0.
+    `timesteps` [N] are what the model sees (int64; float32 for LCM); `sigmas` [N+1] float32 (CPU) end with 0.
     `step(v, x)` takes the velocity predicted at (x, timesteps[i]) and returns x at sigmas[i+1].
     """
 
@@ -197,8 +213,7 @@ class UniPC(Solver):
             rk = (_lambda(self.sigmas[i - 1]) - _lambda(sigma_s0)) / h
             d1 = (self.x0_history[-2] - m0) / rk
             # For order 2 the predictor weight is fixed at 0.5 (the reference's simplification).
-            rho = torch.tensor([0.5], dtype=x.dtype, device=x.device)
-            out = out - alpha_t * b_h * (rho[0] * d1)
+            out = out - alpha_t * b_h * (0.5 * d1)
         return out.to(x.dtype)
 
     def _correct(self, i: int, x0: Tensor, x_pred: Tensor) -> Tensor:
@@ -209,23 +224,23 @@ class UniPC(Solver):
         sigma_t, sigma_s0 = self.sigmas[i], self.sigmas[i - 1]
         alpha_t, h, h_phi_1, b_h = self._coefficients(sigma_t, sigma_s0)
         m0 = self.x0_history[-1]
-        device = x_pred.device
-
+        # The order conditions are solved on the CPU (the sigmas live there): a device solve and
+        # host-to-device copies would make every step wait for the GPU. rhos stay 0-d CPU scalars.
         if order == 1:
-            rhos = torch.tensor([0.5], dtype=x.dtype, device=device)
+            rhos = torch.tensor([0.5], dtype=x.dtype)
             corr = None
         else:
             # Solve the 2x2 order conditions R @ rho = b, with R = [[1, 1], [rk, 1]].
             hh = -h
             rk = (_lambda(self.sigmas[i - 2]) - _lambda(sigma_s0)) / h
-            rks = torch.stack([rk, torch.ones((), dtype=rk.dtype)]).to(device)
+            rks = torch.stack([rk, torch.ones((), dtype=rk.dtype)])
             r = torch.stack([torch.pow(rks, 0), torch.pow(rks, 1)])
             h_phi_k = h_phi_1 / hh - 1
             b1 = h_phi_k * 1 / b_h
             h_phi_k = h_phi_k / hh - 1 / 2
             b2 = h_phi_k * 2 / b_h
-            b = torch.stack([b1, b2]).to(device)
-            rhos = torch.linalg.solve(r, b).to(device).to(x.dtype)
+            b = torch.stack([b1, b2])
+            rhos = torch.linalg.solve(r, b).to(x.dtype)
             d1 = (self.x0_history[-2] - m0) / rk
             corr = rhos[0] * d1
 
@@ -237,15 +252,60 @@ class UniPC(Solver):
         return out.to(x.dtype)
 
 
-def make_solver(name: str, steps: int, shift: float, device: torch.device | str = "cpu") -> Solver:
-    """Build a solver with the reference's schedule for `steps` model calls and time shift `shift`."""
+class LCM(Solver):
+    """Few-step consistency sampler (LCM-style) for step-distilled models: x0 = x - sigma * v, then
+    x_next = (1 - sigma_next) * x0 + sigma_next * noise with FRESH Gaussian noise; the last step returns x0.
+
+    This is how the distilled Wan2.1 generators were trained and sampled (CausVid and Self-Forcing
+    inference; lightx2v's Wan2.1 step-distill scheduler until Nov 2025, when it switched to the
+    deterministic x0 + sigma_next * v, an Euler step on this grid; segue's `euler` runs on the UniPC grid,
+    first timestep 999). Matches diffusers' FlowMatchLCMScheduler given the same sigmas and noise.
+
+    The noise comes from a CPU generator seeded once from `seed` (`noise_seed`), drawn in float32 and moved
+    to the sample's device, so CPU and GPU runs re-noise identically; `reset` replays the same noise. The
+    seed is salted so that on the CPU the first re-noise draw is not the initial noise of a generation with
+    the same seed (pipeline.initial_noise). Math in float32; the result has the promoted dtype of x and v.
+    """
+
+    name = "lcm"
+    _SEED_SALT = 0x1C35EED  # fixed; XOR with a value below 2**63 keeps the seed in [0, 2**63)
+
+    def __init__(self, timesteps: Tensor, sigmas: Tensor, seed: int = 0) -> None:
+        self.noise_seed = seed ^ self._SEED_SALT
+        super().__init__(timesteps, sigmas)
+
+    def reset(self) -> None:
+        super().reset()
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(self.noise_seed)
+
+    def _step(self, i: int, v: Tensor, x: Tensor) -> Tensor:
+        out_dtype = torch.promote_types(x.dtype, v.dtype)
+        x0 = x.to(torch.float32) - self.sigmas[i] * v.to(torch.float32)
+        if i == len(self) - 1:  # next sigma is 0: the clean estimate is the result
+            return x0.to(out_dtype)
+        sigma_next = self.sigmas[i + 1]
+        noise = torch.randn(x0.shape, generator=self.generator, dtype=torch.float32).to(x0.device)
+        return ((1 - sigma_next) * x0 + sigma_next * noise).to(out_dtype)
+
+
+def make_solver(name: str, steps: int, shift: float, device: torch.device | str = "cpu", seed: int = 0) -> Solver:
+    """Build a solver with the reference's schedule for `steps` model calls and time shift `shift`.
+
+    `seed` seeds the re-noising of the stochastic `lcm` solver; the other solvers are deterministic and
+    ignore it.
+    """
     if name not in SOLVERS:
         raise InputError(f"unknown solver '{name}'; choose one of: {', '.join(SOLVERS)}")
     if not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be a positive integer, got {steps!r}")
     if not shift > 0:
         raise InputError(f"shift must be > 0, got {shift!r}")
+    if not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise InputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     if name == "dpm++":
         return DPMpp(*dpmpp_schedule(steps, shift, device))
+    if name == "lcm":
+        return LCM(*lcm_schedule(steps, shift, device), seed=seed)
     timesteps, sigmas = unipc_schedule(steps, shift, device)
     return UniPC(timesteps, sigmas) if name == "unipc" else Euler(timesteps, sigmas)
