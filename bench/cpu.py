@@ -105,7 +105,7 @@ def _vae_child(option: str, iters: int, out_path: str, q) -> None:
                 out = run()
                 times.append(time.perf_counter() - t0)
         torch.save(out, out_path)
-        q.put({"seconds": min(times), "rss": _rss_mb(), "rss_before": rss0, "note": ""})
+        q.put({"seconds": min(times), "rss": _rss_mb(), "rss_before": rss0, "note": VAE_NOTES.get(option, "")})
     except Exception as e:  # noqa: BLE001
         q.put({"error": f"{type(e).__name__}: {e}"})
 
@@ -124,6 +124,19 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+def _rows(results: dict[str, dict], outputs: Path, prefix: str, reference: str) -> None:
+    """Table rows: time, ratio to diffusers, peak RSS, error of each output against ``reference``'s."""
+    ref = torch.load(outputs / f"{prefix}-{reference}.pt")
+    base = results["diffusers"].get("seconds")
+    for opt, r in results.items():
+        if "error" in r:
+            print(f"| {opt} | not run | - | - | - | {r['error'][:90]} |")
+            continue
+        ratio = f"{base / r['seconds']:.2f}x" if base else "-"
+        err = _rel(torch.load(outputs / f"{prefix}-{opt}.pt"), ref)
+        print(f"| {opt} | {r['seconds']:.3f} | {ratio} | {r['rss']:.0f} | {err:.1e} | {r['note']} |")
+
+
 def dit_table(iters: int, tmp: Path) -> None:
     for dtype in ("float32", "bfloat16"):
         print(f"\n### DiT CFG step, dim 512 x 4 blocks, 320 tokens, {dtype}, {torch.get_num_threads()} threads\n")
@@ -133,15 +146,10 @@ def dit_table(iters: int, tmp: Path) -> None:
         for opt in DIT_OPTIONS:
             results[opt] = _spawn(_dit_child, opt, dtype, iters, str(tmp / f"dit-{opt}.pt"))
             print(f"  {dtype} {opt}: {results[opt]}", file=sys.stderr)
-        ref = torch.load(tmp / "dit-plain.pt")
-        base = results["diffusers"].get("seconds")
-        for opt, r in results.items():
-            if "error" in r:
-                print(f"| {opt} | not run | - | - | - | {r['error'][:90]} |")
-                continue
-            ratio = f"{base / r['seconds']:.2f}x" if base else "-"
-            err = _rel(torch.load(tmp / f"dit-{opt}.pt"), ref)
-            print(f"| {opt} | {r['seconds']:.3f} | {ratio} | {r['rss']:.0f} | {err:.1e} | {r['note']} |")
+        _rows(results, tmp, "dit", "plain")
+
+
+VAE_NOTES = {"segue-tiled": "2 row bands of 8 latent rows + 13-row halos", "diffusers-tiled": "64 px tiles, blended"}
 
 
 def vae_table(iters: int, tmp: Path) -> None:
@@ -149,16 +157,7 @@ def vae_table(iters: int, tmp: Path) -> None:
     print("| decoder | seconds | vs diffusers | peak RSS MB | rel. err vs segue whole | note |")
     print("|---|---|---|---|---|---|")
     results = {o: _spawn(_vae_child, o, iters, str(tmp / f"vae-{o}.pt")) for o in VAE_OPTIONS}
-    ref = torch.load(tmp / "vae-segue.pt")
-    base = results["diffusers"].get("seconds")
-    for opt, r in results.items():
-        if "error" in r:
-            print(f"| {opt} | not run | - | - | - | {r['error'][:90]} |")
-            continue
-        err = _rel(torch.load(tmp / f"vae-{opt}.pt"), ref)
-        note = {"segue-tiled": "2 row bands of 8 latent rows + 13-row halos", "diffusers-tiled": "64 px tiles, blended"}
-        print(f"| {opt} | {r['seconds']:.2f} | {base / r['seconds']:.2f}x | {r['rss']:.0f} | {err:.1e} "
-              f"| {note.get(opt, '')} |")  # fmt: skip
+    _rows(results, tmp, "vae", "segue")
 
 
 def main(argv: list[str] | None = None) -> None:
