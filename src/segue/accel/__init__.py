@@ -9,6 +9,8 @@ Modules:
 - ``compile``: regional ``torch.compile`` of every DiT block (``compile_blocks`` / ``uncompile_blocks``).
 - ``cache``: step caching (lossy; separate module).
 - ``fp8``: fp8 weights and matmuls (lossy; separate module).
+- ``options``: ``SpeedOptions`` and ``build_pipeline``, which apply all of the above (and the memory
+  profiles of ``segue.offload`` and LoRAs) in the one order they compose; ``segue.load(speed=...)``.
 
 CFG as one batch of two lives on the pipeline: ``Pipeline.cfg_batch = True``.
 """
