@@ -92,8 +92,9 @@ def run_diffusers(ref, cfg: DiTConfig, x, t, context, clip, y) -> torch.Tensor:
         (TINY_I2V, 1, [999], 3),
         (TINY_I2V, 2, [500, 1], 2),
         (TINY_T2V, 2, [999, 250], 4),
+        (replace(TINY_FLF2V, patch_size=(1, 4, 4)), 2, [999, 37], 3),  # the built-in model's patch
     ],
-    ids=["flf2v-b1", "flf2v-b2", "i2v-b1", "i2v-b2", "t2v-patch2-b2"],
+    ids=["flf2v-b1", "flf2v-b2", "i2v-b1", "i2v-b2", "t2v-patch2-b2", "flf2v-patch4-b2"],
 )
 def test_parity_with_diffusers(cfg: DiTConfig, b: int, t: list[int], frames: int) -> None:
     model = random_model(cfg)

@@ -85,6 +85,28 @@ def test_parity_with_diffusers(pair, frames: int, monkeypatch) -> None:
     assert clamped.abs().max() <= 1.0
 
 
+def test_parity_of_the_default_models_vae_shape() -> None:
+    """The built-in model's 4x-space VAE (two downsamples, both temporal) is the same architecture."""
+    from segue.train.recipe import PRESETS
+
+    cfg = PRESETS["default"].model.vae
+    assert cfg.spatial_factor == 4 and cfg.temporal_factor == 4
+    torch.manual_seed(0)
+    ours = WanVAE(cfg).eval()
+    randomise(ours)
+    theirs = diffusers.AutoencoderKLWan.from_config(config_to_diffusers(cfg)).eval()
+    theirs.load_state_dict(native_to_diffusers(ours.state_dict()), strict=True)
+    x = video(9, 16, 24)
+    with torch.no_grad():
+        mu, ref_mu = ours.encode(x, normalize=False), theirs.encode(x).latent_dist.mode()
+        assert mu.shape == (1, cfg.z_dim, 3, 4, 6)
+        assert rel_err(mu, ref_mu) < 1e-5
+        z = torch.randn(mu.shape, generator=torch.Generator().manual_seed(2))
+        out, ref = ours.decode(z, normalized=False), theirs.decode(z).sample
+    assert out.shape == (1, 3, 9, 16, 24)
+    assert rel_err(out, ref) < 1e-5
+
+
 def test_normalised_round_trip_of_latents(pair) -> None:
     ours, _ = pair
     z = torch.randn(1, 16, 2, 4, 6, generator=torch.Generator().manual_seed(3))

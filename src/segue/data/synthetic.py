@@ -199,14 +199,20 @@ def _sdf(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return (rho - (0.5 + 0.65 * (1 - np.abs(a) / (sector / 2)))) * 0.6
 
 
-def _texture(kind: str, u: np.ndarray, v: np.ndarray) -> np.ndarray | None:
-    """1 where the texture's second colour shows, None for solid."""
+def _texture(kind: str, u: np.ndarray, v: np.ndarray, r: np.ndarray) -> np.ndarray | None:
+    """Weight in [0, 1] of the texture's second colour, None for solid.
+
+    Coarse patterns (two or three bands across the shape) with edges about one pixel wide: a signed
+    pattern value is scaled by its pixel slope and clipped, so stripes, squares and dots stay smooth
+    under sub-pixel motion and rotation (r: the shape's radius in pixels, [F, 1, 1])."""
     if kind == "stripes":
-        return np.floor(u * 2.5) % 2
+        return np.clip(0.5 + np.sin(np.pi * 1.4 * u) * r / (np.pi * 1.4), 0.0, 1.0)
     if kind == "checker":
-        return (np.floor(u * 2.2) + np.floor(v * 2.2)) % 2
+        a, b = np.sin(np.pi * 1.2 * u), np.sin(np.pi * 1.2 * v)
+        return np.clip(0.5 + a * b * r / (np.pi * 1.2 * 0.5), 0.0, 1.0)
     if kind == "dots":
-        return (((u * 2.2 - np.round(u * 2.2)) ** 2 + (v * 2.2 - np.round(v * 2.2)) ** 2) < 0.11).astype(np.float32)
+        du, dv = u * 1.2 - np.round(u * 1.2), v * 1.2 - np.round(v * 1.2)
+        return np.clip(0.5 + (0.3 - np.sqrt(du * du + dv * dv)) * r / 1.2, 0.0, 1.0)
     return None
 
 
@@ -235,7 +241,7 @@ def render_frames(scene: Scene, with_objects: bool = True) -> np.ndarray:
         img += (255.0 * light - img) * alpha * 0.8
     hill = hy + amp * np.sin(2 * np.pi * xw / wavelength + phase)  # [F, W]
     g = np.clip((yw[:, :, None] - hill[:, None, :]) * zoom[:, None, None] + 0.5, 0.0, 1.0)[..., None]
-    rows = np.floor(xw / (0.1 * w)) % 2  # world-anchored field rows make pans visible
+    rows = 0.5 + 0.5 * np.sin(np.pi * xw / (0.1 * w))  # world-anchored, smooth field rows make pans visible
     depth = 0.8 + 0.2 * np.clip((yw - hy) / (h - hy), 0.0, 1.0)
     shade = (1.0 - 0.07 * rows[:, None, :]) * depth[:, :, None]  # [F, H, W]
     ground = _lerp3(SEASONS[sa], SEASONS[sb], e) * light * shade[..., None]
@@ -254,7 +260,7 @@ def render_frames(scene: Scene, with_objects: bool = True) -> np.ndarray:
         u, v = (c * dx + s * dy) / r, (c * dy - s * dx) / r  # [F, H, W] in the shape's rotating frame
         alpha = np.clip(0.5 - _sdf(m.shape, u, v) * r, 0.0, 1.0)[..., None]
         base = np.array(COLORS[m.color], np.float32)
-        tex = _texture(m.texture, u, v)
+        tex = _texture(m.texture, u, v, r)
         second = base * 0.5 if base.mean() > 90 else base + (255 - base) * 0.5  # darker, or lighter for black
         col = base if tex is None else base + (second - base) * tex[..., None]
         img += (col * lit - img) * alpha
@@ -290,7 +296,7 @@ def _pick_color(rng: np.random.Generator, scene_colors: list[np.ndarray], lights
 
 def _sample_mover(rng, size, floor_y, family: str, color: str, small: bool = False) -> Mover:
     h, w = size
-    radius = float(rng.uniform(0.05, 0.07) if small else rng.uniform(0.075, 0.11)) * min(h, w)
+    radius = float(rng.uniform(0.06, 0.08) if small else rng.uniform(0.09, 0.13)) * min(h, w)
     scale = (1.0, 1.0)
     if not small and rng.random() < 0.35:
         scale = (1.0, 1.5) if rng.random() < 0.5 else (1.5, 1.0)
