@@ -28,7 +28,7 @@ from segue.train.flow import (
     sample_sigmas,
 )
 from segue.train.trainer import TrainConfig, Trainer, lr_factor
-from segue.train.vae_loss import VAEObjective, kl_divergence, vae_loss
+from segue.train.vae_loss import VAEObjective, kl_divergence, narrow_posterior, vae_loss
 
 CFG = REGISTRY["tiny-flf2v"]
 TIMEOUT_S = 80
@@ -405,3 +405,17 @@ def test_vae_loss_runs_the_causal_chunks_and_decreases(tmp_path: Path):
     losses = Trainer({"vae": vae}, VAEObjective(kl_weight=1e-3), data, tc).run()
     # measured: 0.515 -> 0.219 (means of the first and last three steps)
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), (losses[:3], losses[-3:])
+
+
+def test_narrow_posterior_sets_the_log_variance_and_keeps_the_mean():
+    cfg = VAEConfig(dim=4, z_dim=4, latent_mean=(0.0,) * 4, latent_std=(1.0,) * 4)
+    torch.manual_seed(0)
+    vae = WanVAE(cfg)
+    video = torch.rand(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        before = vae.encode_moments(video)
+        assert before[:, 4:].abs().max() < 5  # default init: log-variance near 0, posterior noise std ~1
+        narrow_posterior(vae, logvar=-8.0)
+        after = vae.encode_moments(video)
+    assert torch.equal(after[:, :4], before[:, :4])
+    assert torch.equal(after[:, 4:], torch.full_like(after[:, 4:], -8.0))

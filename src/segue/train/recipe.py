@@ -24,7 +24,7 @@ from ..tokenizer import load_tokenizer, train_tokenizer
 from .flow import FLF2VObjective
 from .latents import CachedClips, CachedFLF2VObjective, build_latent_cache
 from .trainer import TrainConfig, Trainer
-from .vae_loss import VAEObjective
+from .vae_loss import VAEObjective, narrow_posterior
 
 log = logging.getLogger("segue")
 
@@ -103,8 +103,18 @@ PRESETS: dict[str, Preset] = {
         # A 4x-space causal VAE (16 latent channels, Wan's count) with a DiT patch of (1, 4, 4): 80 tokens per
         # 64x64 17-frame clip, like an 8x VAE with Wan's (1, 2, 2) patch, but the small objects survive the
         # VAE (an 8x VAE of this width reconstructed them at 8-12 dB after 3000 steps; docs/training.md).
-        model=_default_model(vocab=320, name="segue-default", dim=192, layers=6, heads=3, vae_dim=16, z_dim=16,
-                             vae_mult=(1, 2, 4), vae_temporal=(True, True), patch=(1, 4, 4)),  # fmt: skip
+        model=_default_model(
+            vocab=320,
+            name="segue-default",
+            dim=192,
+            layers=6,
+            heads=3,
+            vae_dim=16,
+            z_dim=16,
+            vae_mult=(1, 2, 4),
+            vae_temporal=(True, True),
+            patch=(1, 4, 4),
+        ),  # fmt: skip
         stages=(
             Stage("stage1-hybrid", steps=2500, lr=3e-4, modes=HYBRID, warmup=250),
             Stage("stage2-flf", steps=1500, lr=2e-4, modes=FLF),
@@ -212,6 +222,7 @@ def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scal
     if not _done(vae_run):
         torch.manual_seed(p.seed)  # the VAE's initial weights depend on the seed alone
         vae = WanVAE(p.model.vae)
+        narrow_posterior(vae)
         tc = TrainConfig(steps=steps(p.vae_steps), batch_size=p.vae_batch, lr=p.vae_lr,
                          warmup=min(p.vae_warmup, p.vae_steps // 10), ema_decay=p.vae_ema, seed=p.seed,
                          out_dir=str(vae_run), ckpt_every=250)  # fmt: skip
