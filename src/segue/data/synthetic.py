@@ -411,7 +411,7 @@ def caption(scene: Scene, wording_seed: int | None = None) -> str:
     if scene.second is not None:
         o = scene.second
         action = "stays still" if o.path == "still" else f"moves to the {'right' if o.p1[0] > o.p0[0] else 'left'}"
-        text += f" while {_article(o.color)} small {o.color} {o.shape} {action}"
+        text += f" while a small {o.color} {o.shape} {action}"
     (ta, tb), (sa, sb) = scene.times, scene.seasons
     if ta != tb:
         text += " " + choose(TIME_TEMPLATES, 2).format(a=ta, b=tb)

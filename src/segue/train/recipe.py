@@ -120,7 +120,7 @@ PRESETS: dict[str, Preset] = {
             Stage("stage2-flf", steps=1000, lr=2e-4, modes=FLF),
             Stage("stage3-detail", steps=300, lr=5e-5, modes=FLF, size=(80, 80), batch_size=8),
         ),
-        vae_steps=2000,
+        vae_steps=3000,
         vae_lr=5e-4,
         vae_recon="mse",  # the metric is PSNR; L1 trailed MSE at equal steps (docs/training.md)
         vae_warmup=100,
