@@ -118,7 +118,7 @@ PRESETS: dict[str, Preset] = {
         stages=(
             Stage("stage1-hybrid", steps=2000, lr=3e-4, modes=HYBRID, warmup=200),
             Stage("stage2-flf", steps=1000, lr=2e-4, modes=FLF),
-            Stage("stage3-detail", steps=300, lr=5e-5, modes=FLF, size=(80, 80), batch_size=8),
+            Stage("stage3-detail", steps=200, lr=5e-5, modes=FLF, size=(80, 80), batch_size=8),
         ),
         vae_steps=3000,
         vae_lr=5e-4,
