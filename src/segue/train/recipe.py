@@ -116,8 +116,8 @@ PRESETS: dict[str, Preset] = {
             patch=(1, 4, 4),
         ),  # fmt: skip
         stages=(
-            Stage("stage1-hybrid", steps=1500, lr=3e-4, modes=HYBRID, warmup=150),
-            Stage("stage2-flf", steps=750, lr=2e-4, modes=FLF),
+            Stage("stage1-hybrid", steps=2000, lr=3e-4, modes=HYBRID, warmup=200),
+            Stage("stage2-flf", steps=1000, lr=2e-4, modes=FLF),
             Stage("stage3-detail", steps=200, lr=5e-5, modes=FLF, size=(80, 80), batch_size=8),
         ),
         vae_steps=3000,
