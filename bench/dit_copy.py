@@ -20,7 +20,7 @@ from segue.models.dit import WanDiT
 from segue.models.encoders import ImageEncoder, TextEncoder
 from segue.tokenizer import load_tokenizer
 from segue.train.flow import encode_captions, encode_clip_frames
-from segue.train.latents import CLIP_SLOTS, CachedClips
+from segue.train.latents import CachedClips, cached_clip_frames
 from segue.train.recipe import _load_ema
 
 
@@ -46,8 +46,7 @@ def main() -> None:
             x0 = item["x0"][None]  # [1, z, T, h, w]
             y = torch.cat([item["mask"]["first_last"], item["cond"]["first_last"]])[None]
             ctx = encode_captions(text, [item["caption"]], cfg.dit.text_len)
-            slots = torch.tensor([CLIP_SLOTS["first_last"][:2]])
-            frames = item["frames"][None][torch.arange(1)[:, None], slots].flatten(0, 1).float() / 127.5 - 1.0
+            frames = cached_clip_frames(item["frames"][None], ["first_last"], 2)
             clip = encode_clip_frames(image, frames, torch.tensor([True]))
             noise = torch.randn(x0.shape, generator=g)
             for s in (0.95, 0.7, 0.4, 0.1):

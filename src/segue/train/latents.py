@@ -249,6 +249,14 @@ class CachedClips(Dataset):
                 "caption": self.captions[i], "index": i}  # fmt: skip
 
 
+def cached_clip_frames(frames: Tensor, modes: Sequence[str], count: int) -> Tensor:
+    """[B*count, 3, H, W] in [-1, 1]: each sample's CLIP frames for its conditioning mode, picked from the
+    cache's uint8 frames [B, K, 3, H, W] (mapped as the dataset maps 8-bit frames)."""
+    slots = torch.tensor([CLIP_SLOTS[m][:count] for m in modes])  # [B, count]
+    picked = frames[torch.arange(frames.shape[0])[:, None], slots]  # [B, count, 3, H, W] uint8
+    return picked.flatten(0, 1).float() / 127.5 - 1.0
+
+
 @dataclass
 class CachedFLF2VObjective(FLF2VObjective):
     """``FLF2VObjective`` on ``CachedClips`` batches: the same per-sample draws, latents from the cache.
@@ -284,9 +292,7 @@ class CachedFLF2VObjective(FLF2VObjective):
                 clip = batch["clip"].to(device)
             else:
                 count = 2 if dit.cfg.image_pos_len is not None else 1
-                slots = torch.tensor([CLIP_SLOTS[m][:count] for m in d.modes])  # [B, count]
-                picked = batch["frames"][torch.arange(b)[:, None], slots]  # [B, count, 3, H, W] uint8
-                frames = picked.flatten(0, 1).float() / 127.5 - 1.0  # as the dataset maps 8-bit frames
+                frames = cached_clip_frames(batch["frames"], d.modes, count)
                 shown = torch.tensor([bool(g.any()) for g in given])
                 clip = encode_clip_frames(image_encoder, frames.to(device), shown)
         return dit_loss(dit, x0, y, context, clip, d.sigma, noise)
