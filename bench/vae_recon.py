@@ -1,8 +1,8 @@
 """Reconstruction quality of a trained VAE on held-out procedural clips (a bound on endpoint PSNR).
 
-    python bench/vae_recon.py runs/default [--clips 16]
+    python bench/vae_recon.py runs/default [--clips 16] [--weights vae-decoder]
 
-Reads the run's preset (preset.json) and the VAE's EMA weights (vae/ema.pt), encodes and decodes
+Reads the run's preset (preset.json) and the VAE's EMA weights (vae/ema.pt, or WEIGHTS/ema.pt), encodes and decodes
 held-out 17-frame clips at the first stage's size and prints PSNR per frame position and overall.
 """
 
@@ -25,12 +25,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=Path)
     p.add_argument("--clips", type=int, default=16)
+    p.add_argument("--weights", default="vae", help="the run's folder with the VAE's ema.pt")
     args = p.parse_args()
     preset = json.loads((args.run / "preset.json").read_text())
     vcfg = preset["model"]["vae"]
     cfg = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vcfg.items()})
     vae = WanVAE(cfg).eval()
-    vae.load_state_dict(torch.load(args.run / "vae" / "ema.pt", map_location="cpu", weights_only=True)["vae"])
+    vae.load_state_dict(torch.load(args.run / args.weights / "ema.pt", map_location="cpu", weights_only=True)["vae"])
     stage = preset["stages"][0]
     data = SyntheticVideos("test", length=args.clips, frames=stage["frames"], size=tuple(stage["size"]))
     per_frame: list[list[float]] = []

@@ -24,7 +24,7 @@ def test_smoke_preset_trains_ships_generates_and_evaluates(tmp_path, capsys):
     bundle = out / "model.safetensors"
     assert capsys.readouterr().out.strip() == str(bundle)
     # every stage finished and logged one line per step
-    for stage in ("vae", *(s.name for s in PRESETS["smoke"].stages)):
+    for stage in ("vae", *(s.name for s in PRESETS["smoke"].stages), "vae-decoder"):
         assert (out / stage / "done").is_file()
         steps = json.loads((out / stage / "done").read_text())["steps"]
         assert len((out / stage / "log.jsonl").read_text().splitlines()) == steps
@@ -36,6 +36,14 @@ def test_smoke_preset_trains_ships_generates_and_evaluates(tmp_path, capsys):
     cfg = pipe.config
     assert cfg.name == "segue-smoke" and cfg.defaults.frames == 17 and cfg.defaults.fps == 8
     assert cfg.vae.latent_std != (1.0,) * 16  # the normalisation was measured on the data
+    # the shipped VAE: the encoder of the VAE stage, the decoder fine-tuned on it afterwards
+    vae_ema = torch.load(out / "vae" / "ema.pt", weights_only=True)["vae"]
+    dec_ema = torch.load(out / "vae-decoder" / "ema.pt", weights_only=True)["vae"]
+    shipped = {k: v.float() for k, v in pipe.vae.state_dict().items()}
+    for k, v in shipped.items():
+        source = dec_ema if k.startswith(("decoder.", "conv2.")) else vae_ema
+        assert torch.allclose(v, source[k].half().float()), k
+    assert any(not torch.equal(dec_ema[k], vae_ema[k]) for k in dec_ema if k.startswith("decoder."))
     video = pipe.generate("examples/first.png", "examples/last.png", "the red circle moves to the right", steps=2)
     assert video.frames.shape == (17, 64, 64, 3) and video.fps == 8
     # a second run finds every stage done and writes the same bundle (same tensors and metadata; the

@@ -28,7 +28,14 @@ from segue.train.flow import (
     sample_sigmas,
 )
 from segue.train.trainer import TrainConfig, Trainer, lr_factor
-from segue.train.vae_loss import VAEObjective, kl_divergence, narrow_posterior, vae_loss
+from segue.train.vae_loss import (
+    DecoderObjective,
+    VAEObjective,
+    freeze_encoder,
+    kl_divergence,
+    narrow_posterior,
+    vae_loss,
+)
 
 CFG = REGISTRY["tiny-flf2v"]
 TIMEOUT_S = 80
@@ -405,6 +412,31 @@ def test_vae_loss_runs_the_causal_chunks_and_decreases(tmp_path: Path):
     losses = Trainer({"vae": vae}, VAEObjective(kl_weight=1e-3), data, tc).run()
     # measured: 0.515 -> 0.219 (means of the first and last three steps)
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), (losses[:3], losses[-3:])
+
+
+def test_decoder_fine_tuning_keeps_the_latent_space_and_lowers_the_loss(tmp_path: Path):
+    cfg = VAEConfig(dim=4, z_dim=4, latent_mean=(0.0,) * 4, latent_std=(1.0,) * 4)
+    torch.manual_seed(0)
+    vae = WanVAE(cfg)
+    t, yy, xx = (torch.linspace(a, 1, n).view(-1, *[1] * k) for a, n, k in ((0, 5, 2), (-1, 16, 1), (-1, 16, 0)))
+    phase = torch.tensor([0.0, 2.0, 4.0]).view(3, 1, 1, 1)
+    video = torch.stack([0.8 * torch.sin(3 * xx + 2 * yy + 2 * t + phase + k) for k in (0, 1)])  # [2, 3, 5, 16, 16]
+    with torch.no_grad():
+        latents = vae.encode(video, normalize=False)
+        before = {k: v.clone() for k, v in vae.state_dict().items()}
+    freeze_encoder(vae)
+    with pytest.raises(ValueError, match="recon must be"):
+        DecoderObjective(recon="l2")({"vae": vae}, {"video": video})
+    data = [{"video": video[i]} for i in range(2)]
+    tc = TrainConfig(steps=20, batch_size=2, lr=3e-3, grad_clip=1.0, ema_decay=0.9, out_dir=str(tmp_path))
+    losses = Trainer({"vae": vae}, DecoderObjective(recon="mse"), data, tc).run()
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), (losses[:3], losses[-3:])
+    after = vae.state_dict()
+    frozen = [k for k in after if k.startswith(("encoder.", "conv1."))]
+    assert frozen and all(torch.equal(after[k], before[k]) for k in frozen)
+    assert not torch.equal(after["decoder.head.2.weight"], before["decoder.head.2.weight"])
+    with torch.no_grad():
+        assert torch.equal(vae.encode(video, normalize=False), latents)  # the DiT's latent space is unchanged
 
 
 def test_narrow_posterior_sets_the_log_variance_and_keeps_the_mean():

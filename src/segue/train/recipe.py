@@ -24,7 +24,7 @@ from ..tokenizer import load_tokenizer, train_tokenizer
 from .flow import FLF2VObjective
 from .latents import CachedClips, CachedFLF2VObjective, build_latent_cache
 from .trainer import TrainConfig, Trainer
-from .vae_loss import VAEObjective, narrow_posterior
+from .vae_loss import DecoderObjective, VAEObjective, freeze_encoder, narrow_posterior
 
 log = logging.getLogger("segue")
 
@@ -61,6 +61,9 @@ class Preset:
     # crops of this size from the rendered clips (same scale as the native size, a quarter of the pixels)
     vae_crop: tuple[int, int] | None = None
     kl_weight: float = 1e-6
+    # then the decoder alone, on the frozen encoder (the latent space the DiT learned stays as it is)
+    decoder_steps: int = 0
+    decoder_lr: float = 5e-4
     shift: float = 3.0
     data_length: int = 200_000
     seed: int = 0
@@ -115,12 +118,12 @@ PRESETS: dict[str, Preset] = {
             z_dim=16,
             vae_mult=(1, 2, 4),
             vae_temporal=(True, True),
-            patch=(1, 4, 4),
+            patch=(1, 2, 2),
         ),  # fmt: skip
         stages=(
-            Stage("stage1-hybrid", steps=2000, lr=3e-4, modes=HYBRID, warmup=200),
-            Stage("stage2-flf", steps=1000, lr=2e-4, modes=FLF),
-            Stage("stage3-detail", steps=200, lr=5e-5, modes=FLF, size=(80, 80), batch_size=8),
+            Stage("stage1-hybrid", steps=1500, lr=3e-4, modes=HYBRID, warmup=200),
+            Stage("stage2-flf", steps=1200, lr=2e-4, modes=FLF),
+            Stage("stage3-detail", steps=100, lr=5e-5, modes=FLF, size=(80, 80), batch_size=8),
         ),
         vae_steps=3000,
         vae_lr=5e-4,
@@ -133,6 +136,8 @@ PRESETS: dict[str, Preset] = {
         vae_clip=(17, (64, 64)),
         vae_crop=(32, 32),
         vae_batch=4,
+        decoder_steps=1500,
+        decoder_lr=5e-4,
         cache_clips=2000,
     ),
     # the whole path in seconds, for tests: same code, tiny sizes and step counts
@@ -144,6 +149,7 @@ PRESETS: dict[str, Preset] = {
             Stage("stage3-detail", steps=1, lr=1e-3, modes=FLF, size=(48, 48), frames=5, batch_size=2),
         ),
         vae_steps=2,
+        decoder_steps=1,
         vae_batch=2,
         vae_clip=(5, (32, 32)),
         vae_crop=(24, 24),
@@ -197,6 +203,25 @@ def latent_stats(vae: WanVAE, data: SyntheticVideos, batches: int, batch_size: i
             zs.append(vae.encode(video, normalize=False).float())
     z = torch.cat(zs).transpose(0, 1).reshape(vae.cfg.z_dim, -1)  # [z, N]
     return z.mean(1).tolist(), z.std(1).clamp_min(1e-3).tolist()
+
+
+def train_decoder(p: Preset, vae_cfg: VAEConfig, out: Path, steps: int) -> Path:
+    """Fine-tune the decoder of ``out/vae``'s EMA VAE with the encoder frozen, into ``out/vae-decoder``
+    (resumes; skipped when done). Fresh clips: the data order is seeded with ``p.seed + 1``."""
+    dec_run = out / "vae-decoder"
+    if not _done(dec_run):
+        vae = WanVAE(vae_cfg)
+        vae.load_state_dict(_load_ema(out / "vae", "vae"))
+        freeze_encoder(vae)
+        tc = TrainConfig(steps=steps, batch_size=p.vae_batch, lr=p.decoder_lr, warmup=min(50, steps // 10),
+                         ema_decay=p.vae_ema, seed=p.seed + 1, out_dir=str(dec_run), ckpt_every=250)  # fmt: skip
+        frames, size = p.vae_clip
+        data = SyntheticVideos("train", length=p.data_length, frames=frames, size=size)
+        if p.vae_crop is not None:
+            data = Crops(data, p.vae_crop, seed=p.seed + 1)
+        Trainer({"vae": vae}, DecoderObjective(recon=p.vae_recon), data, tc).run()
+        _mark_done(dec_run, {"steps": tc.steps})
+    return dec_run
 
 
 def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scale: float = 1.0) -> Path:
@@ -293,7 +318,12 @@ def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scal
             _mark_done(run, {"steps": tc.steps})
         prev = run
 
-    # 4. Ship the EMA weights of every component in one file.
+    # 4. Decoder fine-tuning on the frozen encoder: the latents, their statistics and so the DiT stay valid.
+    if p.decoder_steps > 0:
+        train_decoder(p, vae_cfg, out, steps(p.decoder_steps))
+        vae.load_state_dict(_load_ema(out / "vae-decoder", "vae"))
+
+    # 5. Ship the EMA weights of every component in one file.
     assert prev is not None
     final = {part: _load_ema(prev, part) for part in parts}
     for part, module in parts.items():

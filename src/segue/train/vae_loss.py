@@ -92,3 +92,32 @@ class VAEObjective:
             noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
         loss, _ = vae_loss(vae, video, self.kl_weight, self.recon, noise=noise)
         return loss
+
+
+def freeze_encoder(vae: nn.Module) -> None:
+    """Freeze the encoder and its moments conv (``conv1``): the latent space stays exactly as it is, so a
+    DiT trained on it (or a latent cache built from it) stays valid while the decoder trains on."""
+    vae.encoder.requires_grad_(False)
+    vae.conv1.requires_grad_(False)
+
+
+@dataclass
+class DecoderObjective:
+    """Decoder fine-tuning on a frozen encoder, for ``segue.train.Trainer``: ``recon`` of
+    ``decode(encoder mean)`` against ``batch["video"]``.
+
+    The decoder learns from the posterior mean, the latent it is given at generation time (the DiT is
+    trained towards the mean), and no gradient reaches the encoder (see ``freeze_encoder``)."""
+
+    recon: str = "mse"
+
+    def __call__(self, parts: Mapping[str, nn.Module], batch: Mapping[str, Any]) -> Tensor:
+        if self.recon not in ("l1", "mse"):
+            raise ValueError(f"recon must be 'l1' or 'mse', got {self.recon!r}")
+        vae = parts["vae"]
+        video = batch["video"].to(vae.conv1.weight.device)
+        with torch.no_grad():
+            mu = vae.encode(video, normalize=False)  # [B, z, T, h, w]
+        out = vae.decode(mu, normalized=False, clamp=False)  # [B, 3, F, H, W]
+        target = video.float()
+        return F.l1_loss(out, target) if self.recon == "l1" else F.mse_loss(out, target)
