@@ -11,11 +11,13 @@ ignores it has an error near 1 at high sigma. Also prints how much v changes whe
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
 
 from segue.bundle import read_bundle_metadata
+from segue.config import ModelConfig
 from segue.models.dit import WanDiT
 from segue.models.encoders import ImageEncoder, TextEncoder
 from segue.tokenizer import load_tokenizer
@@ -30,7 +32,11 @@ def main() -> None:
     p.add_argument("--stage", default="stage2-flf")
     p.add_argument("--clips", type=int, default=2)
     args = p.parse_args()
-    cfg, _ = read_bundle_metadata(args.run / "model.safetensors")
+    bundle = args.run / "model.safetensors"
+    if bundle.is_file():
+        cfg, _ = read_bundle_metadata(bundle)
+    else:  # a run still training: the preset's config (the DiT does not use the latent statistics)
+        cfg = ModelConfig.from_dict(json.loads((args.run / "preset.json").read_text())["model"])
     dit = WanDiT(cfg.dit).eval()
     text = TextEncoder(cfg.text, load_tokenizer(args.run / "tokenizer")).eval()
     image = ImageEncoder(cfg.image).eval()

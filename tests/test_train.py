@@ -183,6 +183,23 @@ def test_tiny_dit_overfits_one_batch(tmp_path: Path):
     assert not torch.equal(ema["head.head.weight"], w) and ema["head.head.weight"].shape == w.shape
 
 
+def test_ema_warmup_follows_the_model_early(tmp_path: Path):
+    fixed = _fixed_dit_batch()
+    torch.manual_seed(0)
+    dit = WanDiT(CFG.dit)
+    init = {n: p.detach().clone() for n, p in dit.named_parameters()}
+    cfg = TrainConfig(steps=1, batch_size=2, lr=1e-2, ema_decay=0.999, ema_warmup=True, out_dir=str(tmp_path))
+    trainer = Trainer({"dit": dit}, lambda parts, batch: dit_loss(parts["dit"], **fixed), [{"i": 0}] * 4, cfg)
+    assert [trainer.ema_decay_at(s) for s in (1, 10, 100)] == [2 / 11, 11 / 20, 101 / 110]
+    assert trainer.ema_decay_at(100_000) == 0.999
+    trainer.run()
+    # after one step the EMA is 9/11 of the way to the new weights (0.1% without the warmup)
+    w = dict(dit.named_parameters())["head.head.weight"].detach()
+    ema = trainer.ema_state_dicts()["dit"]["head.head.weight"]
+    assert not torch.equal(w, init["head.head.weight"])
+    assert torch.allclose(ema, init["head.head.weight"].lerp(w, 9 / 11), atol=1e-7)
+
+
 def test_lr_schedule():
     cfg = TrainConfig(steps=11, lr=1.0, warmup=2, schedule="cosine", min_lr_ratio=0.1)
     f = [lr_factor(s, cfg) for s in range(11)]

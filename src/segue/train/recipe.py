@@ -136,7 +136,7 @@ PRESETS: dict[str, Preset] = {
         vae_clip=(17, (64, 64)),
         vae_crop=(32, 32),
         vae_batch=4,
-        decoder_steps=1500,
+        decoder_steps=500,
         decoder_lr=5e-4,
         cache_clips=2000,
     ),
@@ -297,7 +297,8 @@ def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scal
                 module.load_state_dict(_load_ema(prev, part))
         if not _done(run):
             tc = TrainConfig(steps=steps(stage.steps), batch_size=stage.batch_size, lr=stage.lr, warmup=stage.warmup,
-                             ema_decay=0.999, seed=p.seed, out_dir=str(run), ckpt_every=250)  # fmt: skip
+                             ema_decay=0.999, ema_warmup=True, seed=p.seed, out_dir=str(run),
+                             ckpt_every=250)  # fmt: skip
             data = SyntheticVideos("train", length=p.data_length, frames=stage.frames, size=stage.size)
             cached = uses_cache(stage, run)
             run.mkdir(parents=True, exist_ok=True)
