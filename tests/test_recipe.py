@@ -56,7 +56,24 @@ def test_smoke_preset_trains_ships_generates_and_evaluates(tmp_path, capsys):
     capsys.readouterr()
     ev = tmp_path / "eval"
     assert (
-        main(["-q", "eval", "--ckpt", str(bundle), "--clips", "2", "--groups", "1", "--steps", "2", "--out", str(ev)])
+        main(
+            [
+                "-q",
+                "eval",
+                "--ckpt",
+                str(bundle),
+                "--clips",
+                "2",
+                "--groups",
+                "1",
+                "--steps",
+                "2",
+                "--guidance",
+                "1",
+                "--out",
+                str(ev),
+            ]
+        )
         == 0
     )
     summary = json.loads((ev / "eval.json").read_text())

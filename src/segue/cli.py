@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--clips", type=int, default=32, help="held-out clips")
     ev.add_argument("--groups", type=int, default=16, help="ambiguous groups (same keyframes, different paths)")
     ev.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    ev.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    ev.add_argument("--shift", type=float, default=None, help="timestep shift (default: the model's)")
     ev.add_argument("--seed", type=int, default=0)
 
     t = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint (for tests and demos)")
@@ -284,7 +286,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def generate(first: np.ndarray, last: np.ndarray, caption: str, frames: int) -> np.ndarray:
         h, w = first.shape[:2]
         video = pipe.generate(Image.fromarray(first), Image.fromarray(last), caption, frames=frames,
-                              size=(w, h), steps=args.steps, seed=args.seed)  # fmt: skip
+                              size=(w, h), steps=args.steps, guidance=args.guidance, shift=args.shift,
+                              seed=args.seed)  # fmt: skip
         return video.frames
 
     summary = evaluate_model(generate, clips, groups, args.out)
