@@ -107,3 +107,22 @@ def test_info_reports_layout_sizes_and_missing(official_ckpt, diffusers_ckpt, tm
     assert "DiT:" in text and "keys ok" in text and "float32" in text
     assert main(["info", str(diffusers_ckpt)]) == 0
     assert "layout: diffusers" in capsys.readouterr().out
+
+
+def test_outputs_get_the_usual_file_modes_not_the_temporary_files_private_ones(tmp_path):
+    """Written via a private temporary name, the results still get what open()/mkdir() give under the umask."""
+    import os
+
+    from segue.media import write_frames, write_video
+
+    frames = np.zeros((5, 16, 16, 3), np.uint8)
+    old = os.umask(0o022)
+    try:
+        video = write_video(frames, tmp_path / "v.mp4", fps=8)
+        folder = write_frames(frames, tmp_path / "frames")
+    finally:
+        os.umask(old)
+    assert video.stat().st_mode & 0o777 == 0o644
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert (folder / "00000.png").stat().st_mode & 0o777 == 0o644
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind

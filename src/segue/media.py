@@ -59,6 +59,14 @@ def to_rgb(im: Image.Image, what: str = "image") -> Image.Image:
     return im.convert("RGB")
 
 
+def _default_mode(base: int) -> int:
+    """``base`` under the process umask: what open() or mkdir() would have given (mkstemp and mkdtemp
+    make private 0600 / 0700 entries, which other users and web servers could not read)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return base & ~umask
+
+
 @contextmanager
 def atomic_path(dest: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``dest`` (same extension); rename it to ``dest`` on success."""
@@ -68,6 +76,8 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, _default_mode(0o666))
         os.replace(tmp_path, dest)
     finally:
         if tmp_path.exists():
@@ -136,6 +146,7 @@ def write_frames(frames: np.ndarray, folder: str | os.PathLike[str]) -> Path:
         for i, f in enumerate(frames):
             Image.fromarray(f).save(staging / f"{i:05d}.png", format="PNG")
         if not dest.exists():
+            os.chmod(staging, _default_mode(0o777))
             os.replace(staging, dest)
         else:
             for file in sorted(staging.iterdir()):
