@@ -405,14 +405,18 @@ def test_kl_term():
     assert abs(kl_divergence(torch.ones(1), torch.ones(1)).item() - 0.5 * (np.e - 1)) < 1e-6
 
 
+def _waves() -> torch.Tensor:
+    """Two smooth moving colour waves in [-0.8, 0.8], [2, 3, 5, 16, 16]: something a tiny VAE can learn."""
+    t, yy, xx = (torch.linspace(a, 1, n).view(-1, *[1] * k) for a, n, k in ((0, 5, 2), (-1, 16, 1), (-1, 16, 0)))
+    phase = torch.tensor([0.0, 2.0, 4.0]).view(3, 1, 1, 1)
+    return torch.stack([0.8 * torch.sin(3 * xx + 2 * yy + 2 * t + phase + k) for k in (0, 1)])
+
+
 def test_vae_loss_runs_the_causal_chunks_and_decreases(tmp_path: Path):
     cfg = VAEConfig(dim=4, z_dim=4, latent_mean=(0.0,) * 4, latent_std=(1.0,) * 4)
     torch.manual_seed(0)
     vae = WanVAE(cfg)
-    # two smooth moving colour waves in [-0.8, 0.8], something a tiny VAE can learn to compress
-    t, yy, xx = (torch.linspace(a, 1, n).view(-1, *[1] * k) for a, n, k in ((0, 5, 2), (-1, 16, 1), (-1, 16, 0)))
-    phase = torch.tensor([0.0, 2.0, 4.0]).view(3, 1, 1, 1)
-    video = torch.stack([0.8 * torch.sin(3 * xx + 2 * yy + 2 * t + phase + k) for k in (0, 1)])  # [2, 3, 5, 16, 16]
+    video = _waves()  # [2, 3, 5, 16, 16]
     # encode_moments is encode's chunked pass: its first z channels are the (unnormalised) mean
     with torch.no_grad():
         moments = vae.encode_moments(video)
@@ -435,9 +439,7 @@ def test_decoder_fine_tuning_keeps_the_latent_space_and_lowers_the_loss(tmp_path
     cfg = VAEConfig(dim=4, z_dim=4, latent_mean=(0.0,) * 4, latent_std=(1.0,) * 4)
     torch.manual_seed(0)
     vae = WanVAE(cfg)
-    t, yy, xx = (torch.linspace(a, 1, n).view(-1, *[1] * k) for a, n, k in ((0, 5, 2), (-1, 16, 1), (-1, 16, 0)))
-    phase = torch.tensor([0.0, 2.0, 4.0]).view(3, 1, 1, 1)
-    video = torch.stack([0.8 * torch.sin(3 * xx + 2 * yy + 2 * t + phase + k) for k in (0, 1)])  # [2, 3, 5, 16, 16]
+    video = _waves()  # [2, 3, 5, 16, 16]
     with torch.no_grad():
         latents = vae.encode(video, normalize=False)
         before = {k: v.clone() for k, v in vae.state_dict().items()}

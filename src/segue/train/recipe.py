@@ -205,6 +205,13 @@ def latent_stats(vae: WanVAE, data: SyntheticVideos, batches: int, batch_size: i
     return z.mean(1).tolist(), z.std(1).clamp_min(1e-3).tolist()
 
 
+def vae_data(p: Preset, seed: int) -> torch.utils.data.Dataset:
+    """The VAE's training clips: ``p.vae_clip`` renders, cropped to ``p.vae_crop`` at positions from ``seed``."""
+    frames, size = p.vae_clip
+    data = SyntheticVideos("train", length=p.data_length, frames=frames, size=size)
+    return data if p.vae_crop is None else Crops(data, p.vae_crop, seed=seed)
+
+
 def train_decoder(p: Preset, vae_cfg: VAEConfig, out: Path, steps: int) -> Path:
     """Fine-tune the decoder of ``out/vae``'s EMA VAE with the encoder frozen, into ``out/vae-decoder``
     (resumes; skipped when done). Fresh clips: the data order is seeded with ``p.seed + 1``."""
@@ -215,11 +222,7 @@ def train_decoder(p: Preset, vae_cfg: VAEConfig, out: Path, steps: int) -> Path:
         freeze_encoder(vae)
         tc = TrainConfig(steps=steps, batch_size=p.vae_batch, lr=p.decoder_lr, warmup=min(50, steps // 10),
                          ema_decay=p.vae_ema, seed=p.seed + 1, out_dir=str(dec_run), ckpt_every=250)  # fmt: skip
-        frames, size = p.vae_clip
-        data = SyntheticVideos("train", length=p.data_length, frames=frames, size=size)
-        if p.vae_crop is not None:
-            data = Crops(data, p.vae_crop, seed=p.seed + 1)
-        Trainer({"vae": vae}, DecoderObjective(recon=p.vae_recon), data, tc).run()
+        Trainer({"vae": vae}, DecoderObjective(recon=p.vae_recon), vae_data(p, p.seed + 1), tc).run()
         _mark_done(dec_run, {"steps": tc.steps})
     return dec_run
 
@@ -246,7 +249,6 @@ def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scal
 
     # 2. VAE on short clips (the causal chunks see the same 1 + 4 frame pattern as long clips).
     vae_run = out / "vae"
-    frames, size = p.vae_clip
     if not _done(vae_run):
         torch.manual_seed(p.seed)  # the VAE's initial weights depend on the seed alone
         vae = WanVAE(p.model.vae)
@@ -254,10 +256,7 @@ def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scal
         tc = TrainConfig(steps=steps(p.vae_steps), batch_size=p.vae_batch, lr=p.vae_lr,
                          warmup=min(p.vae_warmup, p.vae_steps // 10), ema_decay=p.vae_ema, seed=p.seed,
                          out_dir=str(vae_run), ckpt_every=250)  # fmt: skip
-        data = SyntheticVideos("train", length=p.data_length, frames=frames, size=size)
-        if p.vae_crop is not None:
-            data = Crops(data, p.vae_crop, seed=p.seed)
-        Trainer({"vae": vae}, VAEObjective(kl_weight=p.kl_weight, recon=p.vae_recon), data, tc).run()
+        Trainer({"vae": vae}, VAEObjective(kl_weight=p.kl_weight, recon=p.vae_recon), vae_data(p, p.seed), tc).run()
         _mark_done(vae_run, {"steps": tc.steps})
     vae = WanVAE(p.model.vae)
     vae.load_state_dict(_load_ema(vae_run, "vae"))
