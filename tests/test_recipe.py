@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import segue
@@ -84,6 +85,13 @@ def test_smoke_preset_trains_ships_generates_and_evaluates(tmp_path, capsys):
 def test_unknown_preset_is_a_clear_error(capsys):
     assert main(["train", "--preset", "huge", "--out", "/tmp/never"]) == 2
     assert "unknown preset 'huge'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_training_on_a_missing_gpu_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--preset", "smoke", "--device", "cuda", "--out", str(tmp_path / "run")]) == 2
+    assert "no CUDA GPU is available" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_default_preset_fits_the_size_budget():

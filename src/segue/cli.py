@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", type=Path, default=Path("runs/default"), help="run folder (checkpoints, logs)")
     tr.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count")
     tr.add_argument("--install", action="store_true", help="copy the result into the package as the default")
+    tr.add_argument("--device", default="cpu", help="where the models train: cpu, cuda, cuda:1, ...")
 
     ev = sub.add_parser("eval", help="score a model on the held-out procedural clips against a crossfade")
     ev.add_argument("--ckpt", type=Path, default=None, help="model (default: the built-in one)")
@@ -257,7 +258,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise InputError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
     if args.steps_scale <= 0:
         raise InputError(f"--steps-scale must be positive, got {args.steps_scale}")
-    path = train_preset(args.preset, args.out, steps_scale=args.steps_scale)
+    path = train_preset(args.preset, args.out, device=args.device, steps_scale=args.steps_scale)
     if args.install:
         DEFAULT_MODEL.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, DEFAULT_MODEL)

@@ -91,8 +91,8 @@ def _encode_batch(vae: nn.Module, videos: Tensor, modes: Sequence[str], indices:
     for mode in modes:
         keep = torch.stack([_given(mode, i, frames) for i in indices])[:, None, :, None, None]  # [b, 1, F, 1, 1]
         inputs.append(torch.where(keep, videos, torch.zeros((), dtype=videos.dtype)))
-    with torch.no_grad():
-        latents = vae.encode(torch.cat(inputs)).float()  # [(1 + M) b, z, T, h, w]
+    with torch.no_grad():  # on the VAE's device; the cache lives on the CPU
+        latents = vae.encode(torch.cat(inputs).to(vae.conv1.weight.device)).float().cpu()  # [(1 + M) b, z, T, h, w]
     parts = latents.split(b)
     return {"x0": parts[0], **{mode: z for mode, z in zip(modes, parts[1:])}}
 
@@ -195,7 +195,7 @@ def build_latent_cache(
     # "none": the latent of an all-zero conditioning video, the same for every clip
     video = dataset[0]["video"]
     with torch.no_grad():
-        zero = vae.encode(torch.zeros_like(video)[None].float())[0].to(dtype)  # [z, T, h, w]
+        zero = vae.encode(torch.zeros_like(video)[None].float().to(vae.conv1.weight.device))[0].to("cpu", dtype)
     _atomic_save({"config": config, "shards": names, "none": zero}, path / "meta.pt")
     return path
 

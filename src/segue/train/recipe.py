@@ -17,6 +17,7 @@ import torch
 from ..bundle import save_bundle
 from ..config import DiTConfig, GenerationDefaults, ImageEncoderConfig, ModelConfig, TextEncoderConfig, VAEConfig
 from ..data.synthetic import SyntheticVideos, vocabulary
+from ..loader import resolve_device
 from ..models.dit import WanDiT
 from ..models.encoders import ImageEncoder, TextEncoder
 from ..models.vae import WanVAE
@@ -200,7 +201,7 @@ def latent_stats(vae: WanVAE, data: SyntheticVideos, batches: int, batch_size: i
     with torch.no_grad():
         for b in range(batches):
             video = torch.stack([data[b * batch_size + i]["video"] for i in range(batch_size)])
-            zs.append(vae.encode(video, normalize=False).float())
+            zs.append(vae.encode(video.to(vae.conv1.weight.device), normalize=False).float().cpu())
     z = torch.cat(zs).transpose(0, 1).reshape(vae.cfg.z_dim, -1)  # [z, N]
     return z.mean(1).tolist(), z.std(1).clamp_min(1e-3).tolist()
 
@@ -212,13 +213,14 @@ def vae_data(p: Preset, seed: int) -> torch.utils.data.Dataset:
     return data if p.vae_crop is None else Crops(data, p.vae_crop, seed=seed)
 
 
-def train_decoder(p: Preset, vae_cfg: VAEConfig, out: Path, steps: int) -> Path:
+def train_decoder(p: Preset, vae_cfg: VAEConfig, out: Path, steps: int, device: str | torch.device = "cpu") -> Path:
     """Fine-tune the decoder of ``out/vae``'s EMA VAE with the encoder frozen, into ``out/vae-decoder``
     (resumes; skipped when done). Fresh clips: the data order is seeded with ``p.seed + 1``."""
     dec_run = out / "vae-decoder"
     if not _done(dec_run):
         vae = WanVAE(vae_cfg)
         vae.load_state_dict(_load_ema(out / "vae", "vae"))
+        vae.to(device)
         freeze_encoder(vae)
         tc = TrainConfig(steps=steps, batch_size=p.vae_batch, lr=p.decoder_lr, warmup=min(50, steps // 10),
                          ema_decay=p.vae_ema, seed=p.seed + 1, out_dir=str(dec_run), ckpt_every=250)  # fmt: skip
@@ -228,9 +230,12 @@ def train_decoder(p: Preset, vae_cfg: VAEConfig, out: Path, steps: int) -> Path:
 
 
 def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scale: float = 1.0) -> Path:
-    """Run the preset end to end (resuming where it stopped) and write ``out_dir/model.safetensors``."""
+    """Run the preset end to end (resuming where it stopped) and write ``out_dir/model.safetensors``.
+
+    Every model trains on ``device``; data, the latent cache and checkpoints stay on the CPU."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    dev = resolve_device(device)
     p = PRESETS[name]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,6 +258,7 @@ def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scal
         torch.manual_seed(p.seed)  # the VAE's initial weights depend on the seed alone
         vae = WanVAE(p.model.vae)
         narrow_posterior(vae)
+        vae.to(dev)
         tc = TrainConfig(steps=steps(p.vae_steps), batch_size=p.vae_batch, lr=p.vae_lr,
                          warmup=min(p.vae_warmup, p.vae_steps // 10), ema_decay=p.vae_ema, seed=p.seed,
                          out_dir=str(vae_run), ckpt_every=250)  # fmt: skip
@@ -260,13 +266,14 @@ def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scal
         _mark_done(vae_run, {"steps": tc.steps})
     vae = WanVAE(p.model.vae)
     vae.load_state_dict(_load_ema(vae_run, "vae"))
+    vae.to(dev)
     stats_data = SyntheticVideos("train", length=p.data_length, frames=p.stages[0].frames, size=p.stages[0].size)
     mean, std = latent_stats(vae.eval(), stats_data, p.stats_batches, 4)
     vae_cfg = replace(p.model.vae, latent_mean=tuple(mean), latent_std=tuple(std))
     model_cfg = replace(p.model, vae=vae_cfg)
     vae = WanVAE(vae_cfg)
     vae.load_state_dict(_load_ema(vae_run, "vae"))
-    vae.eval().requires_grad_(False)
+    vae.to(dev).eval().requires_grad_(False)
 
     # 3. DiT + text + image encoders, three stages; each starts from the previous stage's EMA weights.
     # Stages at the first stage's shape train on cached VAE latents (built once, below, when first needed).
@@ -287,7 +294,7 @@ def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scal
     parts = {"dit": WanDiT(model_cfg.dit), "text": TextEncoder(model_cfg.text, tokenizer),
              "image": ImageEncoder(model_cfg.image)}  # fmt: skip
     for m in parts.values():
-        m.requires_grad_(True)
+        m.to(dev).requires_grad_(True)
     prev: Path | None = None
     for stage in p.stages:
         run = out / stage.name
@@ -320,7 +327,7 @@ def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scal
 
     # 4. Decoder fine-tuning on the frozen encoder: the latents, their statistics and so the DiT stay valid.
     if p.decoder_steps > 0:
-        train_decoder(p, vae_cfg, out, steps(p.decoder_steps))
+        train_decoder(p, vae_cfg, out, steps(p.decoder_steps), dev)
         vae.load_state_dict(_load_ema(out / "vae-decoder", "vae"))
 
     # 5. Ship the EMA weights of every component in one file.
