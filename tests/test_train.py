@@ -412,11 +412,19 @@ def _waves() -> torch.Tensor:
     return torch.stack([0.8 * torch.sin(3 * xx + 2 * yy + 2 * t + phase + k) for k in (0, 1)])
 
 
-def test_vae_loss_runs_the_causal_chunks_and_decreases(tmp_path: Path):
-    cfg = VAEConfig(dim=4, z_dim=4, latent_mean=(0.0,) * 4, latent_std=(1.0,) * 4)
+def _tiny_vae_and_waves() -> tuple[WanVAE, torch.Tensor]:
     torch.manual_seed(0)
-    vae = WanVAE(cfg)
-    video = _waves()  # [2, 3, 5, 16, 16]
+    return WanVAE(VAEConfig(dim=4, z_dim=4, latent_mean=(0.0,) * 4, latent_std=(1.0,) * 4)), _waves()
+
+
+def _train_20_steps(vae: WanVAE, objective, video: torch.Tensor, out: Path) -> list[float]:
+    data = [{"video": video[i]} for i in range(2)]
+    tc = TrainConfig(steps=20, batch_size=2, lr=3e-3, grad_clip=1.0, ema_decay=0.9, out_dir=str(out))
+    return Trainer({"vae": vae}, objective, data, tc).run()
+
+
+def test_vae_loss_runs_the_causal_chunks_and_decreases(tmp_path: Path):
+    vae, video = _tiny_vae_and_waves()  # video [2, 3, 5, 16, 16]
     # encode_moments is encode's chunked pass: its first z channels are the (unnormalised) mean
     with torch.no_grad():
         moments = vae.encode_moments(video)
@@ -428,27 +436,20 @@ def test_vae_loss_runs_the_causal_chunks_and_decreases(tmp_path: Path):
         assert torch.allclose(parts["recon"], (recon - video).abs().mean())
         assert parts["kl"] >= 0 and torch.allclose(loss, parts["recon"] + 1e-3 * parts["kl"])
 
-    data = [{"video": video[i]} for i in range(2)]
-    tc = TrainConfig(steps=20, batch_size=2, lr=3e-3, grad_clip=1.0, ema_decay=0.9, out_dir=str(tmp_path))
-    losses = Trainer({"vae": vae}, VAEObjective(kl_weight=1e-3), data, tc).run()
+    losses = _train_20_steps(vae, VAEObjective(kl_weight=1e-3), video, tmp_path)
     # measured: 0.515 -> 0.219 (means of the first and last three steps)
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), (losses[:3], losses[-3:])
 
 
 def test_decoder_fine_tuning_keeps_the_latent_space_and_lowers_the_loss(tmp_path: Path):
-    cfg = VAEConfig(dim=4, z_dim=4, latent_mean=(0.0,) * 4, latent_std=(1.0,) * 4)
-    torch.manual_seed(0)
-    vae = WanVAE(cfg)
-    video = _waves()  # [2, 3, 5, 16, 16]
+    vae, video = _tiny_vae_and_waves()  # video [2, 3, 5, 16, 16]
     with torch.no_grad():
         latents = vae.encode(video, normalize=False)
         before = {k: v.clone() for k, v in vae.state_dict().items()}
     freeze_encoder(vae)
     with pytest.raises(ValueError, match="recon must be"):
         DecoderObjective(recon="l2")({"vae": vae}, {"video": video})
-    data = [{"video": video[i]} for i in range(2)]
-    tc = TrainConfig(steps=20, batch_size=2, lr=3e-3, grad_clip=1.0, ema_decay=0.9, out_dir=str(tmp_path))
-    losses = Trainer({"vae": vae}, DecoderObjective(recon="mse"), data, tc).run()
+    losses = _train_20_steps(vae, DecoderObjective(recon="mse"), video, tmp_path)
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), (losses[:3], losses[-3:])
     after = vae.state_dict()
     frozen = [k for k in after if k.startswith(("encoder.", "conv1."))]
