@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from segue.config import VAEConfig
+from segue.config import ModelConfig
 from segue.data.synthetic import SyntheticVideos
 from segue.evaluate import psnr
 from segue.models.vae import WanVAE
@@ -28,9 +28,7 @@ def main() -> None:
     p.add_argument("--weights", default="vae", help="the run's folder with the VAE's ema.pt")
     args = p.parse_args()
     preset = json.loads((args.run / "preset.json").read_text())
-    vcfg = preset["model"]["vae"]
-    cfg = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vcfg.items()})
-    vae = WanVAE(cfg).eval()
+    vae = WanVAE(ModelConfig.from_dict(preset["model"]).vae).eval()
     vae.load_state_dict(torch.load(args.run / args.weights / "ema.pt", map_location="cpu", weights_only=True)["vae"])
     stage = preset["stages"][0]
     data = SyntheticVideos("test", length=args.clips, frames=stage["frames"], size=tuple(stage["size"]))

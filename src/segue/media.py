@@ -76,8 +76,7 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        if tmp_path.exists():
-            os.chmod(tmp_path, _default_mode(0o666))
+        os.chmod(tmp_path, _default_mode(0o666))
         os.replace(tmp_path, dest)
     finally:
         if tmp_path.exists():

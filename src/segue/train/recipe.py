@@ -104,11 +104,10 @@ def _default_model(
 
 PRESETS: dict[str, Preset] = {
     "default": Preset(
-        # A 4x-space causal VAE (16 latent channels, Wan's count) with a DiT patch of (1, 4, 4): 80 tokens per
-        # 64x64 17-frame clip, like an 8x VAE with Wan's (1, 2, 2) patch, but the small objects survive the
-        # VAE (an 8x VAE of this width reconstructed them at 8-12 dB after 3000 steps; docs/training.md).
-        # Measured since: 576 input values per token into width 192 is too narrow for the DiT to copy its
-        # keyframes (the first whole run, docs/training.md); patch (1, 2, 2) is the next thing to try.
+        # A 4x-space causal VAE (16 latent channels, Wan's count): the small objects survive it (an 8x VAE of
+        # this width reconstructed them at 8-12 dB after 3000 steps). DiT patch (1, 2, 2), 320 tokens per
+        # 64x64 17-frame clip: with patch (1, 4, 4), 576 input values per token into width 192 was too narrow
+        # for the DiT to copy its keyframes (docs/training.md, the first and second whole runs).
         model=_default_model(
             vocab=320,
             name="segue-default",
