@@ -41,8 +41,10 @@ def save_bundle(
     modules: dict[str, torch.nn.Module],
     tokenizer_dir: str | Path,
     dtype: torch.dtype | None = None,
+    lineage: list[dict] | None = None,
 ) -> Path:
-    """Write ``modules`` (keys among dit, vae, text, image) as one file; ``dtype`` casts floating tensors."""
+    """Write ``modules`` (keys among dit, vae, text, image) as one file; ``dtype`` casts floating tensors.
+    ``lineage``: the training runs that made these weights, oldest first (stored as ``segue_lineage``)."""
     tensors: dict[str, torch.Tensor] = {}
     for part, module in modules.items():
         if part not in PARTS:
@@ -53,6 +55,8 @@ def save_bundle(
                 t = t.to(dtype)
             tensors[f"{part}.{name}"] = t.contiguous().clone()  # clone: tied weights must not share storage
     meta = {"format": "pt", "segue_format": FORMAT_VERSION, "segue_config": json.dumps(config.to_dict())}
+    if lineage:
+        meta["segue_lineage"] = json.dumps(lineage)
     for f in sorted(Path(tokenizer_dir).iterdir()):
         if f.is_file() and f.suffix in (".json", ".model", ".txt"):
             meta[f"tokenizer/{f.name}"] = f.read_text() if f.suffix != ".model" else f.read_bytes().hex()
@@ -77,6 +81,26 @@ def read_bundle_metadata(path: Path) -> tuple[ModelConfig, dict[str, str]]:
         raise CheckpointError(f"{path}: bad segue_config metadata ({e})") from None
     files = {k.removeprefix("tokenizer/"): v for k, v in meta.items() if k.startswith("tokenizer/")}
     return config, files
+
+
+def read_bundle_lineage(path: Path) -> list[dict]:
+    """The training runs recorded in a bundle, oldest first ([] when it records none)."""
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("segue_lineage")
+    return json.loads(raw) if raw else []
+
+
+def read_bundle_weights(path: Path, dtype: torch.dtype = torch.float32) -> dict[str, dict[str, torch.Tensor]]:
+    """A bundle's tensors per part (``dit``, ``vae``, ``text``, ``image``), floating ones cast to ``dtype``."""
+    out: dict[str, dict[str, torch.Tensor]] = {part: {} for part in PARTS}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            part, _, name = key.partition(".")
+            if part not in out:
+                raise CheckpointError(f"{path}: tensor {key!r} belongs to no part of {PARTS}")
+            t = f.get_tensor(key)
+            out[part][name] = t.to(dtype) if t.is_floating_point() else t
+    return out
 
 
 def materialize_tokenizer(files: dict[str, str], cache: Path | None = None) -> Path:

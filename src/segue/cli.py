@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count")
     tr.add_argument("--install", action="store_true", help="copy the result into the package as the default")
     tr.add_argument("--device", default="cpu", help="where the models train: cpu, cuda, cuda:1, ...")
+    tr.add_argument("--continue-from", type=Path, default=None, metavar="BUNDLE",
+                    help="start from this bundle's weights and run --continuation instead of the preset")  # fmt: skip
+    tr.add_argument("--continuation", default="default-r3", help="named continuation schedule (with --continue-from)")
 
     ev = sub.add_parser("eval", help="score a model on the held-out procedural clips against a crossfade")
     ev.add_argument("--ckpt", type=Path, default=None, help="model (default: the built-in one)")
@@ -258,7 +261,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise InputError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
     if args.steps_scale <= 0:
         raise InputError(f"--steps-scale must be positive, got {args.steps_scale}")
-    path = train_preset(args.preset, args.out, device=args.device, steps_scale=args.steps_scale)
+    if args.continue_from is not None:
+        from .train.continuation import continue_from_bundle
+
+        path = continue_from_bundle(args.continue_from, args.continuation, args.out, args.device, args.steps_scale)
+    else:
+        path = train_preset(args.preset, args.out, device=args.device, steps_scale=args.steps_scale)
     if args.install:
         DEFAULT_MODEL.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, DEFAULT_MODEL)

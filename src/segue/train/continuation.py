@@ -1,0 +1,179 @@
+"""Training resumed from a bundle's weights: how the built-in model keeps improving across sessions.
+
+Run folders do not outlive a development session here, but the shipped bundle does. A continuation
+starts every component from a bundle (the VAE frozen as it is, so the DiT's latent space stays valid),
+encodes a latent cache of *fresh* training clips (a window of the training split that earlier runs did
+not see), trains the DiT and its encoders for one more stage and writes a new bundle whose
+``segue_lineage`` metadata lists every run that made it, oldest first.
+
+``segue train --continue-from BUNDLE --continuation NAME --out RUN`` runs one; the named schedules are
+in ``CONTINUATIONS`` and docs/training.md records which ones made the shipped model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from ..bundle import materialize_tokenizer, read_bundle_lineage, read_bundle_metadata, read_bundle_weights, save_bundle
+from ..config import VAEConfig
+from ..data.synthetic import SyntheticVideos
+from ..errors import InputError
+from ..loader import resolve_device
+from ..models.dit import WanDiT
+from ..models.encoders import ImageEncoder, TextEncoder
+from ..models.vae import WanVAE
+from ..tokenizer import load_tokenizer
+from .latents import CachedClips, CachedFLF2VObjective, build_latent_cache
+from .recipe import FLF, PRESETS, Stage, _done, _load_ema, _mark_done, vae_data
+from .trainer import TrainConfig, Trainer
+from .vae_loss import DecoderObjective, freeze_encoder
+
+log = logging.getLogger("segue")
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """One more DiT stage on top of a bundle: the stage, the window of training clips it caches."""
+
+    name: str
+    stage: Stage
+    cache_start: int  # first training-split index of the cache (earlier runs cached clips 0..1999)
+    cache_clips: int
+    shift: float = 3.0
+    data_length: int = 200_000
+    seed: int = 0
+    cache_dtype: str = "float16"
+    bundle_dtype: str = "float16"
+    # then the VAE's decoder alone on its frozen encoder (latents, and so the DiT, stay valid), on the VAE
+    # clips of ``preset`` drawn with ``decoder_seed`` (another seed than the runs before: fresh clips)
+    decoder_steps: int = 0
+    decoder_lr: float = 5e-4
+    decoder_seed: int = 2
+    preset: str = "default"
+
+
+CONTINUATIONS: dict[str, Continuation] = {
+    # Session 5 on top of the second whole run of the default preset: first-last specialisation goes on
+    # (its flow loss was still falling) on 2000 clips it has not seen; fresh AdamW, so a short warmup.
+    "default-r3": Continuation(
+        "default-r3",
+        Stage("stage2-flf-r3", steps=4000, lr=2e-4, modes=FLF, warmup=100),
+        cache_start=2000,
+        cache_clips=2000,
+        decoder_steps=1000,
+    ),
+    # the same path in seconds, for tests
+    "smoke": Continuation(
+        "smoke",
+        Stage("stage-smoke", steps=2, lr=1e-3, modes=FLF, size=(32, 32), frames=5, batch_size=2),
+        cache_start=8,
+        cache_clips=4,
+        data_length=64,
+        decoder_steps=1,
+        preset="smoke",
+    ),
+}
+
+
+class Window(Dataset):
+    """Items ``start .. start + length - 1`` of a dataset, as items 0 .. length - 1."""
+
+    def __init__(self, data: SyntheticVideos, start: int, length: int) -> None:
+        if start < 0 or length < 1 or start + length > len(data):
+            raise InputError(f"window [{start}, {start + length}) does not fit a dataset of {len(data)} items")
+        self.data, self.start, self.length = data, start, length
+        self.split, self.frames, self.size = data.split, data.frames, data.size  # what the cache records
+        self.ambiguous_fraction = data.ambiguous_fraction
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        return self.data[self.start + index]
+
+
+def _train_decoder(
+    c: Continuation, cfg: VAEConfig, state: dict[str, torch.Tensor], out: Path, steps_scale: float, dev: torch.device
+) -> Path:
+    """Fine-tune the decoder of the VAE ``state`` on its frozen encoder into ``out/vae-decoder`` (resumes)."""
+    run = out / "vae-decoder"
+    if not _done(run):
+        p = PRESETS[c.preset]
+        steps = max(1, round(c.decoder_steps * steps_scale))
+        vae = WanVAE(cfg)
+        vae.load_state_dict(state)
+        vae.to(dev)
+        freeze_encoder(vae)
+        tc = TrainConfig(steps=steps, batch_size=p.vae_batch, lr=c.decoder_lr, warmup=min(50, steps // 10),
+                         ema_decay=p.vae_ema, seed=c.decoder_seed, out_dir=str(run), ckpt_every=250)  # fmt: skip
+        Trainer({"vae": vae}, DecoderObjective(recon=p.vae_recon), vae_data(p, c.decoder_seed), tc).run()
+        _mark_done(run, {"steps": steps})
+    return run
+
+
+def continue_from_bundle(
+    bundle: str | Path, name: str, out_dir: str | Path, device: str = "cpu", steps_scale: float = 1.0
+) -> Path:
+    """Run continuation ``name`` on ``bundle``'s weights into ``out_dir`` (resumes); returns the new bundle."""
+    if name not in CONTINUATIONS:
+        raise InputError(f"unknown continuation {name!r}; known: {', '.join(CONTINUATIONS)}")
+    bundle = Path(bundle)
+    if not bundle.is_file():
+        raise InputError(f"--continue-from: no such bundle file: {bundle}")
+    c = CONTINUATIONS[name]
+    dev = resolve_device(device)
+    config, tok_files = read_bundle_metadata(bundle)  # a bad bundle is refused before anything is written
+    weights = read_bundle_weights(bundle)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = max(1, round(c.stage.steps * steps_scale))
+    record = {"continuation": asdict(c), "steps": steps, "from": bundle.name}
+    (out / "continuation.json").write_text(json.dumps(record, indent=2))
+    tok_dir = out / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        materialize_tokenizer(tok_files, tok_dir)
+    tokenizer = load_tokenizer(tok_dir)
+
+    # The bundle's VAE, frozen: its latent statistics are in the config, the DiT learned its latent space.
+    vae = WanVAE(config.vae)
+    vae.load_state_dict(weights["vae"])
+    vae.to(dev).eval().requires_grad_(False)
+    parts = {"dit": WanDiT(config.dit), "text": TextEncoder(config.text, tokenizer),
+             "image": ImageEncoder(config.image)}  # fmt: skip
+    targets = {"dit": parts["dit"], "text": parts["text"].model, "image": parts["image"].model}
+    for part, module in targets.items():
+        module.load_state_dict(weights[part])
+    for m in parts.values():
+        m.to(dev).requires_grad_(True)
+
+    run = out / c.stage.name
+    if not _done(run):
+        data = SyntheticVideos("train", length=c.data_length, frames=c.stage.frames, size=c.stage.size)
+        window = Window(data, c.cache_start, c.cache_clips)
+        cache_dir = out / "latents"
+        modes = sorted(m for m, w in c.stage.modes.items() if w > 0)
+        if not _done(cache_dir):
+            build_latent_cache(vae, window, c.cache_clips, cache_dir, modes, dtype=getattr(torch, c.cache_dtype))
+            _mark_done(cache_dir, {"clips": c.cache_clips, "start": c.cache_start, "modes": modes})
+        tc = TrainConfig(steps=steps, batch_size=c.stage.batch_size, lr=c.stage.lr, warmup=c.stage.warmup,
+                         ema_decay=0.999, ema_warmup=True, seed=c.seed, out_dir=str(run), ckpt_every=250)  # fmt: skip
+        objective = CachedFLF2VObjective(shift=c.shift, modes=c.stage.modes, caption_dropout=c.stage.caption_dropout)
+        Trainer(parts, objective, CachedClips(cache_dir, temporal=vae.cfg.temporal_factor), tc).run()
+        _mark_done(run, {"steps": steps})
+
+    if c.decoder_steps > 0:
+        vae.load_state_dict(_load_ema(_train_decoder(c, config.vae, weights["vae"], out, steps_scale, dev), "vae"))
+    for part, module in parts.items():  # the EMA holds the wrappers' names (text.model.*, image.model.*)
+        module.load_state_dict(_load_ema(run, part))
+    lineage = read_bundle_lineage(bundle) or [{"preset": "default", "note": "run 2 of docs/training.md"}]
+    lineage.append(record)
+    modules = {"dit": parts["dit"], "vae": vae, "text": targets["text"], "image": targets["image"]}
+    return save_bundle(out / "model.safetensors", config, modules, tok_dir, getattr(torch, c.bundle_dtype), lineage)

@@ -1,0 +1,99 @@
+"""Continuing training from a bundle: the weights it starts from, the fresh clips it caches, its lineage."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+import segue
+from segue.bundle import read_bundle_lineage, read_bundle_weights
+from segue.cli import main
+from segue.data.synthetic import SyntheticVideos
+from segue.errors import InputError
+from segue.train import continuation
+from segue.train.continuation import CONTINUATIONS, Window, continue_from_bundle
+from segue.train.latents import CachedClips
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base")
+    assert main(["-q", "train", "--preset", "smoke", "--out", str(out)]) == 0
+    return out / "model.safetensors"
+
+
+def test_a_continuation_at_a_vanishing_lr_gives_back_the_bundle(base, tmp_path, monkeypatch):
+    c = CONTINUATIONS["smoke"]
+    still = replace(c, name="still", stage=replace(c.stage, lr=1e-30), decoder_steps=0)
+    monkeypatch.setitem(CONTINUATIONS, "still", still)
+    new = continue_from_bundle(base, "still", tmp_path / "run")
+    before, after = read_bundle_weights(base), read_bundle_weights(new)
+    for part in before:
+        assert before[part].keys() == after[part].keys()
+        assert all(torch.equal(before[part][k], after[part][k]) for k in before[part]), part
+    # lineage: the preset run that made the base bundle, then this continuation
+    lineage = read_bundle_lineage(new)
+    assert [e.get("preset") for e in lineage] == ["default", None]
+    assert lineage[1]["continuation"]["name"] == "still" and lineage[1]["steps"] == c.stage.steps
+
+
+def test_a_continuation_trains_the_dit_on_fresh_clips_and_keeps_the_vae(base, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["-q", "train", "--continue-from", str(base), "--continuation", "smoke", "--out", str(out)]) == 0
+    new = out / "model.safetensors"
+    assert capsys.readouterr().out.strip() == str(new)
+    before, after = read_bundle_weights(base), read_bundle_weights(new)
+    # the encoder is frozen (the latents, and so the DiT, stay valid); the decoder was fine-tuned on it
+    decoder = [k for k in before["vae"] if k.startswith(("decoder.", "conv2."))]
+    encoder = [k for k in before["vae"] if k not in decoder]
+    assert encoder and all(torch.equal(before["vae"][k], after["vae"][k]) for k in encoder)
+    assert any(not torch.equal(before["vae"][k], after["vae"][k]) for k in decoder)
+    assert (out / "vae-decoder" / "done").is_file()
+    assert any(not torch.equal(before["dit"][k], after["dit"][k]) for k in before["dit"])
+    c = CONTINUATIONS["smoke"]
+    steps = json.loads((out / c.stage.name / "done").read_text())["steps"]
+    assert steps == c.stage.steps and len((out / c.stage.name / "log.jsonl").read_text().splitlines()) == steps
+    # the cache holds the window's clips, not the first ones that earlier runs trained on
+    cache = CachedClips(out / "latents")
+    data = SyntheticVideos("train", length=c.data_length, frames=c.stage.frames, size=c.stage.size)
+    assert len(cache) == c.cache_clips
+    assert [cache[i]["caption"] for i in range(len(cache))] == [
+        data.clip(c.cache_start + i).caption for i in range(c.cache_clips)
+    ]
+    assert json.loads((out / "latents" / "config.json").read_text())["dataset"]["start"] == c.cache_start
+    pipe = segue.load(new)
+    video = pipe.generate("examples/first.png", "examples/last.png", "the red circle moves to the right", steps=2)
+    assert video.frames.shape == (17, 64, 64, 3)
+
+
+def test_window_and_bad_arguments_are_clear_errors(tmp_path, capsys):
+    data = SyntheticVideos("train", length=10, frames=5, size=(32, 32))
+    w = Window(data, 4, 3)
+    assert len(w) == 3 and torch.equal(w[0]["video"], data[4]["video"])
+    with pytest.raises(IndexError):
+        w[3]
+    with pytest.raises(InputError, match=r"window \[8, 11\) does not fit a dataset of 10"):
+        Window(data, 8, 3)
+    with pytest.raises(InputError, match="unknown continuation 'nope'; known: default-r3, smoke"):
+        continue_from_bundle(tmp_path / "x.safetensors", "nope", tmp_path / "run")
+    missing = tmp_path / "missing.safetensors"
+    args = ["train", "--continuation", "smoke", "--out", str(tmp_path / "r"), "--continue-from"]
+    assert main([*args, str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"no such bundle file: {missing}" in err
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    assert main([*args, str(bad)]) == 2
+    assert "bad.safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_the_shipped_continuation_caches_clips_earlier_runs_did_not_see():
+    from segue.train.recipe import PRESETS
+
+    c = continuation.CONTINUATIONS["default-r3"]
+    assert c.cache_start >= PRESETS["default"].cache_clips
+    assert c.stage.size == PRESETS["default"].stages[0].size and c.stage.frames == PRESETS["default"].stages[0].frames
