@@ -69,6 +69,24 @@ def test_a_continuation_trains_the_dit_on_fresh_clips_and_keeps_the_vae(base, tm
     assert video.frames.shape == (17, 64, 64, 3)
 
 
+def test_a_continuation_that_trains_the_vae_measures_its_latent_statistics_again(base, tmp_path, monkeypatch):
+    c = CONTINUATIONS["smoke"]
+    monkeypatch.setitem(CONTINUATIONS, "vae", replace(c, name="vae", vae_steps=2, decoder_steps=0))
+    new = continue_from_bundle(base, "vae", tmp_path / "run")
+    before, after = read_bundle_weights(base), read_bundle_weights(new)
+    moved = [k for k in before["vae"] if not torch.equal(before["vae"][k], after["vae"][k])]
+    assert any(k.startswith("encoder.") for k in moved) and any(k.startswith("decoder.") for k in moved)
+    old, cfg = segue.load(base).config.vae, segue.load(new).config.vae
+    assert cfg.latent_mean != old.latent_mean and cfg.latent_std != old.latent_std
+    # the DiT trained on latents of the new VAE: the cache records that VAE's fingerprint
+    from segue.models.vae import WanVAE
+    from segue.train.latents import vae_fingerprint
+
+    vae = WanVAE(cfg)
+    vae.load_state_dict(torch.load(tmp_path / "run" / "vae" / "ema.pt", weights_only=True)["vae"])
+    assert json.loads((tmp_path / "run" / "latents" / "config.json").read_text())["vae"] == vae_fingerprint(vae)
+
+
 def test_window_and_bad_arguments_are_clear_errors(tmp_path, capsys):
     data = SyntheticVideos("train", length=10, frames=5, size=(32, 32))
     w = Window(data, 4, 3)
@@ -77,7 +95,7 @@ def test_window_and_bad_arguments_are_clear_errors(tmp_path, capsys):
         w[3]
     with pytest.raises(InputError, match=r"window \[8, 11\) does not fit a dataset of 10"):
         Window(data, 8, 3)
-    with pytest.raises(InputError, match="unknown continuation 'nope'; known: default-r3, smoke"):
+    with pytest.raises(InputError, match="unknown continuation 'nope'; known: default-r3, default-r4, smoke"):
         continue_from_bundle(tmp_path / "x.safetensors", "nope", tmp_path / "run")
     missing = tmp_path / "missing.safetensors"
     args = ["train", "--continuation", "smoke", "--out", str(tmp_path / "r"), "--continue-from"]
