@@ -136,9 +136,8 @@ def _train_vae(
         lr, seed = (c.decoder_lr, c.decoder_seed) if decoder_only else (c.vae_lr, c.vae_seed)
         tc = TrainConfig(steps=steps, batch_size=p.vae_batch, lr=lr, warmup=min(50, steps // 10),
                          ema_decay=p.vae_ema, seed=seed, out_dir=str(run), ckpt_every=250)  # fmt: skip
-        objective = (
-            DecoderObjective(recon=p.vae_recon) if decoder_only else VAEObjective(kl_weight=p.kl_weight, recon=p.vae_recon)
-        )
+        whole = VAEObjective(kl_weight=p.kl_weight, recon=p.vae_recon)
+        objective = DecoderObjective(recon=p.vae_recon) if decoder_only else whole
         Trainer({"vae": vae}, objective, vae_data(p, seed), tc).run()
         _mark_done(run, {"steps": steps})
     return _load_ema(run, "vae")
