@@ -1,9 +1,10 @@
 """Write a bundle from a running continuation's latest checkpoint (EMA weights), to evaluate it mid-run.
 
-    python bench/ckpt_bundle.py RUN [--stage NAME] [--out FILE]
+    python bench/ckpt_bundle.py RUN --from-bundle BUNDLE [--stage NAME] [--out FILE]
 
-RUN is a ``segue train --continue-from`` folder; the VAE and the config come from the bundle it started
-from (``continuation.json``), the DiT and encoders from the stage's latest checkpoint.
+RUN is a ``segue train --continue-from BUNDLE`` folder; the VAE and the config come from BUNDLE (the one
+the run started from: once a run is installed, the packaged file is no longer it), the DiT and encoders
+from the stage's latest checkpoint.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
     ap.add_argument("--stage", default=None, help="stage folder (default: the continuation's stage)")
-    ap.add_argument("--from-bundle", type=Path, default=Path("src/segue/assets/default.safetensors"))
+    ap.add_argument("--from-bundle", type=Path, required=True, help="the bundle the run continued from")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     record = json.loads((args.run / "continuation.json").read_text())

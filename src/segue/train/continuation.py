@@ -13,7 +13,6 @@ in ``CONTINUATIONS`` and docs/training.md records which ones made the shipped mo
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -30,11 +29,8 @@ from ..models.encoders import ImageEncoder, TextEncoder
 from ..models.vae import WanVAE
 from ..tokenizer import load_tokenizer
 from .latents import CachedClips, CachedFLF2VObjective, build_latent_cache
-from .recipe import FLF, PRESETS, Stage, _done, _load_ema, _mark_done, latent_stats, vae_data
+from .recipe import FLF, PRESETS, Stage, _done, _load_ema, _mark_done, latent_stats, train_vae_run
 from .trainer import TrainConfig, Trainer
-from .vae_loss import DecoderObjective, VAEObjective, freeze_encoder
-
-log = logging.getLogger("segue")
 
 
 @dataclass(frozen=True)
@@ -126,20 +122,9 @@ def _train_vae(
     """Train the VAE ``state`` (whole, or its decoder on the frozen encoder) into ``out/vae`` or
     ``out/vae-decoder`` (resumes; skipped when done); returns its EMA weights."""
     run = out / ("vae-decoder" if decoder_only else "vae")
-    if not _done(run):
-        p = PRESETS[c.preset]
-        vae = WanVAE(cfg)
-        vae.load_state_dict(state)
-        vae.to(dev)
-        if decoder_only:
-            freeze_encoder(vae)
-        lr, seed = (c.decoder_lr, c.decoder_seed) if decoder_only else (c.vae_lr, c.vae_seed)
-        tc = TrainConfig(steps=steps, batch_size=p.vae_batch, lr=lr, warmup=min(50, steps // 10),
-                         ema_decay=p.vae_ema, seed=seed, out_dir=str(run), ckpt_every=250)  # fmt: skip
-        whole = VAEObjective(kl_weight=p.kl_weight, recon=p.vae_recon)
-        objective = DecoderObjective(recon=p.vae_recon) if decoder_only else whole
-        Trainer({"vae": vae}, objective, vae_data(p, seed), tc).run()
-        _mark_done(run, {"steps": steps})
+    lr, seed = (c.decoder_lr, c.decoder_seed) if decoder_only else (c.vae_lr, c.vae_seed)
+    p = PRESETS[c.preset]
+    train_vae_run(p, cfg, state, run, steps=steps, lr=lr, seed=seed, decoder_only=decoder_only, device=dev)
     return _load_ema(run, "vae")
 
 
@@ -158,16 +143,19 @@ def continue_from_bundle(
     weights = read_bundle_weights(bundle)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    steps = max(1, round(c.stage.steps * steps_scale))  # the DiT stage's
+
+    def scaled(n: int) -> int:
+        return max(1, round(n * steps_scale))
+
+    steps = scaled(c.stage.steps)  # the DiT stage's
     record = {"continuation": asdict(c), "steps": steps, "from": bundle.name}
     (out / "continuation.json").write_text(json.dumps(record, indent=2))
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         materialize_tokenizer(tok_files, tok_dir)
     tokenizer = load_tokenizer(tok_dir)
-
-    def scaled(n: int) -> int:
-        return max(1, round(n * steps_scale))
+    # the stage's clips: the VAE's latent statistics and the DiT's cache come from them
+    data = SyntheticVideos("train", length=c.data_length, frames=c.stage.frames, size=c.stage.size)
 
     # The whole VAE first, when this continuation trains it: its latent space moves, so the statistics
     # are measured again, and the DiT adapts to it in the stage below.
@@ -176,8 +164,7 @@ def continue_from_bundle(
         vae_state = _train_vae(c, config.vae, vae_state, out, scaled(c.vae_steps), dev, decoder_only=False)
         probe = WanVAE(config.vae)
         probe.load_state_dict(vae_state)
-        stats_data = SyntheticVideos("train", length=c.data_length, frames=c.stage.frames, size=c.stage.size)
-        mean, std = latent_stats(probe.to(dev).eval(), stats_data, PRESETS[c.preset].stats_batches, 4)
+        mean, std = latent_stats(probe.to(dev).eval(), data, PRESETS[c.preset].stats_batches, 4)
         config = replace(config, vae=replace(config.vae, latent_mean=tuple(mean), latent_std=tuple(std)))
     # Then frozen: the DiT learns (or learned) its latent space.
     vae = WanVAE(config.vae)
@@ -193,7 +180,6 @@ def continue_from_bundle(
 
     run = out / c.stage.name
     if not _done(run):
-        data = SyntheticVideos("train", length=c.data_length, frames=c.stage.frames, size=c.stage.size)
         window = Window(data, c.cache_start, c.cache_clips)
         cache_dir = out / "latents"
         modes = sorted(m for m, w in c.stage.modes.items() if w > 0)

@@ -212,20 +212,46 @@ def vae_data(p: Preset, seed: int) -> torch.utils.data.Dataset:
     return data if p.vae_crop is None else Crops(data, p.vae_crop, seed=seed)
 
 
+def train_vae_run(
+    p: Preset,
+    cfg: VAEConfig,
+    state: dict[str, torch.Tensor],
+    run: Path,
+    *,
+    steps: int,
+    lr: float,
+    seed: int,
+    decoder_only: bool,
+    device: str | torch.device = "cpu",
+) -> Path:
+    """Train the VAE ``state`` further into ``run`` (resumes; skipped when done) on ``p``'s VAE clips drawn
+    with ``seed``: the whole VAE, or (``decoder_only``) its decoder on the frozen encoder."""
+    if not _done(run):
+        vae = WanVAE(cfg)
+        vae.load_state_dict(state)
+        vae.to(device)
+        if decoder_only:
+            freeze_encoder(vae)
+        tc = TrainConfig(steps=steps, batch_size=p.vae_batch, lr=lr, warmup=min(50, steps // 10),
+                         ema_decay=p.vae_ema, seed=seed, out_dir=str(run), ckpt_every=250)  # fmt: skip
+        if decoder_only:
+            objective: DecoderObjective | VAEObjective = DecoderObjective(recon=p.vae_recon)
+        else:
+            objective = VAEObjective(kl_weight=p.kl_weight, recon=p.vae_recon)
+        Trainer({"vae": vae}, objective, vae_data(p, seed), tc).run()
+        _mark_done(run, {"steps": tc.steps})
+    return run
+
+
 def train_decoder(p: Preset, vae_cfg: VAEConfig, out: Path, steps: int, device: str | torch.device = "cpu") -> Path:
     """Fine-tune the decoder of ``out/vae``'s EMA VAE with the encoder frozen, into ``out/vae-decoder``
     (resumes; skipped when done). Fresh clips: the data order is seeded with ``p.seed + 1``."""
-    dec_run = out / "vae-decoder"
-    if not _done(dec_run):
-        vae = WanVAE(vae_cfg)
-        vae.load_state_dict(_load_ema(out / "vae", "vae"))
-        vae.to(device)
-        freeze_encoder(vae)
-        tc = TrainConfig(steps=steps, batch_size=p.vae_batch, lr=p.decoder_lr, warmup=min(50, steps // 10),
-                         ema_decay=p.vae_ema, seed=p.seed + 1, out_dir=str(dec_run), ckpt_every=250)  # fmt: skip
-        Trainer({"vae": vae}, DecoderObjective(recon=p.vae_recon), vae_data(p, p.seed + 1), tc).run()
-        _mark_done(dec_run, {"steps": tc.steps})
-    return dec_run
+    run = out / "vae-decoder"
+    if _done(run):
+        return run
+    state = _load_ema(out / "vae", "vae")
+    return train_vae_run(p, vae_cfg, state, run, steps=steps, lr=p.decoder_lr, seed=p.seed + 1,
+                         decoder_only=True, device=device)  # fmt: skip
 
 
 def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scale: float = 1.0) -> Path:
