@@ -2,15 +2,19 @@
 
     python bench/ckpt_bundle.py RUN --from-bundle BUNDLE [--stage NAME] [--out FILE]
 
-RUN is a ``segue train --continue-from BUNDLE`` folder; the VAE and the config come from BUNDLE (the one
-the run started from: once a run is installed, the packaged file is no longer it), the DiT and encoders
-from the stage's latest checkpoint.
+RUN is a ``segue train --continue-from BUNDLE`` folder; the config, the tokenizer and (unless the run trained
+its own) the VAE come from BUNDLE, the one the run started from (once a run is installed, the packaged file is
+no longer it). The DiT and encoders come from the stage's latest checkpoint. A continuation that trained the
+whole VAE (``vae_steps``) gives its finished VAE (``RUN/vae/ema.pt``), and the latent statistics are measured
+again exactly as the run measured them (``with_latent_stats``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,6 +24,8 @@ from segue.models.dit import WanDiT
 from segue.models.encoders import ImageEncoder, TextEncoder
 from segue.models.vae import WanVAE
 from segue.tokenizer import load_tokenizer
+from segue.train.continuation import CONTINUATIONS, with_latent_stats
+from segue.train.trainer import latest_ema
 
 
 def main() -> None:
@@ -31,25 +37,29 @@ def main() -> None:
     args = ap.parse_args()
     record = json.loads((args.run / "continuation.json").read_text())
     stage = args.stage or record["continuation"]["stage"]["name"]
-    ckpt_dir = args.run / stage / "ckpt"
-    ckpt = ckpt_dir / (ckpt_dir / "latest").read_text().strip()
+    step, ema = latest_ema(args.run / stage)
     config, _ = read_bundle_metadata(args.from_bundle)
-    weights = read_bundle_weights(args.from_bundle)
+    vae_state = read_bundle_weights(args.from_bundle)["vae"]
+    if record["continuation"]["vae_steps"] > 0:
+        if not (args.run / "vae" / "ema.pt").is_file():
+            sys.exit(f"{args.run}/vae: the run's VAE phase has not finished (no ema.pt)")
+        c = CONTINUATIONS.get(record["continuation"]["name"])
+        if c is None or json.loads(json.dumps(asdict(c))) != record["continuation"]:  # JSON: tuples are lists
+            sys.exit(f"{args.run}: continuation {record['continuation']['name']!r} is not the registry's any more")
+        vae_state = latest_ema(args.run / "vae")[1]["vae"]
+        config = with_latent_stats(c, config, vae_state)
     tokenizer = load_tokenizer(args.run / "tokenizer")
     parts = {
         "dit": WanDiT(config.dit),
         "text": TextEncoder(config.text, tokenizer),
         "image": ImageEncoder(config.image),
     }
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
     for part, module in parts.items():
-        sd = dict(state["model"][part])
-        sd.update({n.split(".", 1)[1]: t for n, t in state["ema"].items() if n.startswith(part + ".")})
-        module.load_state_dict(sd)
+        module.load_state_dict(ema[part])
     vae = WanVAE(config.vae)
-    vae.load_state_dict(weights["vae"])
+    vae.load_state_dict(vae_state)
     modules = {"dit": parts["dit"], "vae": vae, "text": parts["text"].model, "image": parts["image"].model}
-    out = args.out or args.run / f"{stage}-step{state['step']}.safetensors"
+    out = args.out or args.run / f"{stage}-step{step if step is not None else 'final'}.safetensors"
     save_bundle(out, config, modules, args.run / "tokenizer", torch.float16)
     print(out)
 

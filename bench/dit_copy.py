@@ -23,7 +23,7 @@ from segue.models.encoders import ImageEncoder, TextEncoder
 from segue.tokenizer import load_tokenizer
 from segue.train.flow import encode_captions, encode_clip_frames
 from segue.train.latents import CachedClips, cached_clip_frames
-from segue.train.recipe import _load_ema
+from segue.train.recipe import load_ema
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     text = TextEncoder(cfg.text, load_tokenizer(args.run / "tokenizer")).eval()
     image = ImageEncoder(cfg.image).eval()
     for name, module in (("dit", dit), ("text", text), ("image", image)):
-        module.load_state_dict(_load_ema(args.run / args.stage, name))
+        module.load_state_dict(load_ema(args.run / args.stage, name))
     cache = CachedClips(args.run / "latents", temporal=cfg.vae.temporal_factor)
     g = torch.Generator().manual_seed(0)
     print("| clip | sigma | x0 rel. error per latent frame | v change with y zeroed |")

@@ -1,11 +1,12 @@
 """Reconstruction quality of a trained VAE on held-out procedural clips (a bound on endpoint PSNR).
 
     python bench/vae_recon.py runs/default [--clips 16] [--weights vae-decoder]
-    python bench/vae_recon.py --bundle src/segue/assets/default.safetensors [--clips 16]
+    python bench/vae_recon.py --bundle src/segue/assets/default.safetensors [--clips 16] [--vae-run DIR]
 
 Reads the run's preset (preset.json) and the VAE's EMA weights (vae/ema.pt, or WEIGHTS/ema.pt), encodes and decodes
 held-out 17-frame clips at the first stage's size and prints PSNR per frame position and overall. With
---bundle: the bundle's VAE, on clips of the bundle's native frame count and size.
+--bundle: the bundle's VAE, on clips of the bundle's native frame count and size; with --vae-run DIR too, the
+VAE weights of a VAE run folder instead (its ema.pt, or while it trains its latest checkpoint's EMA).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from segue.config import ModelConfig
 from segue.data.synthetic import SyntheticVideos
 from segue.evaluate import psnr
 from segue.models.vae import WanVAE
+from segue.train.trainer import latest_ema
 
 
 def main() -> None:
@@ -31,13 +33,19 @@ def main() -> None:
     p.add_argument("--bundle", type=Path, default=None, help="a segue bundle instead of a run folder")
     p.add_argument("--clips", type=int, default=16)
     p.add_argument("--weights", default="vae", help="the run's folder with the VAE's ema.pt")
+    p.add_argument("--vae-run", type=Path, default=None, help="with --bundle: VAE weights from this run folder")
     args = p.parse_args()
     if (args.run is None) == (args.bundle is None):
         p.error("give a run folder or --bundle FILE")
     if args.bundle is not None:
         config, _ = read_bundle_metadata(args.bundle)
         vae = WanVAE(config.vae).eval()
-        vae.load_state_dict(read_bundle_weights(args.bundle)["vae"])
+        if args.vae_run is None:
+            vae.load_state_dict(read_bundle_weights(args.bundle)["vae"])
+        else:
+            step, ema = latest_ema(args.vae_run)
+            vae.load_state_dict(ema["vae"])
+            print(f"VAE weights: {args.vae_run} at step {step if step is not None else 'final'}")
         side = int(round(math.sqrt(config.defaults.max_area)))
         frames, size = config.defaults.frames, (side, side)
     else:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,10 +37,12 @@ def test_a_continuation_at_a_vanishing_lr_gives_back_the_bundle(base, tmp_path, 
     for part in before:
         assert before[part].keys() == after[part].keys()
         assert all(torch.equal(before[part][k], after[part][k]) for k in before[part]), part
-    # lineage: the preset run that made the base bundle, then this continuation
+    # lineage: the preset run that made the base bundle (its own entry), then this continuation
+    assert read_bundle_lineage(base) == [{"preset": "smoke", "steps_scale": 1.0, "seed": 0}]
     lineage = read_bundle_lineage(new)
-    assert [e.get("preset") for e in lineage] == ["default", None]
+    assert [e.get("preset") for e in lineage] == ["smoke", None]
     assert lineage[1]["continuation"]["name"] == "still" and lineage[1]["steps"] == c.stage.steps
+    assert lineage[1]["phase_steps"] == {"vae": 0, "dit": c.stage.steps, "decoder": 0}
 
 
 def test_a_continuation_trains_the_dit_on_fresh_clips_and_keeps_the_vae(base, tmp_path, capsys):
@@ -85,6 +90,20 @@ def test_a_continuation_that_trains_the_vae_measures_its_latent_statistics_again
     vae = WanVAE(cfg)
     vae.load_state_dict(torch.load(tmp_path / "run" / "vae" / "ema.pt", weights_only=True)["vae"])
     assert json.loads((tmp_path / "run" / "latents" / "config.json").read_text())["vae"] == vae_fingerprint(vae)
+    # bench/ckpt_bundle.py rebuilds this bundle from the stage's last checkpoint (no ema.pt: a running stage)
+    # with the run's VAE and the same re-measured statistics
+    (tmp_path / "run" / c.stage.name / "ema.pt").unlink()
+    spec = importlib.util.spec_from_file_location("ckpt_bundle", Path(__file__).parents[1] / "bench" / "ckpt_bundle.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    mid = tmp_path / "mid.safetensors"
+    argv = ["ckpt_bundle.py", str(tmp_path / "run"), "--from-bundle", str(base), "--out", str(mid)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    assert segue.load(mid).config.vae == cfg
+    rebuilt = read_bundle_weights(mid)
+    for part in after:
+        assert all(torch.equal(after[part][k], rebuilt[part][k]) for k in after[part]), part
 
 
 def test_window_and_bad_arguments_are_clear_errors(tmp_path, capsys):

@@ -27,7 +27,7 @@ from segue.train.flow import (
     mask_from_given,
     sample_sigmas,
 )
-from segue.train.trainer import TrainConfig, Trainer, lr_factor
+from segue.train.trainer import TrainConfig, Trainer, latest_ema, lr_factor
 from segue.train.vae_loss import (
     DecoderObjective,
     VAEObjective,
@@ -320,6 +320,22 @@ def test_resume_is_exact(tmp_path: Path, workers: int):
         "step-00000006.pt",
     ]
     assert not list((tmp_path / "b" / "ckpt").glob(".*tmp*"))  # temp files renamed away
+
+
+def test_latest_ema_reads_a_running_and_a_finished_run(tmp_path: Path):
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="neither ema.pt nor a checkpoint"):
+        latest_ema(out)
+    trainer = Trainer({"dit": _new_dit()}, latent_loss, _LatentSet(), _train_cfg(out))
+    trainer.run(stop_at=3)  # stopped at the step-3 checkpoint: no ema.pt yet
+    step, mid = latest_ema(out)
+    assert step == 3 and not (out / "ema.pt").exists()
+    want = trainer.ema_state_dicts()["dit"]
+    assert mid["dit"].keys() == want.keys() and all(torch.equal(mid["dit"][k], want[k]) for k in want)
+    trainer.run()
+    step, final = latest_ema(out)
+    assert step is None and all(torch.equal(final["dit"][k], trainer.ema_state_dicts()["dit"][k]) for k in want)
+    assert not all(torch.equal(final["dit"][k], mid["dit"][k]) for k in want)
 
 
 # -- distributed: 2 gloo processes vs one process -----------------------------------------------------

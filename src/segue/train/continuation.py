@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..bundle import materialize_tokenizer, read_bundle_lineage, read_bundle_metadata, read_bundle_weights, save_bundle
-from ..config import VAEConfig
+from ..config import ModelConfig, VAEConfig
 from ..data.synthetic import SyntheticVideos
 from ..errors import InputError
 from ..loader import resolve_device
@@ -29,7 +29,7 @@ from ..models.encoders import ImageEncoder, TextEncoder
 from ..models.vae import WanVAE
 from ..tokenizer import load_tokenizer
 from .latents import CachedClips, CachedFLF2VObjective, build_latent_cache
-from .recipe import FLF, PRESETS, Stage, _done, _load_ema, _mark_done, latent_stats, train_vae_run
+from .recipe import FLF, PRESETS, Stage, is_done, latent_stats, load_ema, mark_done, train_vae_run
 from .trainer import TrainConfig, Trainer
 
 
@@ -125,7 +125,23 @@ def _train_vae(
     lr, seed = (c.decoder_lr, c.decoder_seed) if decoder_only else (c.vae_lr, c.vae_seed)
     p = PRESETS[c.preset]
     train_vae_run(p, cfg, state, run, steps=steps, lr=lr, seed=seed, decoder_only=decoder_only, device=dev)
-    return _load_ema(run, "vae")
+    return load_ema(run, "vae")
+
+
+def stage_clips(c: Continuation) -> SyntheticVideos:
+    """The clips of the continuation's DiT stage: its cache window and the VAE's latent statistics come from them."""
+    return SyntheticVideos("train", length=c.data_length, frames=c.stage.frames, size=c.stage.size)
+
+
+def with_latent_stats(
+    c: Continuation, config: ModelConfig, vae_state: dict[str, torch.Tensor], device: str | torch.device = "cpu"
+) -> ModelConfig:
+    """``config`` with the latent statistics of the VAE ``vae_state`` measured on the stage's clips (the same
+    numbers on every call: ``bench/ckpt_bundle.py`` rebuilds a running continuation's config with it)."""
+    vae = WanVAE(config.vae)
+    vae.load_state_dict(vae_state)
+    mean, std = latent_stats(vae.to(device).eval(), stage_clips(c), PRESETS[c.preset].stats_batches, 4)
+    return replace(config, vae=replace(config.vae, latent_mean=tuple(mean), latent_std=tuple(std)))
 
 
 def continue_from_bundle(
@@ -148,24 +164,23 @@ def continue_from_bundle(
         return max(1, round(n * steps_scale))
 
     steps = scaled(c.stage.steps)  # the DiT stage's
-    record = {"continuation": asdict(c), "steps": steps, "from": bundle.name}
+    phase_steps = {"vae": scaled(c.vae_steps) if c.vae_steps else 0, "dit": steps,
+                   "decoder": scaled(c.decoder_steps) if c.decoder_steps else 0}  # fmt: skip
+    record = {"continuation": asdict(c), "steps": steps, "phase_steps": phase_steps, "from": bundle.name}
     (out / "continuation.json").write_text(json.dumps(record, indent=2))
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         materialize_tokenizer(tok_files, tok_dir)
     tokenizer = load_tokenizer(tok_dir)
     # the stage's clips: the VAE's latent statistics and the DiT's cache come from them
-    data = SyntheticVideos("train", length=c.data_length, frames=c.stage.frames, size=c.stage.size)
+    data = stage_clips(c)
 
     # The whole VAE first, when this continuation trains it: its latent space moves, so the statistics
     # are measured again, and the DiT adapts to it in the stage below.
     vae_state = weights["vae"]
     if c.vae_steps > 0:
-        vae_state = _train_vae(c, config.vae, vae_state, out, scaled(c.vae_steps), dev, decoder_only=False)
-        probe = WanVAE(config.vae)
-        probe.load_state_dict(vae_state)
-        mean, std = latent_stats(probe.to(dev).eval(), data, PRESETS[c.preset].stats_batches, 4)
-        config = replace(config, vae=replace(config.vae, latent_mean=tuple(mean), latent_std=tuple(std)))
+        vae_state = _train_vae(c, config.vae, vae_state, out, phase_steps["vae"], dev, decoder_only=False)
+        config = with_latent_stats(c, config, vae_state, dev)
     # Then frozen: the DiT learns (or learned) its latent space.
     vae = WanVAE(config.vae)
     vae.load_state_dict(vae_state)
@@ -179,24 +194,26 @@ def continue_from_bundle(
         m.to(dev).requires_grad_(True)
 
     run = out / c.stage.name
-    if not _done(run):
+    if not is_done(run):
         window = Window(data, c.cache_start, c.cache_clips)
         cache_dir = out / "latents"
         modes = sorted(m for m, w in c.stage.modes.items() if w > 0)
-        if not _done(cache_dir):
+        if not is_done(cache_dir):
             build_latent_cache(vae, window, c.cache_clips, cache_dir, modes, dtype=getattr(torch, c.cache_dtype))
-            _mark_done(cache_dir, {"clips": c.cache_clips, "start": c.cache_start, "modes": modes})
+            mark_done(cache_dir, {"clips": c.cache_clips, "start": c.cache_start, "modes": modes})
         tc = TrainConfig(steps=steps, batch_size=c.stage.batch_size, lr=c.stage.lr, warmup=c.stage.warmup,
                          ema_decay=0.999, ema_warmup=True, seed=c.seed, out_dir=str(run), ckpt_every=250)  # fmt: skip
         objective = CachedFLF2VObjective(shift=c.shift, modes=c.stage.modes, caption_dropout=c.stage.caption_dropout)
         Trainer(parts, objective, CachedClips(cache_dir, temporal=vae.cfg.temporal_factor), tc).run()
-        _mark_done(run, {"steps": steps})
+        mark_done(run, {"steps": steps})
 
     if c.decoder_steps > 0:
-        vae.load_state_dict(_train_vae(c, config.vae, vae_state, out, scaled(c.decoder_steps), dev, decoder_only=True))
+        vae.load_state_dict(_train_vae(c, config.vae, vae_state, out, phase_steps["decoder"], dev, decoder_only=True))
     for part, module in parts.items():  # the EMA holds the wrappers' names (text.model.*, image.model.*)
-        module.load_state_dict(_load_ema(run, part))
-    lineage = read_bundle_lineage(bundle) or [{"preset": "default", "note": "run 2 of docs/training.md"}]
+        module.load_state_dict(load_ema(run, part))
+    # Bundles written before train_preset recorded its own entry carry none: the only such bundle shipped
+    # was run 2 of the default preset (docs/training.md); anything else is named as unknown.
+    lineage = read_bundle_lineage(bundle) or [{"preset": None, "note": "no lineage recorded in " + bundle.name}]
     lineage.append(record)
     modules = {"dit": parts["dit"], "vae": vae, "text": targets["text"], "image": targets["image"]}
     return save_bundle(out / "model.safetensors", config, modules, tok_dir, getattr(torch, c.bundle_dtype), lineage)

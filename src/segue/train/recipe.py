@@ -181,16 +181,19 @@ class Crops(torch.utils.data.Dataset):
         return {"video": video[:, :, top : top + self.size[0], left : left + self.size[1]]}
 
 
-def _done(path: Path) -> bool:
+def is_done(path: Path) -> bool:
+    """Whether a run folder's phase finished (it has a ``done`` marker); a resumed run skips it."""
     return (path / "done").is_file()
 
 
-def _mark_done(path: Path, info: dict) -> None:
+def mark_done(path: Path, info: dict) -> None:
+    """Mark a run folder's phase finished, recording ``info`` (its step count, its clips) in the marker."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "done").write_text(json.dumps(info, indent=2))
 
 
-def _load_ema(run: Path, part: str) -> dict[str, torch.Tensor]:
+def load_ema(run: Path, part: str) -> dict[str, torch.Tensor]:
+    """The EMA weights of component ``part`` from a finished run folder."""
     return torch.load(run / "ema.pt", map_location="cpu", weights_only=True)[part]
 
 
@@ -226,7 +229,7 @@ def train_vae_run(
 ) -> Path:
     """Train the VAE ``state`` further into ``run`` (resumes; skipped when done) on ``p``'s VAE clips drawn
     with ``seed``: the whole VAE, or (``decoder_only``) its decoder on the frozen encoder."""
-    if not _done(run):
+    if not is_done(run):
         vae = WanVAE(cfg)
         vae.load_state_dict(state)
         vae.to(device)
@@ -239,7 +242,7 @@ def train_vae_run(
         else:
             objective = VAEObjective(kl_weight=p.kl_weight, recon=p.vae_recon)
         Trainer({"vae": vae}, objective, vae_data(p, seed), tc).run()
-        _mark_done(run, {"steps": tc.steps})
+        mark_done(run, {"steps": tc.steps})
     return run
 
 
@@ -247,9 +250,9 @@ def train_decoder(p: Preset, vae_cfg: VAEConfig, out: Path, steps: int, device: 
     """Fine-tune the decoder of ``out/vae``'s EMA VAE with the encoder frozen, into ``out/vae-decoder``
     (resumes; skipped when done). Fresh clips: the data order is seeded with ``p.seed + 1``."""
     run = out / "vae-decoder"
-    if _done(run):
+    if is_done(run):
         return run
-    state = _load_ema(out / "vae", "vae")
+    state = load_ema(out / "vae", "vae")
     return train_vae_run(p, vae_cfg, state, run, steps=steps, lr=p.decoder_lr, seed=p.seed + 1,
                          decoder_only=True, device=device)  # fmt: skip
 
@@ -279,7 +282,7 @@ def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scal
 
     # 2. VAE on short clips (the causal chunks see the same 1 + 4 frame pattern as long clips).
     vae_run = out / "vae"
-    if not _done(vae_run):
+    if not is_done(vae_run):
         torch.manual_seed(p.seed)  # the VAE's initial weights depend on the seed alone
         vae = WanVAE(p.model.vae)
         narrow_posterior(vae)
@@ -288,16 +291,16 @@ def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scal
                          warmup=min(p.vae_warmup, p.vae_steps // 10), ema_decay=p.vae_ema, seed=p.seed,
                          out_dir=str(vae_run), ckpt_every=250)  # fmt: skip
         Trainer({"vae": vae}, VAEObjective(kl_weight=p.kl_weight, recon=p.vae_recon), vae_data(p, p.seed), tc).run()
-        _mark_done(vae_run, {"steps": tc.steps})
+        mark_done(vae_run, {"steps": tc.steps})
     vae = WanVAE(p.model.vae)
-    vae.load_state_dict(_load_ema(vae_run, "vae"))
+    vae.load_state_dict(load_ema(vae_run, "vae"))
     vae.to(dev)
     stats_data = SyntheticVideos("train", length=p.data_length, frames=p.stages[0].frames, size=p.stages[0].size)
     mean, std = latent_stats(vae.eval(), stats_data, p.stats_batches, 4)
     vae_cfg = replace(p.model.vae, latent_mean=tuple(mean), latent_std=tuple(std))
     model_cfg = replace(p.model, vae=vae_cfg)
     vae = WanVAE(vae_cfg)
-    vae.load_state_dict(_load_ema(vae_run, "vae"))
+    vae.load_state_dict(load_ema(vae_run, "vae"))
     vae.to(dev).eval().requires_grad_(False)
 
     # 3. DiT + text + image encoders, three stages; each starts from the previous stage's EMA weights.
@@ -325,8 +328,8 @@ def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scal
         run = out / stage.name
         if prev is not None:
             for part, module in parts.items():
-                module.load_state_dict(_load_ema(prev, part))
-        if not _done(run):
+                module.load_state_dict(load_ema(prev, part))
+        if not is_done(run):
             tc = TrainConfig(steps=steps(stage.steps), batch_size=stage.batch_size, lr=stage.lr, warmup=stage.warmup,
                              ema_decay=0.999, ema_warmup=True, seed=p.seed, out_dir=str(run),
                              ckpt_every=250)  # fmt: skip
@@ -335,10 +338,10 @@ def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scal
             run.mkdir(parents=True, exist_ok=True)
             (run / "data.json").write_text(json.dumps({"cached": cached}))
             if cached:
-                if not _done(cache_dir):
+                if not is_done(cache_dir):
                     n = min(p.cache_clips, p.data_length)
                     build_latent_cache(vae, data, n, cache_dir, cached_modes, dtype=getattr(torch, p.cache_dtype))
-                    _mark_done(cache_dir, {"clips": n, "modes": cached_modes})
+                    mark_done(cache_dir, {"clips": n, "modes": cached_modes})
                 if cache is None:
                     cache = CachedClips(cache_dir, temporal=vae.cfg.temporal_factor)
                 kw = dict(shift=p.shift, modes=stage.modes, caption_dropout=stage.caption_dropout)
@@ -347,19 +350,20 @@ def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scal
             else:
                 objective = FLF2VObjective(vae, shift=p.shift, modes=stage.modes, caption_dropout=stage.caption_dropout)
             Trainer(parts, objective, data, tc).run()
-            _mark_done(run, {"steps": tc.steps})
+            mark_done(run, {"steps": tc.steps})
         prev = run
 
     # 4. Decoder fine-tuning on the frozen encoder: the latents, their statistics and so the DiT stay valid.
     if p.decoder_steps > 0:
         train_decoder(p, vae_cfg, out, steps(p.decoder_steps), dev)
-        vae.load_state_dict(_load_ema(out / "vae-decoder", "vae"))
+        vae.load_state_dict(load_ema(out / "vae-decoder", "vae"))
 
     # 5. Ship the EMA weights of every component in one file.
     assert prev is not None
-    final = {part: _load_ema(prev, part) for part in parts}
+    final = {part: load_ema(prev, part) for part in parts}
     for part, module in parts.items():
         module.load_state_dict(final[part])
     modules = {"dit": parts["dit"], "vae": vae, "text": parts["text"].model, "image": parts["image"].model}
     dtype = getattr(torch, p.bundle_dtype)
-    return save_bundle(out / "model.safetensors", model_cfg, modules, tok_dir, dtype=dtype)
+    lineage = [{"preset": name, "steps_scale": steps_scale, "seed": p.seed}]  # continuations append to it
+    return save_bundle(out / "model.safetensors", model_cfg, modules, tok_dir, dtype=dtype, lineage=lineage)

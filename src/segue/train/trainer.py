@@ -165,6 +165,23 @@ def _atomic_write_text(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def latest_ema(run: str | Path) -> tuple[int | None, dict[str, dict[str, Tensor]]]:
+    """``(step, {part: state dict with the EMA weights})`` of a run folder: its final ``ema.pt`` (step
+    None) when the run finished, else its latest checkpoint's, to look at a run while it trains."""
+    run = Path(run)
+    if (run / "ema.pt").is_file():
+        return None, torch.load(run / "ema.pt", map_location="cpu", weights_only=True)
+    latest = run / "ckpt" / "latest"
+    if not latest.is_file():
+        raise FileNotFoundError(f"{run}: neither ema.pt nor a checkpoint (ckpt/latest)")
+    ck = torch.load(run / "ckpt" / latest.read_text().strip(), map_location="cpu", weights_only=False)
+    out = {part: dict(sd) for part, sd in ck["model"].items()}
+    for n, t in ck["ema"].items():  # "part.key": only the trained parameters have an EMA copy
+        part, key = n.split(".", 1)
+        out[part][key] = t
+    return ck["step"], out
+
+
 class Trainer:
     """Trains ``model_parts`` on ``data`` with ``loss_fn``; ``run()`` goes to ``cfg.steps``.
 
