@@ -114,7 +114,9 @@ def test_window_and_bad_arguments_are_clear_errors(tmp_path, capsys):
         w[3]
     with pytest.raises(InputError, match=r"window \[8, 11\) does not fit a dataset of 10"):
         Window(data, 8, 3)
-    with pytest.raises(InputError, match="unknown continuation 'nope'; known: default-r3, default-r4, smoke"):
+    with pytest.raises(
+        InputError, match="unknown continuation 'nope'; known: default-r3, default-r4, default-r5, smoke"
+    ):
         continue_from_bundle(tmp_path / "x.safetensors", "nope", tmp_path / "run")
     missing = tmp_path / "missing.safetensors"
     args = ["train", "--continuation", "smoke", "--out", str(tmp_path / "r"), "--continue-from"]
@@ -128,9 +130,19 @@ def test_window_and_bad_arguments_are_clear_errors(tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # refused before anything was written
 
 
-def test_the_shipped_continuation_caches_clips_earlier_runs_did_not_see():
+def test_the_default_continuations_cache_clips_and_crops_earlier_runs_did_not_see():
     from segue.train.recipe import PRESETS
 
-    c = continuation.CONTINUATIONS["default-r3"]
-    assert c.cache_start >= PRESETS["default"].cache_clips
-    assert c.stage.size == PRESETS["default"].stages[0].size and c.stage.frames == PRESETS["default"].stages[0].frames
+    p = PRESETS["default"]
+    windows = [(0, p.cache_clips)]  # the preset's cache
+    vae_seeds = {p.seed, p.seed + 1}  # the preset's VAE and decoder crops
+    for name in ("default-r3", "default-r4", "default-r5"):  # in the order they run
+        c = continuation.CONTINUATIONS[name]
+        assert c.stage.size == p.stages[0].size and c.stage.frames == p.stages[0].frames
+        start, stop = c.cache_start, c.cache_start + c.cache_clips
+        assert all(stop <= a or start >= b for a, b in windows), (name, windows)
+        windows.append((start, stop))
+        for steps, seed in ((c.vae_steps, c.vae_seed), (c.decoder_steps, c.decoder_seed)):
+            if steps:
+                assert seed not in vae_seeds, (name, seed)
+                vae_seeds.add(seed)
