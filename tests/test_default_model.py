@@ -19,10 +19,10 @@ from segue.evaluate import crossfade, psnr, video_psnr
 from segue.loader import DEFAULT_MODEL
 from segue.media import read_video
 
-# measured on held-out clip 0 with seed 0 (docs/training.md, "Session 5"); the unshipped patch-4 model of
-# session 3 averaged 17 dB at the endpoints, and the run-2 model scored 19.25 dB on frames 1-15
-ENDPOINT_DB = 20.0  # measured 21.4 (first), 21.2 (last)
-MIDDLE_DB = 19.0  # measured 20.08 (frames 1-15; the crossfade scores 20.8)
+# measured on held-out clip 0 with seed 0 (docs/training.md, "Session 6"); the session-5 model scored
+# 21.4 / 21.2 dB at the endpoints and 20.08 dB on frames 1-15, the run-2 model 19.25 dB on frames 1-15
+ENDPOINT_DB = 23.0  # measured 25.83 (first), 24.41 (last)
+MIDDLE_DB = 21.0  # measured 22.10 (frames 1-15; the crossfade scores 20.81)
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +43,11 @@ def test_the_file_ships_within_the_size_limit_with_its_config():
         meta = f.metadata()
     config = json.loads(meta["segue_config"])
     assert config["name"] == "segue-default"
-    # its lineage: the default preset's run 2, then the default-r3 continuation on top of it
+    # its lineage: the default preset's run 2, then the default-r3 and default-r4 continuations on top of it
     lineage = json.loads(meta["segue_lineage"])
-    assert lineage[0]["preset"] == "default" and lineage[1]["continuation"]["name"] == "default-r3"
+    assert lineage[0]["preset"] == "default"
+    assert [e["continuation"]["name"] for e in lineage[1:]] == ["default-r3", "default-r4"]
+    assert lineage[2]["continuation"]["vae_steps"] == 4000 and lineage[2]["steps"] == 3000
 
 
 def test_defaults_are_the_native_clip(pipe):
