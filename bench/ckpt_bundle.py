@@ -25,6 +25,7 @@ from segue.models.encoders import ImageEncoder, TextEncoder
 from segue.models.vae import WanVAE
 from segue.tokenizer import load_tokenizer
 from segue.train.continuation import CONTINUATIONS, with_latent_stats
+from segue.train.recipe import load_ema
 from segue.train.trainer import latest_ema
 
 
@@ -46,7 +47,7 @@ def main() -> None:
         c = CONTINUATIONS.get(record["continuation"]["name"])
         if c is None or json.loads(json.dumps(asdict(c))) != record["continuation"]:  # JSON: tuples are lists
             sys.exit(f"{args.run}: continuation {record['continuation']['name']!r} is not the registry's any more")
-        vae_state = latest_ema(args.run / "vae")[1]["vae"]
+        vae_state = load_ema(args.run / "vae", "vae")
         config = with_latent_stats(c, config, vae_state)
     tokenizer = load_tokenizer(args.run / "tokenizer")
     parts = {

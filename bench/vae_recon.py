@@ -24,6 +24,7 @@ from segue.config import ModelConfig
 from segue.data.synthetic import SyntheticVideos
 from segue.evaluate import psnr
 from segue.models.vae import WanVAE
+from segue.train.recipe import load_ema
 from segue.train.trainer import latest_ema
 
 
@@ -51,8 +52,7 @@ def main() -> None:
     else:
         preset = json.loads((args.run / "preset.json").read_text())
         vae = WanVAE(ModelConfig.from_dict(preset["model"]).vae).eval()
-        state = torch.load(args.run / args.weights / "ema.pt", map_location="cpu", weights_only=True)["vae"]
-        vae.load_state_dict(state)
+        vae.load_state_dict(load_ema(args.run / args.weights, "vae"))
         frames, size = preset["stages"][0]["frames"], tuple(preset["stages"][0]["size"])
     data = SyntheticVideos("test", length=args.clips, frames=frames, size=size)
     per_frame: list[list[float]] = []

@@ -29,7 +29,7 @@ from ..models.encoders import ImageEncoder, TextEncoder
 from ..models.vae import WanVAE
 from ..tokenizer import load_tokenizer
 from .latents import CachedClips, CachedFLF2VObjective, build_latent_cache
-from .recipe import FLF, PRESETS, Stage, is_done, latent_stats, load_ema, mark_done, train_vae_run
+from .recipe import FLF, PRESETS, Stage, is_done, load_ema, mark_done, measured_vae_config, train_vae_run
 from .trainer import TrainConfig, Trainer
 
 
@@ -148,10 +148,8 @@ def with_latent_stats(
 ) -> ModelConfig:
     """``config`` with the latent statistics of the VAE ``vae_state`` measured on the stage's clips (the same
     numbers on every call: ``bench/ckpt_bundle.py`` rebuilds a running continuation's config with it)."""
-    vae = WanVAE(config.vae)
-    vae.load_state_dict(vae_state)
-    mean, std = latent_stats(vae.to(device).eval(), stage_clips(c), PRESETS[c.preset].stats_batches, 4)
-    return replace(config, vae=replace(config.vae, latent_mean=tuple(mean), latent_std=tuple(std)))
+    stats_batches = PRESETS[c.preset].stats_batches
+    return replace(config, vae=measured_vae_config(config.vae, vae_state, stage_clips(c), stats_batches, device))
 
 
 def continue_from_bundle(

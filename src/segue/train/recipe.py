@@ -208,6 +208,16 @@ def latent_stats(vae: WanVAE, data: SyntheticVideos, batches: int, batch_size: i
     return z.mean(1).tolist(), z.std(1).clamp_min(1e-3).tolist()
 
 
+def measured_vae_config(
+    cfg: VAEConfig, state: dict[str, torch.Tensor], data: SyntheticVideos, batches: int, device: str | torch.device
+) -> VAEConfig:
+    """``cfg`` with the latent statistics (``latent_stats``, batches of 4) of the VAE ``state`` measured on ``data``."""
+    vae = WanVAE(cfg)
+    vae.load_state_dict(state)
+    mean, std = latent_stats(vae.to(device).eval(), data, batches, 4)
+    return replace(cfg, latent_mean=tuple(mean), latent_std=tuple(std))
+
+
 def vae_data(p: Preset, seed: int) -> torch.utils.data.Dataset:
     """The VAE's training clips: ``p.vae_clip`` renders, cropped to ``p.vae_crop`` at positions from ``seed``."""
     frames, size = p.vae_clip
@@ -292,15 +302,12 @@ def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scal
                          out_dir=str(vae_run), ckpt_every=250)  # fmt: skip
         Trainer({"vae": vae}, VAEObjective(kl_weight=p.kl_weight, recon=p.vae_recon), vae_data(p, p.seed), tc).run()
         mark_done(vae_run, {"steps": tc.steps})
-    vae = WanVAE(p.model.vae)
-    vae.load_state_dict(load_ema(vae_run, "vae"))
-    vae.to(dev)
+    vae_state = load_ema(vae_run, "vae")
     stats_data = SyntheticVideos("train", length=p.data_length, frames=p.stages[0].frames, size=p.stages[0].size)
-    mean, std = latent_stats(vae.eval(), stats_data, p.stats_batches, 4)
-    vae_cfg = replace(p.model.vae, latent_mean=tuple(mean), latent_std=tuple(std))
+    vae_cfg = measured_vae_config(p.model.vae, vae_state, stats_data, p.stats_batches, dev)
     model_cfg = replace(p.model, vae=vae_cfg)
     vae = WanVAE(vae_cfg)
-    vae.load_state_dict(load_ema(vae_run, "vae"))
+    vae.load_state_dict(vae_state)
     vae.to(dev).eval().requires_grad_(False)
 
     # 3. DiT + text + image encoders, three stages; each starts from the previous stage's EMA weights.

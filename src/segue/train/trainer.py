@@ -175,11 +175,20 @@ def latest_ema(run: str | Path) -> tuple[int | None, dict[str, dict[str, Tensor]
     if not latest.is_file():
         raise FileNotFoundError(f"{run}: neither ema.pt nor a checkpoint (ckpt/latest)")
     ck = torch.load(run / "ckpt" / latest.read_text().strip(), map_location="cpu", weights_only=False)
-    out = {part: dict(sd) for part, sd in ck["model"].items()}
-    for n, t in ck["ema"].items():  # "part.key": only the trained parameters have an EMA copy
+    return ck["step"], with_ema(ck["model"], ck["ema"].items())
+
+
+def with_ema(
+    states: Mapping[str, Mapping[str, Tensor]], ema: Iterable[tuple[str, Tensor]]
+) -> dict[str, dict[str, Tensor]]:
+    """``{part: state dict}`` with the EMA copies (named ``part.key``; only trained parameters have one) in
+    place of the weights."""
+    out = {part: dict(sd) for part, sd in states.items()}
+    for n, t in ema:
         part, key = n.split(".", 1)
-        out[part][key] = t
-    return ck["step"], out
+        if key in out[part]:
+            out[part][key] = t
+    return out
 
 
 class Trainer:
@@ -455,12 +464,7 @@ class Trainer:
 
     def ema_state_dicts(self) -> dict[str, dict[str, Tensor]]:
         """{part: full state dict with the EMA weights}: what gets shipped (collective under FSDP)."""
-        out = self.model_state_dicts()
-        for n, t in self.ema.items():
-            part, key = n.split(".", 1)
-            if key in out[part]:
-                out[part][key] = self._full(t)
-        return out
+        return with_ema(self.model_state_dicts(), ((n, self._full(t)) for n, t in self.ema.items()))
 
     # -- checkpoints ---------------------------------------------------------------------------
     def latest_checkpoint(self) -> Path | None:
