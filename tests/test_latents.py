@@ -192,3 +192,21 @@ def _equal(a, b) -> bool:
     if isinstance(a, torch.Tensor):
         return a.dtype == b.dtype and torch.equal(a, b)
     return a == b
+
+
+def test_cache_build_reports_progress_within_a_shard(tmp_path, monkeypatch, capsys):
+    """Progress lines come between shards too (a real shard takes minutes), with counts and an ETA."""
+    import segue.train.latents as latents
+
+    vae = randomize_(WanVAE(CFG.vae), 3).eval().requires_grad_(False)
+    data = SyntheticVideos("train", length=16, frames=5, size=(16, 16))
+    monkeypatch.setattr(latents, "PROGRESS_EVERY_S", 0.0)  # a line after every batch
+    build_latent_cache(vae, data, 5, tmp_path / "c", ("first_last",), batch_size=2, shard_size=4)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("latent cache")]
+    # batches end at clips 2, 4 (shard 1 ends there: no second line), 5 (shard 2)
+    assert [ln.split()[2] for ln in lines] == ["2/5", "4/5", "5/5"]
+    assert all(" s/clip  eta " in ln for ln in lines)
+    monkeypatch.setattr(latents, "PROGRESS_EVERY_S", 3600.0)  # only the shard lines
+    build_latent_cache(vae, data, 5, tmp_path / "d", ("first_last",), batch_size=2, shard_size=4)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("latent cache")]
+    assert [ln.split()[2] for ln in lines] == ["4/5", "5/5"]

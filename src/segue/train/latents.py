@@ -36,7 +36,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,8 @@ from torch.utils.data import Dataset
 from ..errors import InputError
 from .flow import MODES, FLF2VObjective, dit_loss, encode_clip_frames, given_frames, mask_from_given
 from .trainer import _atomic_save, _atomic_write_text, _fmt_seconds, sample_seed
+
+PROGRESS_EVERY_S = 30.0  # the cache's progress line between shards (a 1024-clip shard takes minutes on a CPU)
 
 CACHE_VERSION = 1
 ENCODED_MODES = ("first_last", "first", "random_subset")  # the modes with one conditioning encode per clip
@@ -98,8 +100,15 @@ def _encode_batch(vae: nn.Module, videos: Tensor, modes: Sequence[str], indices:
 
 
 def _build_shard(
-    vae: nn.Module, dataset: Dataset, indices: range, modes: Sequence[str], batch_size: int, dtype: torch.dtype
+    vae: nn.Module,
+    dataset: Dataset,
+    indices: range,
+    modes: Sequence[str],
+    batch_size: int,
+    dtype: torch.dtype,
+    on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
+    """Encode clips ``indices``; ``on_batch(last index + 1)`` after each batch (progress)."""
     x0, cond, frames_u8, captions = [], {m: [] for m in modes}, [], []
     n_frames = 0
     for start in range(indices.start, indices.stop, batch_size):
@@ -119,6 +128,8 @@ def _build_shard(
                 slots += [given[0], given[-1]]
             frames_u8.append(u8[:, slots].transpose(0, 1))  # [K, 3, H, W]
             captions.append(it["caption"])
+        if on_batch is not None:
+            on_batch(idx[-1] + 1)
     given = {m: torch.stack([_given(m, i, n_frames) for i in indices]) for m in modes}
     return {
         "index": torch.tensor(list(indices)),
@@ -181,16 +192,26 @@ def build_latent_cache(
 
     shards = [range(s, min(s + shard_size, n_clips)) for s in range(0, n_clips, shard_size)]
     names = [f"shard-{k:05d}.pt" for k in range(len(shards))]
-    t0, done_before = time.perf_counter(), 0
+    t0 = last_report = time.perf_counter()
+    done_before = last_done = 0
+
+    def report(done: int, force: bool = False) -> None:
+        # a line at each finished shard and at most every PROGRESS_EVERY_S seconds in between
+        nonlocal last_report, last_done
+        now = time.perf_counter()
+        if not progress or done == last_done or (not force and now - last_report < PROGRESS_EVERY_S):
+            return
+        last_report, last_done = now, done
+        per = (now - t0) / max(1, done - done_before)
+        eta = _fmt_seconds(per * (n_clips - done))
+        print(f"latent cache {done}/{n_clips} clips  {per:.3f} s/clip  eta {eta}", file=sys.stderr, flush=True)
+
     for rng, name in zip(shards, names):
         if (path / name).is_file():
             done_before = rng.stop
             continue
-        _atomic_save(_build_shard(vae, dataset, rng, encoded, batch_size, dtype), path / name)
-        if progress:
-            per = (time.perf_counter() - t0) / (rng.stop - done_before)
-            eta = _fmt_seconds(per * (n_clips - rng.stop))
-            print(f"latent cache {rng.stop}/{n_clips} clips  {per:.3f} s/clip  eta {eta}", file=sys.stderr, flush=True)
+        _atomic_save(_build_shard(vae, dataset, rng, encoded, batch_size, dtype, report), path / name)
+        report(rng.stop, force=True)
 
     # "none": the latent of an all-zero conditioning video, the same for every clip
     video = dataset[0]["video"]
