@@ -88,7 +88,7 @@ CONTINUATIONS: dict[str, Continuation] = {
     # quarter, then the decoder alone on fresh crops (seed 4), which leaves the latents as they are.
     "default-r5": Continuation(
         "default-r5",
-        Stage("stage2-flf-r5", steps=4500, lr=2e-4, modes=FLF, warmup=100),
+        Stage("stage2-flf-r5", steps=5000, lr=2e-4, modes=FLF, warmup=100),
         cache_start=6000,
         cache_clips=2000,
         ambiguous_fraction=0.5,
