@@ -121,7 +121,10 @@ def _write_av(frames: np.ndarray, path: Path, fmt: str, codec: str, fps: int) ->
         stream.width, stream.height = w, h
         stream.pix_fmt = "yuv420p"
         # High quality by default: users post-process these clips (crf 17 is visually lossless for x264).
-        stream.options = {"crf": "17"} if codec == "libx264" else {"crf": "20", "b": "0"}
+        # No B-frames: x264's adaptive B-frame decision gave different bytes (and pixels) for the same frames
+        # from run to run, at 64x64 and at 832x480 alike; without B-frames the same frames give the same file.
+        x264 = {"crf": "17", "x264-params": "bframes=0"}
+        stream.options = x264 if codec == "libx264" else {"crf": "20", "b": "0"}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
