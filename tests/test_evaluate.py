@@ -252,6 +252,9 @@ def test_evaluate_model_crossfade_is_zero_gain(tmp_path: Path) -> None:
     assert data["pass"] is False and data["means"]["psnr_gain_db"] == 0.0
     md = (tmp_path / "eval.md").read_text()
     assert "FAIL" in md
+    # A crossfade keeps its endpoints exactly: the table says so, and no "-inf" difference appears.
+    assert "| endpoint PSNR first (dB) | exact | exact | n/a |" in md
+    assert "| in-between PSNR (dB) |" in md and "| +0.00 |" in md and "inf" not in md
     with Image.open(tmp_path / "contact_sheet.png") as im:
         # Defaults: every ceil(8 / 7) = 2 frames -> 5 columns, cells upscaled 2x to reach 96 px.
         assert im.size == (ev.SHEET_LABEL_W + 5 * (2 * W + ev.SHEET_GAP) + ev.SHEET_GAP, 6 * (96 + 4) + 4)

@@ -312,7 +312,14 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _fmt(x: float, digits: int) -> str:
-    return f"{x:.{digits}f}" if math.isfinite(x) else str(x)
+    if math.isfinite(x):
+        return f"{x:.{digits}f}"
+    return "exact" if x == math.inf else "n/a"  # +inf PSNR: identical frames; nan: nothing was measured
+
+
+def _fmt_diff(a: float, b: float, digits: int) -> str:
+    # A difference against an exact (inf) or missing (nan) score says nothing: "-inf" read like a failure.
+    return f"{a - b:+.{digits}f}" if math.isfinite(a) and math.isfinite(b) else "n/a"
 
 
 def _markdown(s: dict[str, Any]) -> str:
@@ -326,7 +333,7 @@ def _markdown(s: dict[str, Any]) -> str:
     ]
     lines = [f"# Evaluation ({s['n_clips']} clips, {s['n_groups']} ambiguous groups)", ""]
     lines += ["| metric | model | crossfade | difference |", "|---|---:|---:|---:|"]
-    lines += [f"| {n} | {_fmt(a, d)} | {_fmt(b, d)} | {_fmt(_diff(a, b), d)} |" for n, a, b, d in rows]
+    lines += [f"| {n} | {_fmt(a, d)} | {_fmt(b, d)} | {_fmt_diff(a, b, d)} |" for n, a, b, d in rows]
     lines += ["", "| target | value | threshold | result |", "|---|---:|---:|---|"]
     for name, t in s["thresholds"].items():
         verdict = "pass" if t["pass"] else "FAIL"
