@@ -30,13 +30,20 @@ def base(tmp_path_factory):
 
 def test_a_continuation_at_a_vanishing_lr_gives_back_the_bundle(base, tmp_path, monkeypatch):
     c = CONTINUATIONS["smoke"]
-    still = replace(c, name="still", stage=replace(c.stage, lr=1e-30), decoder_steps=0)
+    sampling = (("steps", 3), ("guidance", 1.0))
+    still = replace(c, name="still", stage=replace(c.stage, lr=1e-30), decoder_steps=0, sampling=sampling)
     monkeypatch.setitem(CONTINUATIONS, "still", still)
     new = continue_from_bundle(base, "still", tmp_path / "run")
     before, after = read_bundle_weights(base), read_bundle_weights(new)
     for part in before:
         assert before[part].keys() == after[part].keys()
         assert all(torch.equal(before[part][k], after[part][k]) for k in before[part]), part
+    # the new bundle carries the continuation's sampling defaults; the rest of its defaults are the base's
+    old_d, new_d = segue.load(base).config.defaults, segue.load(new).config.defaults
+    assert (new_d.steps, new_d.guidance) == (3, 1.0) != (old_d.steps, old_d.guidance)
+    assert replace(new_d, steps=old_d.steps, guidance=old_d.guidance) == old_d
+    with pytest.raises(ValueError, match=r"continuation 'x': sampling keys \['fps'\] not among"):
+        replace(c, name="x", sampling=(("fps", 4),))
     # lineage: the preset run that made the base bundle (its own entry), then this continuation
     assert read_bundle_lineage(base) == [{"preset": "smoke", "steps_scale": 1.0, "seed": 0}]
     lineage = read_bundle_lineage(new)
@@ -146,3 +153,22 @@ def test_the_default_continuations_cache_clips_and_crops_earlier_runs_did_not_se
             if steps:
                 assert seed not in vae_seeds, (name, seed)
                 vae_seeds.add(seed)
+
+
+def test_the_sampling_sweep_prints_one_scored_row_per_setting(base, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "sampling_sweep", Path(__file__).parents[1] / "bench" / "sampling_sweep.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["sampling_sweep.py", str(base), "--steps", "1,2", "--guidance", "1", "--clips", "1", "--groups", "1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    captured = capsys.readouterr()
+    rows = [line for line in captured.out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [r.split(" | ")[:3] for r in rows] == [["| 1", "1", "3"], ["| 2", "1", "3"]]
+    for r in rows:
+        cells = [float(x) for x in r.strip("| ").split(" | ")]
+        assert len(cells) == 9 and 0.0 <= cells[6] <= 1.0 and 0.0 <= cells[7] <= 1.0  # SSIM, compliance
+    assert "val split, 1 clips, 1 groups" in captured.out and "crossfade: in-between" in captured.out
+    assert captured.err.count("[sweep]") == 2

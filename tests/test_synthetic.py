@@ -16,6 +16,7 @@ from segue.data.synthetic import (
     PATHS,
     SPLIT_OFFSETS,
     SyntheticVideos,
+    ambiguous_groups,
     ambiguous_test_groups,
     contact_sheet,
     make_ambiguous_group,
@@ -156,6 +157,13 @@ def test_dataset_ambiguous_fraction_forms_groups():
     assert all(plain[i]["group"] == -1 for i in range(6))
     groups = ambiguous_test_groups(2, frames=5, size=(32, 32))
     assert len(groups) == 2 and all(c.group >= SPLIT_OFFSETS["test"] for g in groups for c in g)
+    # The val split's groups (for tuning sampling settings) are other scenes, in the val seed range.
+    val = ambiguous_groups(2, frames=5, size=(32, 32), split="val")
+    assert all(SPLIT_OFFSETS["val"] <= c.group < SPLIT_OFFSETS["test"] for g in val for c in g)
+    assert not np.array_equal(val[0][0].frames[0], groups[0][0].frames[0])
+    assert [c.caption for c in ambiguous_groups(2, 5, (32, 32), "test")[1]] == [c.caption for c in groups[1]]
+    with pytest.raises(ValueError, match=r"split must be one of \('train', 'val', 'test'\), got 'dev'"):
+        ambiguous_groups(1, split="dev")
 
 
 def test_contact_sheet_writes_a_grid(tmp_path):

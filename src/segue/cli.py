@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     ev.add_argument("--shift", type=float, default=None, help="timestep shift (default: the model's)")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--split", choices=("test", "val"), default="test",
+                    help="clips to score: test (reported numbers) or val (for tuning settings)")  # fmt: skip
 
     t = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint (for tests and demos)")
     t.add_argument("dest", type=Path)
@@ -279,7 +281,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from .data.synthetic import SyntheticVideos, ambiguous_test_groups
+    from .data.synthetic import SyntheticVideos, ambiguous_groups
     from .evaluate import evaluate_model
     from .loader import load
 
@@ -288,9 +290,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     pipe = load(args.ckpt)
     d = pipe.config.defaults
     side = int(round(d.max_area**0.5))
-    data = SyntheticVideos("test", length=args.clips, frames=d.frames, size=(side, side), ambiguous_fraction=0.0)
+    data = SyntheticVideos(args.split, length=args.clips, frames=d.frames, size=(side, side), ambiguous_fraction=0.0)
     clips = [data.clip(i) for i in range(args.clips)]
-    groups = ambiguous_test_groups(args.groups, frames=d.frames, size=(side, side))
+    groups = ambiguous_groups(args.groups, frames=d.frames, size=(side, side), split=args.split)
 
     def generate(first: np.ndarray, last: np.ndarray, caption: str, frames: int) -> np.ndarray:
         h, w = first.shape[:2]

@@ -471,9 +471,18 @@ def make_ambiguous_group(seed: int, frames: int = 17, size: tuple[int, int] = (6
     return [render_scene(s, group=seed, wording_seed=seed) for s in _group_scenes(seed, frames, size, n_paths)]
 
 
+def ambiguous_groups(
+    n: int, frames: int = 17, size: tuple[int, int] = (64, 64), split: str = "test"
+) -> list[list[Clip]]:
+    """The first ``n`` ambiguous groups of a split's seed range (``val`` for tuning, ``test`` for reporting)."""
+    if split not in SPLIT_OFFSETS:
+        raise ValueError(f"split must be one of {tuple(SPLIT_OFFSETS)}, got {split!r}")
+    return [make_ambiguous_group(SPLIT_OFFSETS[split] + GROUP_SIZE * k, frames, size, GROUP_SIZE) for k in range(n)]
+
+
 def ambiguous_test_groups(n: int, frames: int = 17, size: tuple[int, int] = (64, 64)) -> list[list[Clip]]:
     """Held-out ambiguous groups (test seed range) for evaluation."""
-    return [make_ambiguous_group(SPLIT_OFFSETS["test"] + GROUP_SIZE * k, frames, size, GROUP_SIZE) for k in range(n)]
+    return ambiguous_groups(n, frames, size, "test")
 
 
 class SyntheticVideos(torch.utils.data.Dataset):

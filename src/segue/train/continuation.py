@@ -58,6 +58,25 @@ class Continuation:
     decoder_lr: float = 5e-4
     decoder_seed: int = 2
     preset: str = "default"
+    # generation defaults written into the new bundle (steps, guidance, shift, solver), chosen on the val split
+    # with bench/sampling_sweep.py; empty keeps the source bundle's
+    sampling: tuple[tuple[str, float | int | str], ...] = ()
+
+    def __post_init__(self) -> None:
+        allowed = ("steps", "guidance", "shift", "solver")
+        bad = [k for k, _ in self.sampling if k not in allowed]
+        if bad:
+            raise ValueError(f"continuation {self.name!r}: sampling keys {bad} not among {allowed}")
+
+
+def with_sampling(config: ModelConfig, sampling: tuple[tuple[str, float | int | str], ...]) -> ModelConfig:
+    """``config`` with its generation defaults overridden by ``sampling`` ((key, value) pairs)."""
+    return replace(config, defaults=replace(config.defaults, **dict(sampling))) if sampling else config
+
+
+# Sampling chosen on the val split for the session-7 model (bench/sampling_sweep.py, docs/training.md session 8):
+# 3 UniPC steps without classifier-free guidance beat 25 steps at guidance 4 on every metric there.
+SAMPLING_S8 = (("steps", 3), ("guidance", 1.0), ("shift", 3.0))
 
 
 CONTINUATIONS: dict[str, Continuation] = {
@@ -95,16 +114,18 @@ CONTINUATIONS: dict[str, Continuation] = {
         decoder_steps=1000,
         decoder_seed=4,
     ),
-    # Proposed next (not run yet): r5's schedule again on clips 8000-9999 and decoder crops of seed 5, while
-    # the DiT's flow loss keeps falling (0.136 to 0.108 over r5's 5000 steps, not flattened).
+    # Session 8: r5's schedule again on clips 8000-9999 and decoder crops of seed 5, while the DiT's flow loss
+    # keeps falling (0.136 to 0.108 over r5's 5000 steps, not flattened); 4000 DiT steps to fit one session,
+    # and the bundle ships the sampling chosen on the val split.
     "default-r6": Continuation(
         "default-r6",
-        Stage("stage2-flf-r6", steps=5000, lr=2e-4, modes=FLF, warmup=100),
+        Stage("stage2-flf-r6", steps=4000, lr=2e-4, modes=FLF, warmup=100),
         cache_start=8000,
         cache_clips=2000,
         ambiguous_fraction=0.5,
         decoder_steps=1000,
         decoder_seed=5,
+        sampling=SAMPLING_S8,
     ),
     # the same path in seconds, for tests
     "smoke": Continuation(
@@ -243,4 +264,5 @@ def continue_from_bundle(
     lineage = read_bundle_lineage(bundle) or [{"preset": None, "note": "no lineage recorded in " + bundle.name}]
     lineage.append(record)
     modules = {"dit": parts["dit"], "vae": vae, "text": targets["text"], "image": targets["image"]}
+    config = with_sampling(config, c.sampling)
     return save_bundle(out / "model.safetensors", config, modules, tok_dir, getattr(torch, c.bundle_dtype), lineage)
