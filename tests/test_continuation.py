@@ -122,7 +122,8 @@ def test_window_and_bad_arguments_are_clear_errors(tmp_path, capsys):
     with pytest.raises(InputError, match=r"window \[8, 11\) does not fit a dataset of 10"):
         Window(data, 8, 3)
     with pytest.raises(
-        InputError, match="unknown continuation 'nope'; known: default-r3, default-r4, default-r5, default-r6, smoke"
+        InputError,
+        match="unknown continuation 'nope'; known: default-r3, default-r4, default-r5, default-r6, default-r7, smoke",
     ):
         continue_from_bundle(tmp_path / "x.safetensors", "nope", tmp_path / "run")
     missing = tmp_path / "missing.safetensors"
@@ -143,7 +144,7 @@ def test_the_default_continuations_cache_clips_and_crops_earlier_runs_did_not_se
     p = PRESETS["default"]
     windows = [(0, p.cache_clips)]  # the preset's cache
     vae_seeds = {p.seed, p.seed + 1}  # the preset's VAE and decoder crops
-    for name in ("default-r3", "default-r4", "default-r5", "default-r6"):  # in the order they run
+    for name in ("default-r3", "default-r4", "default-r5", "default-r6", "default-r7"):  # in the order they run
         c = continuation.CONTINUATIONS[name]
         assert c.stage.size == p.stages[0].size and c.stage.frames == p.stages[0].frames
         start, stop = c.cache_start, c.cache_start + c.cache_clips

@@ -128,6 +128,18 @@ CONTINUATIONS: dict[str, Continuation] = {
         decoder_seed=5,
         sampling=SAMPLING_S8,
     ),
+    # Proposed next (not run yet): r6's schedule on clips 10000-11999 and decoder crops of seed 6, with the
+    # stage at r5's 5000 steps where the machine allows (a stage resumes; cut it at a checkpoint if not).
+    "default-r7": Continuation(
+        "default-r7",
+        Stage("stage2-flf-r7", steps=5000, lr=2e-4, modes=FLF, warmup=100),
+        cache_start=10000,
+        cache_clips=2000,
+        ambiguous_fraction=0.5,
+        decoder_steps=500,
+        decoder_seed=6,
+        sampling=SAMPLING_S8,
+    ),
     # the same path in seconds, for tests
     "smoke": Continuation(
         "smoke",
