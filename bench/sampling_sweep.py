@@ -19,10 +19,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from segue.data.synthetic import SyntheticVideos, ambiguous_groups
-from segue.evaluate import evaluate_model
+from segue.evaluate import GenerateFn, evaluate_model, held_out_set, pipeline_generate_fn
 from segue.loader import load
 
 
@@ -30,19 +28,17 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
 
-def _generator(pipe, steps: int, guidance: float, shift: float, seed: int):  # noqa: ANN001, ANN202
-    """A ``generate_fn`` for evaluate_model at one setting, and the list its seconds per clip go to."""
-    calls: list[float] = []
+def _timed(generate: GenerateFn) -> tuple[GenerateFn, list[float]]:
+    """``generate``, and the list its seconds per clip go to."""
+    seconds: list[float] = []
 
-    def generate(first: np.ndarray, last: np.ndarray, caption: str, frames: int) -> np.ndarray:
+    def timed(first: np.ndarray, last: np.ndarray, caption: str, frames: int) -> np.ndarray:
         t0 = time.perf_counter()
-        h, w = first.shape[:2]
-        video = pipe.generate(Image.fromarray(first), Image.fromarray(last), caption, frames=frames, size=(w, h),
-                              steps=steps, guidance=guidance, shift=shift, seed=seed)  # fmt: skip
-        calls.append(time.perf_counter() - t0)
-        return video.frames
+        out = generate(first, last, caption, frames)
+        seconds.append(time.perf_counter() - t0)
+        return out
 
-    return generate, calls
+    return timed, seconds
 
 
 def main() -> None:
@@ -59,30 +55,27 @@ def main() -> None:
 
     pipe = load(args.bundle)
     d = pipe.config.defaults
-    side = int(round(d.max_area**0.5))
-    data = SyntheticVideos(args.split, length=args.clips, frames=d.frames, size=(side, side), ambiguous_fraction=0.0)
-    clips = [data.clip(i) for i in range(args.clips)]
-    groups = ambiguous_groups(args.groups, frames=d.frames, size=(side, side), split=args.split)
+    clips, groups = held_out_set(d, args.clips, args.groups, args.split)
     grid = list(itertools.product([int(s) for s in _floats(args.steps)], _floats(args.guidance), _floats(args.shift)))
 
     print(f"bundle {args.bundle or 'built-in'}; {args.split} split, {args.clips} clips, {args.groups} groups; "
           f"shipped defaults: steps {d.steps}, guidance {d.guidance}, shift {d.shift}\n")  # fmt: skip
     print("| steps | guidance | shift | first | last | in-between | SSIM | compliance | s/clip |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    crossfade = None
+    m = None  # the crossfade's scores are the same in every setting's means: printed once, from the last
     for n, (steps, guidance, shift) in enumerate(grid):
-        generate, calls = _generator(pipe, steps, guidance, shift, args.seed)
+        settings = {"steps": steps, "guidance": guidance, "shift": shift, "seed": args.seed}
+        generate, calls = _timed(pipeline_generate_fn(pipe, **settings))
         with tempfile.TemporaryDirectory() as tmp:
             m = evaluate_model(generate, clips, groups, tmp, sheet_clips=0, verbose=False)["means"]
-        crossfade = m
         row = (steps, f"{guidance:g}", f"{shift:g}", f"{m['model_first_psnr']:.2f}", f"{m['model_last_psnr']:.2f}",
                f"{m['model_psnr']:.2f}", f"{m['model_ssim']:.3f}", f"{m['model_compliance']:.3f}",
                f"{float(np.median(calls)):.2f}")  # fmt: skip
         print("| " + " | ".join(str(x) for x in row) + " |", flush=True)
         print(f"[sweep] {n + 1}/{len(grid)} done", file=sys.stderr, flush=True)
-    if crossfade is not None:
-        print(f"\ncrossfade: in-between {crossfade['crossfade_psnr']:.2f} dB, SSIM {crossfade['crossfade_ssim']:.3f}, "
-              f"compliance {crossfade['crossfade_compliance']:.3f}")  # fmt: skip
+    if m is not None:
+        print(f"\ncrossfade: in-between {m['crossfade_psnr']:.2f} dB, SSIM {m['crossfade_ssim']:.3f}, "
+              f"compliance {m['crossfade_compliance']:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

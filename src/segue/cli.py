@@ -278,29 +278,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import numpy as np
-    from PIL import Image
-
-    from .data.synthetic import SyntheticVideos, ambiguous_groups
-    from .evaluate import evaluate_model
+    from .evaluate import evaluate_model, held_out_set, pipeline_generate_fn
     from .loader import load
 
     if args.clips < 1 or args.groups < 0:
         raise InputError(f"--clips must be >= 1 and --groups >= 0, got {args.clips} and {args.groups}")
     pipe = load(args.ckpt)
-    d = pipe.config.defaults
-    side = int(round(d.max_area**0.5))
-    data = SyntheticVideos(args.split, length=args.clips, frames=d.frames, size=(side, side), ambiguous_fraction=0.0)
-    clips = [data.clip(i) for i in range(args.clips)]
-    groups = ambiguous_groups(args.groups, frames=d.frames, size=(side, side), split=args.split)
-
-    def generate(first: np.ndarray, last: np.ndarray, caption: str, frames: int) -> np.ndarray:
-        h, w = first.shape[:2]
-        video = pipe.generate(Image.fromarray(first), Image.fromarray(last), caption, frames=frames,
-                              size=(w, h), steps=args.steps, guidance=args.guidance, shift=args.shift,
-                              seed=args.seed)  # fmt: skip
-        return video.frames
-
+    clips, groups = held_out_set(pipe.config.defaults, args.clips, args.groups, args.split)
+    generate = pipeline_generate_fn(pipe, steps=args.steps, guidance=args.guidance, shift=args.shift, seed=args.seed)
     summary = evaluate_model(generate, clips, groups, args.out)
     print(json.dumps({"means": summary["means"], "pass": summary["pass"]}, indent=2, default=str))
     return 0

@@ -277,6 +277,29 @@ def _group_clips(group: Any) -> list[Any]:
     return list(group["clips"] if isinstance(group, Mapping) else getattr(group, "clips", group))
 
 
+def held_out_set(defaults: Any, clips: int, groups: int, split: str = "test") -> tuple[list[Any], list[Any]]:
+    """``clips`` procedural clips and ``groups`` ambiguous groups of ``split`` at a model's native frame count and
+    size (its ``GenerationDefaults``): what ``segue eval`` and ``bench/sampling_sweep.py`` score."""
+    from .data.synthetic import SyntheticVideos, ambiguous_groups
+
+    side = int(round(defaults.max_area**0.5))
+    data = SyntheticVideos(split, length=clips, frames=defaults.frames, size=(side, side), ambiguous_fraction=0.0)
+    return [data.clip(i) for i in range(clips)], ambiguous_groups(groups, defaults.frames, (side, side), split)
+
+
+def pipeline_generate_fn(pipe: Any, **settings: Any) -> GenerateFn:
+    """A ``generate_fn`` for ``evaluate_model`` from a pipeline: keyframes at their own size, ``settings``
+    (steps, guidance, shift, seed; None keeps the model's default) passed to ``pipe.generate``."""
+
+    def generate(first: np.ndarray, last: np.ndarray, caption: str, frames: int) -> np.ndarray:
+        h, w = first.shape[:2]
+        video = pipe.generate(Image.fromarray(first), Image.fromarray(last), caption, frames=frames, size=(w, h),
+                              **settings)  # fmt: skip
+        return video.frames
+
+    return generate
+
+
 def _generate(generate_fn: GenerateFn, clip: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
     truth = np.asarray(_field(clip, "frames"))
     out = _as_array(generate_fn(truth[0], truth[-1], str(_field(clip, "caption")), len(truth)))
