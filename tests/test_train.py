@@ -206,6 +206,32 @@ def test_lr_schedule():
     assert f[:3] == [0.5, 1.0, 1.0] and abs(f[-1] - 0.1) < 1e-12 and f == sorted(f[:2]) + sorted(f[2:], reverse=True)
 
 
+def test_wsd_schedule_holds_then_cools_down_linearly():
+    cfg = TrainConfig(steps=10, lr=1.0, warmup=2, schedule="wsd", cooldown=4, min_lr_ratio=0.2)
+    f = [lr_factor(s, cfg) for s in range(10)]
+    expected = [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 0.8, 0.6, 0.4, 0.2]
+    assert all(abs(a - b) < 1e-12 for a, b in zip(f, expected, strict=True)), f
+    # the same steps before the cooldown as a constant run: a constant stage can be turned into wsd at a checkpoint
+    const = TrainConfig(steps=10, lr=1.0, warmup=2)
+    assert f[:6] == [lr_factor(s, const) for s in range(6)]
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match=r"wsd cooldown must be 1\.\.8"):
+            TrainConfig(steps=10, warmup=2, schedule="wsd", cooldown=bad)
+
+
+def test_stage_train_config_scales_the_cooldown_inside_the_run(tmp_path: Path):
+    from segue.train.recipe import FLF, Stage, stage_train_config
+
+    stage = Stage("s", steps=4000, lr=2e-4, modes=FLF, warmup=100, cooldown=1000, min_lr_ratio=0.1)
+    tc = stage_train_config(stage, 4000, 7, tmp_path)
+    assert (tc.schedule, tc.cooldown, tc.min_lr_ratio, tc.warmup, tc.seed) == ("wsd", 1000, 0.1, 100, 7)
+    assert stage_train_config(stage, 2000, 7, tmp_path).cooldown == 500  # --steps-scale 0.5
+    assert stage_train_config(stage, 104, 7, tmp_path).cooldown == 4  # never into the warmup
+    assert stage_train_config(stage, 100, 7, tmp_path).schedule == "constant"  # all warmup: nothing to cool
+    plain = Stage("p", steps=500, lr=1e-3, modes=FLF)
+    assert stage_train_config(plain, 500, 0, tmp_path).schedule == "constant"
+
+
 def _tiny_encoders():
     from segue.models.encoders import ImageEncoder, TextEncoder
     from segue.tokenizer import load_tokenizer, save_tiny_tokenizer

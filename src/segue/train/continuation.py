@@ -29,8 +29,18 @@ from ..models.encoders import ImageEncoder, TextEncoder
 from ..models.vae import WanVAE
 from ..tokenizer import load_tokenizer
 from .latents import CachedClips, CachedFLF2VObjective, build_latent_cache
-from .recipe import FLF, PRESETS, Stage, is_done, load_ema, mark_done, measured_vae_config, train_vae_run
-from .trainer import TrainConfig, Trainer
+from .recipe import (
+    FLF,
+    PRESETS,
+    Stage,
+    is_done,
+    load_ema,
+    mark_done,
+    measured_vae_config,
+    stage_train_config,
+    train_vae_run,
+)
+from .trainer import Trainer
 
 
 @dataclass(frozen=True)
@@ -129,11 +139,13 @@ CONTINUATIONS: dict[str, Continuation] = {
         decoder_seed=5,
         sampling=SAMPLING_S8,
     ),
-    # Proposed next (not run yet): r6's schedule on clips 10000-11999 and decoder crops of seed 6, with the
-    # stage at r5's 5000 steps where the machine allows (a stage resumes; cut it at a checkpoint if not).
+    # Session 9: r6's schedule on clips 10000-11999 and decoder crops of seed 6, with a cooldown: the lr stays at
+    # 2e-4 and then falls linearly to 0 over the last 1000 steps (every stage before ran at a constant lr, so its
+    # EMA was the only averaging of the optimiser's noise). Until the cooldown begins, the steps can be changed
+    # at a checkpoint to fit the session.
     "default-r7": Continuation(
         "default-r7",
-        Stage("stage2-flf-r7", steps=5000, lr=2e-4, modes=FLF, warmup=100),
+        Stage("stage2-flf-r7", steps=4000, lr=2e-4, modes=FLF, warmup=100, cooldown=1000),
         cache_start=10000,
         cache_clips=2000,
         ambiguous_fraction=0.5,
@@ -263,8 +275,7 @@ def continue_from_bundle(
         if not is_done(cache_dir):
             build_latent_cache(vae, window, c.cache_clips, cache_dir, modes, dtype=getattr(torch, c.cache_dtype))
             mark_done(cache_dir, {"clips": c.cache_clips, "start": c.cache_start, "modes": modes})
-        tc = TrainConfig(steps=steps, batch_size=c.stage.batch_size, lr=c.stage.lr, warmup=c.stage.warmup,
-                         ema_decay=0.999, ema_warmup=True, seed=c.seed, out_dir=str(run), ckpt_every=250)  # fmt: skip
+        tc = stage_train_config(c.stage, steps, c.seed, run)
         objective = CachedFLF2VObjective(shift=c.shift, modes=c.stage.modes, caption_dropout=c.stage.caption_dropout)
         Trainer(parts, objective, CachedClips(cache_dir, temporal=vae.cfg.temporal_factor), tc).run()
         mark_done(run, {"steps": steps})

@@ -46,6 +46,22 @@ class Stage:
     batch_size: int = 16
     warmup: int = 0
     caption_dropout: float = 0.1
+    # > 0: the last ``cooldown`` steps decay the lr linearly to ``min_lr_ratio * lr`` (a "wsd" schedule);
+    # 0: the lr stays constant after the warmup (a stage cut short at a checkpoint is then a whole stage)
+    cooldown: int = 0
+    min_lr_ratio: float = 0.0
+
+
+def stage_train_config(stage: Stage, steps: int, seed: int, out_dir: Path) -> TrainConfig:
+    """The trainer's config for a DiT stage run for ``steps`` (its own count, or scaled): EMA 0.999 with
+    warmup; the cooldown scales with the steps and stays inside the run after the warmup."""
+    schedule, cooldown = "constant", 0
+    if stage.cooldown > 0 and steps > stage.warmup:
+        schedule = "wsd"
+        cooldown = min(max(1, round(stage.cooldown * steps / stage.steps)), steps - stage.warmup)
+    return TrainConfig(steps=steps, batch_size=stage.batch_size, lr=stage.lr, warmup=stage.warmup,
+                       schedule=schedule, cooldown=cooldown, min_lr_ratio=stage.min_lr_ratio, ema_decay=0.999,
+                       ema_warmup=True, seed=seed, out_dir=str(out_dir), ckpt_every=250)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -337,9 +353,7 @@ def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scal
             for part, module in parts.items():
                 module.load_state_dict(load_ema(prev, part))
         if not is_done(run):
-            tc = TrainConfig(steps=steps(stage.steps), batch_size=stage.batch_size, lr=stage.lr, warmup=stage.warmup,
-                             ema_decay=0.999, ema_warmup=True, seed=p.seed, out_dir=str(run),
-                             ckpt_every=250)  # fmt: skip
+            tc = stage_train_config(stage, steps(stage.steps), p.seed, run)
             data = SyntheticVideos("train", length=p.data_length, frames=stage.frames, size=stage.size)
             cached = uses_cache(stage, run)
             run.mkdir(parents=True, exist_ok=True)

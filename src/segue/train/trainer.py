@@ -56,8 +56,11 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     warmup: int = 0
-    schedule: str = "constant"  # or "cosine" (to min_lr_ratio * lr at the last step)
+    # "constant"; "cosine" (to min_lr_ratio * lr at the last step); "wsd" (constant, then linear to
+    # min_lr_ratio * lr over the last ``cooldown`` steps: the run can be lengthened before its cooldown)
+    schedule: str = "constant"
     min_lr_ratio: float = 0.0
+    cooldown: int = 0
     grad_clip: float | None = 1.0  # global norm; None: no clipping (the norm is still logged)
     ema_decay: float = 0.999
     # decay min(ema_decay, (1 + step) / (10 + step)): early EMA weights follow the model instead of keeping
@@ -78,19 +81,27 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.warmup < 0 or not 0 <= self.ema_decay < 1:
             raise ValueError(f"bad lr {self.lr}, warmup {self.warmup} or ema_decay {self.ema_decay}")
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.schedule not in ("constant", "cosine", "wsd"):
+            raise ValueError(f"schedule must be 'constant', 'cosine' or 'wsd', got {self.schedule!r}")
+        if self.schedule == "wsd" and not 1 <= self.cooldown <= self.steps - self.warmup:
+            raise ValueError(
+                f"wsd cooldown must be 1..{self.steps - self.warmup} (steps - warmup), got {self.cooldown}"
+            )
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"dtype must be 'fp32' or 'bf16', got {self.dtype!r}")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of ``cfg.lr`` for the update of (0-based) ``step``: linear warmup, then constant or
-    cosine down to ``min_lr_ratio``."""
+    """Multiplier of ``cfg.lr`` for the update of (0-based) ``step``: linear warmup, then constant, cosine
+    down to ``min_lr_ratio``, or constant with a linear cooldown to ``min_lr_ratio`` (wsd)."""
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
     if cfg.schedule == "constant":
         return 1.0
+    if cfg.schedule == "wsd":
+        start = cfg.steps - cfg.cooldown  # the first cooldown step; the last step is at min_lr_ratio
+        progress = min(1.0, max(0, step - start + 1) / cfg.cooldown)
+        return 1.0 - (1 - cfg.min_lr_ratio) * progress
     span = max(1, cfg.steps - cfg.warmup - 1)
     progress = min(1.0, (step - cfg.warmup) / span)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
