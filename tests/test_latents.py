@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-from segue.data.synthetic import SyntheticVideos
+from segue.data.synthetic import SyntheticVideos, object_mask
 from segue.errors import InputError
 from segue.models.dit import WanDiT
 from segue.models.encoders import ImageEncoder, TextEncoder
@@ -17,7 +17,14 @@ from segue.models.vae import WanVAE
 from segue.testing import randomize_
 from segue.tokenizer import load_tokenizer, save_tiny_tokenizer
 from segue.train.flow import FLF2VObjective, conditioning_for_training, conditioning_from_given
-from segue.train.latents import CachedClips, CachedFLF2VObjective, build_latent_cache, cached_subset
+from segue.train.latents import (
+    CachedClips,
+    CachedFLF2VObjective,
+    build_latent_cache,
+    build_object_masks,
+    cached_subset,
+    latent_object_mask,
+)
 from segue.train.recipe import PRESETS
 
 CFG = PRESETS["smoke"].model  # tiny VAE (dim 4), DiT, text and image encoders
@@ -125,6 +132,60 @@ def test_cached_objective_loss_equals_uncached(setup):
     build_latent_cache(vae, data, 2, small, ["first_last"], progress=False)
     with pytest.raises(InputError, match="not in the latent cache"):
         CachedFLF2VObjective(modes=hybrid)(parts, {**default_collate([CachedClips(small)[0]]), "seed": seeds[:1]})
+
+
+def test_latent_object_mask_folds_time_causally_and_pools_space():
+    mask = torch.zeros(9, 16, 16, dtype=torch.bool)
+    mask[5, 6, 9] = True  # frame 5 is in latent 2 (latent 0: frame 0; latent t: frames 4t-3..4t)
+    m = latent_object_mask(mask, temporal=4, spatial=4, dilate=0)
+    assert m.shape == (3, 4, 4) and m.sum() == 1 and m[2, 1, 2]
+    grown = latent_object_mask(mask, temporal=4, spatial=4, dilate=1)
+    assert grown.sum() == 9 and grown[2, 0:3, 1:4].all()
+    first = torch.zeros(9, 16, 16, dtype=torch.bool)
+    first[0, 0, 0] = True
+    assert latent_object_mask(first, 4, 4, 0).nonzero().tolist() == [[0, 0, 0]]
+    with pytest.raises(InputError, match="does not fold"):
+        latent_object_mask(torch.zeros(8, 16, 16, dtype=torch.bool), 4, 4)
+
+
+def test_object_weighted_loss(setup, monkeypatch):
+    vae, data, path, videos, tmp = setup
+    parts = _parts(tmp)
+    kw = dict(shift=3.0, modes={"first_last": 1.0})
+    seeds = torch.tensor([11, 12, 13])
+    with pytest.raises(InputError, match="object masks"):  # no objects.pt yet
+        one = {**default_collate([CachedClips(path)[0]]), "seed": seeds[:1]}
+        CachedFLF2VObjective(object_weight=4.0, **kw)(parts, one)
+    with pytest.raises(ValueError, match="object_weight must be >= 1"):
+        CachedFLF2VObjective(object_weight=0.5, **kw)
+    objects = tmp / "objects"
+    build_latent_cache(vae, data, 3, objects, ["first_last"], progress=False)
+    build_object_masks(data, objects, temporal=4, spatial=CFG.vae.spatial_factor, dilate=0)
+    ds = CachedClips(objects)
+    item = ds[1]
+    assert item["objects"].shape == (2, *ds.x0.shape[-2:]) and item["objects"].any() and not item["objects"].all()
+    want = latent_object_mask(torch.from_numpy(object_mask(data.scene(1))), 4, CFG.vae.spatial_factor, 0)
+    assert torch.equal(item["objects"], want)
+    batch = {**default_collate([ds[i] for i in range(3)]), "seed": seeds}
+    with torch.no_grad():
+        plain = CachedFLF2VObjective(**kw)(parts, batch)
+        assert torch.equal(CachedFLF2VObjective(object_weight=1.0, **kw)(parts, batch), plain)
+        weighted = CachedFLF2VObjective(object_weight=4.0, **kw)(parts, batch)
+        # the weighted mean by hand: the squared error of each cell from a run that returns it unreduced
+        errs = []
+        orig = torch.nn.functional.mse_loss
+        with monkeypatch.context() as m:
+            m.setattr(torch.nn.functional, "mse_loss", lambda a, b: errs.append((a - b) ** 2) or orig(a, b))
+            CachedFLF2VObjective(**kw)(parts, batch)
+        w = (1 + 3 * batch["objects"][:, None].float()).expand_as(errs[0])
+        assert abs(float((w * errs[0]).sum() / w.sum()) - float(weighted)) < 1e-6 * float(weighted)
+        assert abs(float(weighted) - float(plain)) > 1e-4 * float(plain)  # the weights change the loss
+    # masks of another cache's shape are refused by name
+    torch.save({"dilate": 0, "objects": torch.zeros(2, 2, 2, 2, dtype=torch.bool)}, objects / "objects.pt")
+    with pytest.raises(InputError, match="objects.pt: masks"):
+        CachedClips(objects)
+    with pytest.raises(InputError, match="scene"):
+        build_object_masks([data[0]] * 3, objects, 4, 4)
 
 
 def _with_subset(draws, subset: torch.Tensor):

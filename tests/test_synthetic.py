@@ -22,7 +22,9 @@ from segue.data.synthetic import (
     make_ambiguous_group,
     make_clip,
     mover_track,
+    object_mask,
     render_frames,
+    render_scene,
     sample_scene,
     vocabulary,
 )
@@ -164,6 +166,24 @@ def test_dataset_ambiguous_fraction_forms_groups():
     assert [c.caption for c in ambiguous_groups(2, 5, (32, 32), "test")[1]] == [c.caption for c in groups[1]]
     with pytest.raises(ValueError, match=r"split must be one of \('train', 'val', 'test'\), got 'dev'"):
         ambiguous_groups(1, split="dev")
+
+
+def test_object_masks_cover_the_shapes_and_scenes_render_the_items():
+    data = SyntheticVideos("train", length=60, frames=9, size=(48, 48), ambiguous_fraction=0.5)
+    kinds = {data.clip(i).group is None for i in range(12)}
+    assert kinds == {True, False}  # plain clips and group members both
+    for i in range(12):
+        clip, scene = data.clip(i), data.scene(i)
+        assert np.array_equal(render_scene(scene).frames, clip.frames)  # scene(i) is what item i renders
+        mask = object_mask(scene)  # [F, H, W]
+        assert mask.shape == clip.frames.shape[:3] and mask.dtype == bool
+        for f, (x, y) in enumerate(clip.track):  # the main shape's centre is on it in every frame
+            assert mask[f, int(y), int(x)], (i, f)
+        assert 0.005 < mask.mean() < 0.25  # the shapes, not the scenery
+        background = render_frames(scene, with_objects=False)
+        assert np.abs(render_frames(scene) - background).max(-1)[~mask].max() <= 0.5
+    with pytest.raises(IndexError):
+        data.scene(60)
 
 
 def test_contact_sheet_writes_a_grid(tmp_path):

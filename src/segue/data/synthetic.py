@@ -267,6 +267,11 @@ def render_frames(scene: Scene, with_objects: bool = True) -> np.ndarray:
     return img
 
 
+def object_mask(scene: Scene) -> np.ndarray:
+    """Bool [F, H, W]: the pixels the scene's shapes change (their anti-aliased edges included)."""
+    return np.abs(render_frames(scene) - render_frames(scene, with_objects=False)).max(axis=-1) > 0.5
+
+
 def _fits(scene: Scene, paths: tuple[str, ...]) -> bool:
     """Every object stays fully inside the frame for every listed main path."""
     h, w = scene.size
@@ -503,14 +508,23 @@ class SyntheticVideos(torch.utils.data.Dataset):
     def seed_of(self, index: int) -> int:
         return SPLIT_OFFSETS[self.split] + index
 
-    def clip(self, index: int) -> Clip:
+    def _group_of(self, index: int) -> int | None:
+        """The seed of the ambiguous group item ``index`` belongs to, or None (a clip of its own)."""
         if not 0 <= index < self.length:
             raise IndexError(index)
         chunk_seed = self.seed_of(index - index % GROUP_SIZE)
-        if np.random.default_rng([chunk_seed, 3]).random() < self.ambiguous_fraction:
-            scene = _group_scenes(chunk_seed, self.frames, self.size, GROUP_SIZE)[index % GROUP_SIZE]
-            return render_scene(scene, group=chunk_seed, wording_seed=chunk_seed)
-        return make_clip(self.seed_of(index), self.frames, self.size)
+        return chunk_seed if np.random.default_rng([chunk_seed, 3]).random() < self.ambiguous_fraction else None
+
+    def scene(self, index: int) -> Scene:
+        """The scene item ``index`` renders."""
+        group = self._group_of(index)
+        if group is None:
+            return sample_scene(self.seed_of(index), self.frames, self.size)
+        return _group_scenes(group, self.frames, self.size, GROUP_SIZE)[index % GROUP_SIZE]
+
+    def clip(self, index: int) -> Clip:
+        group = self._group_of(index)
+        return render_scene(self.scene(index), group=group, wording_seed=group)
 
     def __getitem__(self, index: int) -> dict:
         c = self.clip(index)

@@ -66,12 +66,17 @@ def dit_loss(
     clip: Tensor | None,
     sigma: Tensor,
     noise: Tensor,
+    weight: Tensor | None = None,
 ) -> Tensor:
-    """Mean squared error (fp32) between the DiT's velocity at (x_t, 1000 sigma) and ``noise - x0``."""
+    """Mean squared error (fp32) between the DiT's velocity at (x_t, 1000 sigma) and ``noise - x0``;
+    with ``weight`` (broadcast to [B, z, T, h, w]) the weighted mean ``sum(w e^2) / sum(w)``."""
     x_t, v = flow_targets(x0, noise, sigma)
     t = sigma.to(x_t.device, torch.float32).reshape(-1) * NUM_TRAIN_TIMESTEPS  # [B]
     pred = dit(x_t, t, context, clip, y)  # [B, z, T, h, w]
-    return F.mse_loss(pred.float(), v)
+    if weight is None:
+        return F.mse_loss(pred.float(), v)
+    w = weight.float().expand_as(v)
+    return (w * (pred.float() - v) ** 2).sum() / w.sum()
 
 
 # ---------------------------------------------------------------------------------------------

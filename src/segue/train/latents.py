@@ -25,6 +25,9 @@ Differences from uncached training, by design:
   noise the flow target adds; the loss moved by ~1e-5 relative in the tests (float32 storage: bit equal).
 - Training cycles over the ``n`` cached clips instead of the dataset's whole length.
 
+Optionally (``build_object_masks``, for a loss that weights the moving shapes more): ``objects.pt``, bool
+[N, T, h, w], the latent cells each clip's shapes touch, from datasets that can give a clip's scene.
+
 Layout of the cache folder: ``config.json`` (what was cached, with a fingerprint of the VAE's weights),
 ``shard-XXXXX.pt`` (``shard_size`` clips each, each written atomically) and ``meta.pt`` (written last, the
 mark of a finished cache). An interrupted build resumes at the first missing shard.
@@ -221,11 +224,43 @@ def build_latent_cache(
     return path
 
 
+def latent_object_mask(mask: Tensor, temporal: int, spatial: int, dilate: int = 1) -> Tensor:
+    """Pixel mask bool [F, H, W] -> bool [T, h, w]: the latent cells whose pixels touch the mask (the
+    causal fold: latent 0 is frame 0, latent t frames 4t-3..4t), grown by ``dilate`` cells each way."""
+    frames, height, width = mask.shape
+    if (frames - 1) % temporal or height % spatial or width % spatial:
+        raise InputError(f"mask {tuple(mask.shape)} does not fold into {temporal}x time, {spatial}x space latents")
+    m = mask.float()
+    m = torch.cat([m[:1].expand(temporal - 1, -1, -1), m])  # [F + temporal - 1, H, W]
+    m = m.view(-1, temporal, height, width).amax(dim=1)  # [T, H, W]
+    m = torch.nn.functional.max_pool2d(m[:, None], spatial)  # [T, 1, h, w]
+    if dilate > 0:
+        m = torch.nn.functional.max_pool2d(m, 2 * dilate + 1, stride=1, padding=dilate)
+    return m[:, 0] > 0
+
+
+def build_object_masks(dataset: Dataset, path: str | Path, temporal: int, spatial: int, dilate: int = 1) -> Path:
+    """Write ``objects.pt`` into the finished latent cache at ``path``: for each cached clip (index i of
+    ``dataset``, which must have ``scene(i)``) its shapes' latent cells (``latent_object_mask``)."""
+    from ..data.synthetic import object_mask
+
+    path = Path(path)
+    if not (path / "meta.pt").is_file():
+        raise InputError(f"no finished latent cache at {path} (meta.pt is missing)")
+    if not hasattr(dataset, "scene"):
+        raise InputError(f"object masks need a dataset with scene(i) (procedural clips), not {type(dataset).__name__}")
+    n = json.loads((path / "config.json").read_text())["n_clips"]
+    masks = [latent_object_mask(torch.from_numpy(object_mask(dataset.scene(i))), temporal, spatial, dilate)
+             for i in range(n)]  # fmt: skip
+    _atomic_save({"dilate": dilate, "objects": torch.stack(masks)}, path / "objects.pt")
+    return path
+
+
 class CachedClips(Dataset):
     """The clips of a finished latent cache, all in memory. Item: ``x0`` float32 [z, T, h, w]; per mode
     (the cached ones and "none"): ``cond`` float32 [z, T, h, w], ``given`` bool [F] and ``mask``
     [4, T, h, w] (the DiT's frame mask); ``frames`` uint8 [K, 3, H, W] (see the module doc), ``caption``
-    and ``index``."""
+    and ``index``; ``objects`` bool [T, h, w] when the cache has object masks."""
 
     def __init__(self, path: str | Path, temporal: int = 4) -> None:
         path = Path(path)
@@ -242,6 +277,13 @@ class CachedClips(Dataset):
         self.frames = torch.cat([s["frames"] for s in shards])  # [N, K, 3, H, W] uint8
         self.captions = [c for s in shards for c in s["caption"]]
         self.none = meta["none"]
+        self.objects = None
+        if (path / "objects.pt").is_file():
+            self.objects = torch.load(path / "objects.pt", map_location="cpu", weights_only=True)["objects"]
+            expected = (self.x0.shape[0], *self.x0.shape[2:])
+            if tuple(self.objects.shape) != expected:
+                got = tuple(self.objects.shape)
+                raise InputError(f"{path / 'objects.pt'}: masks {got}, the cache's clips need {expected}")
         # the frame count: from a cached mode's given frames, else from the latent's time axis
         given_any = next(iter(self.given.values()), None)
         n_frames = given_any.shape[-1] if given_any is not None else (self.x0.shape[2] - 1) * temporal + 1
@@ -266,8 +308,11 @@ class CachedClips(Dataset):
             m: self._fixed_masks[m] if m in self._fixed_masks else mask_from_given(g, lat_h, lat_w, self.temporal)
             for m, g in given.items()
         }
-        return {"x0": self.x0[i].float(), "cond": cond, "given": given, "mask": mask, "frames": self.frames[i],
+        item = {"x0": self.x0[i].float(), "cond": cond, "given": given, "mask": mask, "frames": self.frames[i],
                 "caption": self.captions[i], "index": i}  # fmt: skip
+        if self.objects is not None:
+            item["objects"] = self.objects[i]
+        return item
 
 
 def cached_clip_frames(frames: Tensor, modes: Sequence[str], count: int) -> Tensor:
@@ -283,9 +328,19 @@ class CachedFLF2VObjective(FLF2VObjective):
     """``FLF2VObjective`` on ``CachedClips`` batches: the same per-sample draws, latents from the cache.
 
     For "first_last", "first" and "none" the loss equals ``FLF2VObjective``'s on the same clip and seed (up
-    to the cache's storage precision); "random_subset" uses the clip's cached subset. No VAE is needed."""
+    to the cache's storage precision); "random_subset" uses the clip's cached subset. No VAE is needed.
+
+    ``object_weight`` > 1 weights the squared error on the latent cells of the moving shapes (the cache's
+    ``objects``) that much more than the rest: they cover a few percent of the frame and carry most of the
+    in-between error."""
 
     vae: nn.Module | None = None
+    object_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.object_weight < 1.0:
+            raise ValueError(f"object_weight must be >= 1, got {self.object_weight}")
 
     def __call__(self, parts: Mapping[str, nn.Module], batch: Mapping[str, Any]) -> Tensor:
         dit = parts["dit"]
@@ -316,4 +371,9 @@ class CachedFLF2VObjective(FLF2VObjective):
                 frames = cached_clip_frames(batch["frames"], d.modes, count)
                 shown = torch.tensor([bool(g.any()) for g in given])
                 clip = encode_clip_frames(image_encoder, frames.to(device), shown)
-        return dit_loss(dit, x0, y, context, clip, d.sigma, noise)
+        weight = None
+        if self.object_weight != 1.0:
+            if "objects" not in batch:
+                raise InputError("object_weight needs the cache's object masks (objects.pt, build_object_masks)")
+            weight = 1.0 + (self.object_weight - 1.0) * batch["objects"][:, None].to(device).float()  # [B,1,T,h,w]
+        return dit_loss(dit, x0, y, context, clip, d.sigma, noise, weight)
