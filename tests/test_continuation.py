@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,6 +114,30 @@ def test_a_continuation_that_trains_the_vae_measures_its_latent_statistics_again
         assert all(torch.equal(after[part][k], rebuilt[part][k]) for k in after[part]), part
 
 
+def test_object_weights_change_at_their_steps_and_resume_there(base, tmp_path, monkeypatch):
+    from segue.train.latents import CachedFLF2VObjective
+
+    c = CONTINUATIONS["smoke"]
+    weighted = replace(c, name="weighted", stage=replace(c.stage, steps=3), object_weights=((0, 4.0), (2, 2.0)),
+                       decoder_steps=0)  # fmt: skip
+    monkeypatch.setitem(CONTINUATIONS, "weighted", weighted)
+    seen = []
+    call = CachedFLF2VObjective.__call__
+
+    def spy(self, parts, batch):
+        seen.append((self.object_weight, bool(batch["objects"].any())))
+        return call(self, parts, batch)
+
+    monkeypatch.setattr(CachedFLF2VObjective, "__call__", spy)
+    continue_from_bundle(base, "weighted", tmp_path / "run")
+    assert seen == [(4.0, True), (4.0, True), (2.0, True)]  # steps 0, 1 at 4; step 2 at 2; the masks are there
+    assert (tmp_path / "run" / "latents" / "objects.pt").is_file()
+    with pytest.raises(ValueError, match=r"object_weights must start at step 0"):
+        replace(c, name="x", object_weights=((1, 4.0),))
+    with pytest.raises(ValueError, match=r"weights >= 1; got \(\(0, 0.5\),\)"):
+        replace(c, name="x", object_weights=((0, 0.5),))
+
+
 def test_window_and_bad_arguments_are_clear_errors(tmp_path, capsys):
     data = SyntheticVideos("train", length=10, frames=5, size=(32, 32))
     w = Window(data, 4, 3)
@@ -173,3 +198,33 @@ def test_the_sampling_sweep_prints_one_scored_row_per_setting(base, monkeypatch,
         assert len(cells) == 9 and 0.0 <= cells[6] <= 1.0 and 0.0 <= cells[7] <= 1.0  # SSIM, compliance
     assert "val split, 1 clips, 1 groups" in captured.out and "crossfade: in-between" in captured.out
     assert captured.err.count("[sweep]") == 2
+
+
+def test_the_inbetween_breakdown_splits_the_error_into_shapes_and_scenery(base, monkeypatch, capsys):
+    from segue.evaluate import crossfade, held_out_set
+
+    spec = importlib.util.spec_from_file_location(
+        "inbetween_breakdown", Path(__file__).parents[1] / "bench" / "inbetween_breakdown.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["inbetween_breakdown.py", str(base), "--clips", "2"])
+    bench.main()
+    out = capsys.readouterr().out
+    rows = {r.split(" | ")[0][2:]: [float(x) for x in r.strip("| ").split(" | ")[1:]]
+            for r in out.splitlines() if r.startswith("| ") and not r.startswith("| source")}  # fmt: skip
+    assert set(rows) == {"model", "crossfade", "VAE"}
+    frac = float(out.split("object pixels ")[1].split("%")[0]) / 100
+    assert 0.0 < frac < 0.5
+    for name, (total, obj, scenery, obj_fixed, scenery_fixed) in rows.items():
+        # the pooled MSE is the pixel-weighted sum of the two parts', and fixing a part can only help
+        mse = frac * 10 ** (-obj / 10) + (1 - frac) * 10 ** (-scenery / 10)
+        assert abs(10 * np.log10(1 / mse) - total) < 0.02, name
+        assert obj_fixed >= total - 0.01 and scenery_fixed >= total - 0.01, name
+    # the crossfade row against the crossfade scored directly, pooled over the same clips
+    pipe = segue.load(base)
+    clips, _ = held_out_set(pipe.config.defaults, 2, 0, "test")
+    fades = [crossfade(c.frames[0], c.frames[-1], len(c.frames)) for c in clips]
+    err = np.concatenate([((f[1:-1].astype(float) - c.frames[1:-1]) ** 2).ravel() for f, c in zip(fades, clips)])
+    want = 10 * np.log10(255**2 / err.mean())
+    assert abs(rows["crossfade"][0] - want) < 0.01
