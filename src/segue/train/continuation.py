@@ -195,15 +195,16 @@ class Window(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> dict:
+    def _position(self, index: int) -> int:
         if not 0 <= index < self.length:
             raise IndexError(index)
-        return self.data[self.start + index]
+        return self.start + index
+
+    def __getitem__(self, index: int) -> dict:
+        return self.data[self._position(index)]
 
     def scene(self, index: int) -> Scene:
-        if not 0 <= index < self.length:
-            raise IndexError(index)
-        return self.data.scene(self.start + index)
+        return self.data.scene(self._position(index))
 
 
 def _train_vae(

@@ -99,17 +99,22 @@ def given_frames(mode: str, frames: int, generator: torch.Generator | None = Non
     return given
 
 
+def fold_time(x: Tensor, temporal: int = 4) -> Tensor:
+    """Per-frame values [F, ...] -> [T_lat, temporal, ...] as the causal VAE folds frames: the first frame
+    repeated ``temporal`` times is latent 0, then ``temporal`` frames a latent."""
+    frames = x.shape[0]
+    if (frames - 1) % temporal:
+        raise InputError(f"{frames} frames is not {temporal}n+1")
+    x = torch.cat([x[:1].expand(temporal - 1, *x.shape[1:]), x])  # [F + temporal - 1, ...]
+    return x.view(-1, temporal, *x.shape[1:])
+
+
 def mask_from_given(given: Tensor, lat_h: int, lat_w: int, temporal: int = 4) -> Tensor:
     """Mask [4, T_lat, lat_h, lat_w] of given pixel frames (bool [F]), folded ``temporal`` per latent.
 
     The same fold as ``segue.pipeline.frame_mask``, for any set of given frames."""
-    frames = given.shape[0]
-    if (frames - 1) % temporal:
-        raise InputError(f"{frames} frames is not {temporal}n+1")
-    lat_t = (frames - 1) // temporal + 1
-    m = given.float()
-    m = torch.cat([m[:1].repeat_interleave(temporal), m[1:]])  # [F + temporal - 1]: the first latent covers 1
-    m = m.view(lat_t, temporal).t()  # [temporal, T_lat]
+    m = fold_time(given.float(), temporal).t()  # [temporal, T_lat]
+    lat_t = m.shape[1]
     return m[:, :, None, None].expand(temporal, lat_t, lat_h, lat_w).contiguous()
 
 

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..errors import InputError
-from .flow import MODES, FLF2VObjective, dit_loss, encode_clip_frames, given_frames, mask_from_given
+from .flow import MODES, FLF2VObjective, dit_loss, encode_clip_frames, fold_time, given_frames, mask_from_given
 from .trainer import _atomic_save, _atomic_write_text, _fmt_seconds, sample_seed
 
 PROGRESS_EVERY_S = 30.0  # the cache's progress line between shards (a 1024-clip shard takes minutes on a CPU)
@@ -230,9 +230,7 @@ def latent_object_mask(mask: Tensor, temporal: int, spatial: int, dilate: int = 
     frames, height, width = mask.shape
     if (frames - 1) % temporal or height % spatial or width % spatial:
         raise InputError(f"mask {tuple(mask.shape)} does not fold into {temporal}x time, {spatial}x space latents")
-    m = mask.float()
-    m = torch.cat([m[:1].expand(temporal - 1, -1, -1), m])  # [F + temporal - 1, H, W]
-    m = m.view(-1, temporal, height, width).amax(dim=1)  # [T, H, W]
+    m = fold_time(mask.float(), temporal).amax(dim=1)  # [T, H, W]
     m = torch.nn.functional.max_pool2d(m[:, None], spatial)  # [T, 1, h, w]
     if dilate > 0:
         m = torch.nn.functional.max_pool2d(m, 2 * dilate + 1, stride=1, padding=dilate)
