@@ -78,3 +78,12 @@ def test_wrong_process_count_fails_cleanly(official_ckpt, frames_dir, tmp_path):
     assert r.returncode != 0
     assert "needs (2 if --cfg-parallel else 1) x ring 2 x ulysses 2 = 4" in r.stderr
     assert not (tmp_path / "v.mp4").exists()
+
+
+@pytest.mark.parametrize("world", ["1", "2"])
+def test_exit_process_keeps_the_code_and_flushes(world):
+    # a torchrun rank ends with os._exit (no interpreter finalization): buffered output must still come out
+    code = "from segue.cli import exit_process; print('written', end=''); exit_process(3)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "WORLD_SIZE": world})  # fmt: skip
+    assert (r.returncode, r.stdout) == (3, "written")

@@ -304,8 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     commands = {"generate": cmd_generate, "info": cmd_info, "make-tiny": cmd_make_tiny, "train": cmd_train,
                 "eval": cmd_eval}  # fmt: skip
+    ok = False
     try:
-        return commands[args.command](args)
+        rc = commands[args.command](args)
+        ok = True
+        return rc
     except SegueError as e:
         # in a torchrun job every rank validates the same input and fails the same way; torchrun then
         # stops the job. Say which rank spoke when there are several.
@@ -316,15 +319,36 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        _leave_process_group()
+        _leave_process_group(wait_for_peers=ok)
 
 
-def _leave_process_group() -> None:
+def _leave_process_group(wait_for_peers: bool) -> None:
+    """Leave a torchrun job's process groups. After a run that went well, every rank first waits for the
+    others (rank 0 may still be writing the video), so no rank tears its connections down under a peer."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
 
 
+def exit_process(rc: int) -> None:
+    """End the process with ``rc``. A rank of a torchrun job skips the interpreter's finalization: gloo's
+    worker threads can abort it there ("terminate called without an active exception", SIGABRT) after
+    everything was written and the process groups were destroyed, which turned a good run into a failed job."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
+def run() -> None:
+    """The ``segue`` console script."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
