@@ -6,7 +6,8 @@ RUN is a ``segue train --continue-from BUNDLE`` folder; the config, the tokenize
 its own) the VAE come from BUNDLE, the one the run started from (once a run is installed, the packaged file is
 no longer it). The DiT and encoders come from the stage's latest checkpoint. A continuation that trained the
 whole VAE (``vae_steps``) gives its finished VAE (``RUN/vae/ema.pt``), and the latent statistics are measured
-again exactly as the run measured them (``with_latent_stats``).
+again exactly as the run measured them (``with_latent_stats``). A run that inserted DiT blocks
+(``insert_blocks``) gets the deeper config.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +41,9 @@ def main() -> None:
     stage = args.stage or record["continuation"]["stage"]["name"]
     step, ema = latest_ema(args.run / stage)
     config, _ = read_bundle_metadata(args.from_bundle)
+    inserted = record["continuation"].get("insert_blocks", [])
+    if inserted:  # the run deepened the DiT (grow.insert_identity_blocks)
+        config = replace(config, dit=replace(config.dit, num_layers=config.dit.num_layers + len(inserted)))
     vae_state = read_bundle_weights(args.from_bundle)["vae"]
     if record["continuation"]["vae_steps"] > 0:
         if not (args.run / "vae" / "ema.pt").is_file():

@@ -114,6 +114,38 @@ def test_a_continuation_that_trains_the_vae_measures_its_latent_statistics_again
         assert all(torch.equal(after[part][k], rebuilt[part][k]) for k in after[part]), part
 
 
+def test_a_continuation_can_deepen_the_dit(base, tmp_path, monkeypatch):
+    c = CONTINUATIONS["smoke"]
+    monkeypatch.setitem(CONTINUATIONS, "deeper", replace(c, name="deeper", insert_blocks=(0,), decoder_steps=0))
+    new = continue_from_bundle(base, "deeper", tmp_path / "run")
+    layers = segue.load(base).config.dit.num_layers
+    assert segue.load(new).config.dit.num_layers == layers + 1
+    before, after = read_bundle_weights(base)["dit"], read_bundle_weights(new)["dit"]
+    assert len(after) == len(before) + sum(k.startswith("blocks.0.") for k in before)
+    # the inserted block trained away from its zero start; the last source block moved up by one
+    assert after["blocks.1.ffn.2.weight"].abs().sum() > 0 and after["blocks.1.self_attn.o.weight"].abs().sum() > 0
+    assert f"blocks.{layers}.ffn.2.weight" in after and f"blocks.{layers + 1}.ffn.2.weight" not in after
+    # bench/ckpt_bundle.py rebuilds the deeper model from the run
+    (tmp_path / "run" / c.stage.name / "ema.pt").unlink()
+    spec = importlib.util.spec_from_file_location("ckpt_bundle", Path(__file__).parents[1] / "bench" / "ckpt_bundle.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    mid = tmp_path / "mid.safetensors"
+    monkeypatch.setattr(
+        sys, "argv", ["ckpt_bundle.py", str(tmp_path / "run"), "--from-bundle", str(base), "--out", str(mid)]
+    )
+    bench.main()
+    rebuilt = read_bundle_weights(mid)["dit"]
+    assert rebuilt.keys() == after.keys() and all(torch.equal(after[k], rebuilt[k]) for k in after)
+    # an index past the bundle's blocks is refused by name before anything trains
+    monkeypatch.setitem(CONTINUATIONS, "too-deep", replace(c, name="too-deep", insert_blocks=(layers,)))
+    with pytest.raises(
+        InputError, match=rf"continuation 'too-deep' on .*: blocks to insert after must be .* got \[{layers}\]"
+    ):
+        continue_from_bundle(base, "too-deep", tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_object_weights_change_at_their_steps_and_resume_there(base, tmp_path, monkeypatch):
     from segue.train.latents import CachedFLF2VObjective
 
@@ -148,7 +180,8 @@ def test_window_and_bad_arguments_are_clear_errors(tmp_path, capsys):
         Window(data, 8, 3)
     with pytest.raises(
         InputError,
-        match="unknown continuation 'nope'; known: default-r3, default-r4, default-r5, default-r6, default-r7, smoke",
+        match="unknown continuation 'nope'; known: default-r3, default-r4, default-r5, default-r6, default-r7, "
+        "default-r8, smoke",
     ):
         continue_from_bundle(tmp_path / "x.safetensors", "nope", tmp_path / "run")
     missing = tmp_path / "missing.safetensors"

@@ -28,6 +28,7 @@ from ..models.dit import WanDiT
 from ..models.encoders import ImageEncoder, TextEncoder
 from ..models.vae import WanVAE
 from ..tokenizer import load_tokenizer
+from .grow import insert_identity_blocks
 from .latents import CachedClips, CachedFLF2VObjective, build_latent_cache, build_object_masks
 from .recipe import (
     FLF,
@@ -63,6 +64,9 @@ class Continuation:
     object_weights: tuple[tuple[int, float], ...] = ()
     object_dilate: int = 1
     bundle_dtype: str = "float16"
+    # indices of the bundle's DiT blocks that each get a new block behind them, starting as the identity
+    # (``grow.insert_identity_blocks``): the DiT deepens without forgetting what it computes
+    insert_blocks: tuple[int, ...] = ()
     # first the whole VAE (encoder too: the latent space moves and the DiT stage adapts to it), on fresh clips
     vae_steps: int = 0
     vae_lr: float = 5e-4
@@ -169,6 +173,24 @@ CONTINUATIONS: dict[str, Continuation] = {
         decoder_seed=6,
         sampling=SAMPLING_S8,
     ),
+    # Session 10 on top of default-r7: the DiT (dim 192, 6 blocks) traded the shapes against the scenery in
+    # session 9, as a model at its capacity does, so it grows: a new block behind blocks 1, 3 and 5, each
+    # starting as the identity (grow.insert_identity_blocks: the 9-block DiT computes exactly what the 6-block
+    # one did) and trained on clips 12000-13999 with the shapes at weight 2 and a cooldown over the last
+    # 1000 steps; then 300 decoder steps on crops of seed 7.
+    "default-r8": Continuation(
+        "default-r8",
+        Stage("stage2-flf-r8", steps=3000, lr=2e-4, modes=FLF, warmup=100, cooldown=1000),
+        cache_start=12000,
+        cache_clips=2000,
+        ambiguous_fraction=0.5,
+        object_weights=((0, 2.0),),
+        object_dilate=0,
+        insert_blocks=(1, 3, 5),
+        decoder_steps=300,
+        decoder_seed=7,
+        sampling=SAMPLING_S8,
+    ),
     # the same path in seconds, for tests
     "smoke": Continuation(
         "smoke",
@@ -253,6 +275,12 @@ def continue_from_bundle(
     dev = resolve_device(device)
     config, tok_files = read_bundle_metadata(bundle)  # a bad bundle is refused before anything is written
     weights = read_bundle_weights(bundle)
+    if c.insert_blocks:
+        try:
+            dit_cfg, weights["dit"] = insert_identity_blocks(config.dit, weights["dit"], c.insert_blocks)
+        except ValueError as e:
+            raise InputError(f"continuation {name!r} on {bundle}: {e}") from None
+        config = replace(config, dit=dit_cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
