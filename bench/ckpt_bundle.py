@@ -26,6 +26,7 @@ from segue.models.encoders import ImageEncoder, TextEncoder
 from segue.models.vae import WanVAE
 from segue.tokenizer import load_tokenizer
 from segue.train.continuation import CONTINUATIONS, with_latent_stats
+from segue.train.grow import deepened
 from segue.train.recipe import load_ema
 from segue.train.trainer import latest_ema
 
@@ -41,9 +42,8 @@ def main() -> None:
     stage = args.stage or record["continuation"]["stage"]["name"]
     step, ema = latest_ema(args.run / stage)
     config, _ = read_bundle_metadata(args.from_bundle)
-    inserted = record["continuation"].get("insert_blocks", [])
-    if inserted:  # the run deepened the DiT (grow.insert_identity_blocks)
-        config = replace(config, dit=replace(config.dit, num_layers=config.dit.num_layers + len(inserted)))
+    # a run that inserted DiT blocks (grow.insert_identity_blocks) trained the deeper DiT
+    config = replace(config, dit=deepened(config.dit, tuple(record["continuation"].get("insert_blocks", []))))
     vae_state = read_bundle_weights(args.from_bundle)["vae"]
     if record["continuation"]["vae_steps"] > 0:
         if not (args.run / "vae" / "ema.pt").is_file():

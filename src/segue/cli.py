@@ -233,12 +233,10 @@ def _speed_options(args: argparse.Namespace):
 
 def _parallel_config(args: argparse.Namespace):
     """A ParallelConfig when a parallel flag is set or torchrun started several processes, else None."""
-    import os
-
     from .parallel.mesh import ParallelConfig
 
     asked = args.ulysses > 1 or args.ring > 1 or args.cfg_parallel or args.fsdp
-    if not asked and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if not asked and not _several_ranks():
         return None
     return ParallelConfig(
         ulysses=args.ulysses, ring=args.ring, cfg=args.cfg_parallel, fsdp=args.fsdp,
@@ -312,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     except SegueError as e:
         # in a torchrun job every rank validates the same input and fails the same way; torchrun then
         # stops the job. Say which rank spoke when there are several.
-        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        rank = os.environ.get("RANK") if _several_ranks() else None
         print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -320,6 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         _leave_process_group(wait_for_peers=ok)
+
+
+def _several_ranks() -> bool:
+    """Whether this process is one rank of a torchrun job of more than one."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _leave_process_group(wait_for_peers: bool) -> None:
@@ -338,7 +341,7 @@ def exit_process(rc: int) -> None:
     gloo's threads can abort the process ("terminate called without an active exception", SIGABRT; seen
     once in CI on a 4-process generate, and in PyTorch's own gloo tests at module teardown) and so fail a
     job whose work is done. Its files are written and closed by then; the streams are flushed here."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if _several_ranks():
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -24,11 +24,12 @@ BRANCH_OUTPUTS = ("self_attn.o.", "cross_attn.o.", "ffn.2.")
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
-def check_insert_after(after: tuple[int, ...], num_layers: int) -> None:
-    """``after``: indices of the source blocks that each get a new block behind them (increasing, distinct)."""
-    if list(after) != sorted(set(after)) or any(not 0 <= i < num_layers for i in after):
-        raise ValueError(f"blocks to insert after must be distinct increasing indices in 0..{num_layers - 1}, "
+def deepened(cfg: DiTConfig, after: tuple[int, ...]) -> DiTConfig:
+    """The config of ``cfg`` with a new block behind each source block in ``after`` (distinct, increasing)."""
+    if list(after) != sorted(set(after)) or any(not 0 <= i < cfg.num_layers for i in after):
+        raise ValueError(f"blocks to insert after must be distinct increasing indices in 0..{cfg.num_layers - 1}, "
                          f"got {list(after)}")  # fmt: skip
+    return replace(cfg, num_layers=cfg.num_layers + len(after))
 
 
 def insert_identity_blocks(
@@ -39,7 +40,7 @@ def insert_identity_blocks(
     Blocks are renumbered in order; every non-block key is kept as it is. The result computes what the
     source computes (exactly in fp32: the new blocks add zeros).
     """
-    check_insert_after(after, cfg.num_layers)
+    grown = deepened(cfg, after)
     blocks: dict[int, dict[str, torch.Tensor]] = {}
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -60,4 +61,4 @@ def insert_identity_blocks(
                 zero = name.startswith(BRANCH_OUTPUTS)
                 out[f"blocks.{new_index}.{name}"] = torch.zeros_like(value) if zero else value.clone()
             new_index += 1
-    return replace(cfg, num_layers=new_index), out
+    return grown, out
