@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("run", type=Path, nargs="?")
     p.add_argument("--bundle", type=Path, default=None, help="a segue bundle instead of a run folder")
     p.add_argument("--clips", type=int, default=16)
+    p.add_argument("--split", default="test", choices=("val", "test"), help="val to choose, test to report")
     p.add_argument("--weights", default="vae", help="the run's folder with the VAE's ema.pt")
     p.add_argument("--vae-run", type=Path, default=None, help="with --bundle: VAE weights from this run folder")
     args = p.parse_args()
@@ -54,7 +55,7 @@ def main() -> None:
         vae = WanVAE(ModelConfig.from_dict(preset["model"]).vae).eval()
         vae.load_state_dict(load_ema(args.run / args.weights, "vae"))
         frames, size = preset["stages"][0]["frames"], tuple(preset["stages"][0]["size"])
-    data = SyntheticVideos("test", length=args.clips, frames=frames, size=size)
+    data = SyntheticVideos(args.split, length=args.clips, frames=frames, size=size)
     per_frame: list[list[float]] = []
     with torch.no_grad():
         for i in range(args.clips):
@@ -64,7 +65,7 @@ def main() -> None:
             b = ((rec[0] + 1) * 127.5).round().clamp(0, 255).permute(1, 2, 3, 0).numpy()
             per_frame.append([psnr(x, y) for x, y in zip(a, b)])
     arr = np.array(per_frame)
-    print(f"VAE reconstruction, {args.clips} held-out clips of {frames} frames at {list(size)}:")
+    print(f"VAE reconstruction, {args.clips} {args.split} clips of {frames} frames at {list(size)}:")
     print("| frame | " + " | ".join(str(i) for i in range(arr.shape[1])) + " |")
     print("|---|" + "---|" * arr.shape[1])
     print("| PSNR dB | " + " | ".join(f"{v:.1f}" for v in arr.mean(0)) + " |")

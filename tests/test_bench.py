@@ -34,3 +34,24 @@ def test_no_gpu_rows_say_not_measured(capsys, monkeypatch):
     assert "No GPU here: not measured." in out
     assert out.count("| not measured |") == 6  # 3 options x 480p and 720p
     assert "75,600 tokens" in out and "32,760 tokens" in out  # the 14B sizes (SPEC section 7)
+
+
+def test_caption_effect_scores_a_group():
+    import numpy as np
+    from caption_effect import group_effect
+
+    rng = np.random.default_rng(0)
+    truths = [rng.integers(0, 256, (5, 8, 8, 3)).astype(np.uint8) for _ in range(3)]
+    # videos equal to their own truths: the caption moves the video exactly as far as the paths differ
+    sm, st, own, n = group_effect(truths, truths)
+    assert sm == st > 0 and (own, n) == (6, 6)
+    # the same video (truth 0) for every caption: no spread; video 0 wins both its comparisons, videos 1 and 2
+    # lose theirs against truth 0 and, between truths 1 and 2, exactly one of them wins
+    same = [truths[0]] * 3
+    sm, st, own, n = group_effect(same, truths)
+    assert sm == 0.0 and n == 6 and own == 3
+    # the endpoints (frames 0 and F-1) do not count
+    edited = [t.copy() for t in truths]
+    for e in edited:
+        e[0] = e[-1] = 0
+    assert group_effect(edited, truths) == group_effect(truths, truths)

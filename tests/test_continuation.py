@@ -261,3 +261,25 @@ def test_the_inbetween_breakdown_splits_the_error_into_shapes_and_scenery(base, 
     err = np.concatenate([((f[1:-1].astype(float) - c.frames[1:-1]) ** 2).ravel() for f, c in zip(fades, clips)])
     want = 10 * np.log10(255**2 / err.mean())
     assert abs(rows["crossfade"][0] - want) < 0.01
+
+
+def test_the_decoder_phase_weights_the_keyframes_as_registered(base, tmp_path, monkeypatch):
+    from segue.train.vae_loss import DecoderObjective
+
+    c = CONTINUATIONS["smoke"]
+    monkeypatch.setitem(CONTINUATIONS, "keyframes", replace(c, name="keyframes", decoder_steps=2,
+                                                            decoder_endpoint_weight=4.0))  # fmt: skip
+    seen = []
+    call = DecoderObjective.__call__
+
+    def spy(self, parts, batch):
+        seen.append(self.endpoint_weight)
+        return call(self, parts, batch)
+
+    monkeypatch.setattr(DecoderObjective, "__call__", spy)
+    continue_from_bundle(base, "keyframes", tmp_path / "run")
+    assert seen == [4.0, 4.0]  # both decoder steps
+    record = json.loads((tmp_path / "run" / "continuation.json").read_text())
+    assert record["continuation"]["decoder_endpoint_weight"] == 4.0  # the lineage says how it was trained
+    with pytest.raises(ValueError, match=r"continuation 'x': decoder_endpoint_weight must be > 0, got -1"):
+        replace(c, name="x", decoder_endpoint_weight=-1.0)

@@ -490,7 +490,7 @@ def test_decoder_fine_tuning_keeps_the_latent_space_and_lowers_the_loss(tmp_path
         before = {k: v.clone() for k, v in vae.state_dict().items()}
     freeze_encoder(vae)
     with pytest.raises(ValueError, match="recon must be"):
-        DecoderObjective(recon="l2")({"vae": vae}, {"video": video})
+        DecoderObjective(recon="l2")
     losses = _train_20_steps(vae, DecoderObjective(recon="mse"), video, tmp_path)
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), (losses[:3], losses[-3:])
     after = vae.state_dict()
@@ -499,6 +499,21 @@ def test_decoder_fine_tuning_keeps_the_latent_space_and_lowers_the_loss(tmp_path
     assert not torch.equal(after["decoder.head.2.weight"], before["decoder.head.2.weight"])
     with torch.no_grad():
         assert torch.equal(vae.encode(video, normalize=False), latents)  # the DiT's latent space is unchanged
+
+
+def test_decoder_endpoint_weight_is_a_weighted_mean_over_frames():
+    vae, video = _tiny_vae_and_waves()  # video [2, 3, 5, 16, 16]
+    with torch.no_grad():
+        out = vae.decode(vae.encode(video, normalize=False), normalized=False, clamp=False)
+        per_frame = (out - video).square().mean(dim=(0, 1, 3, 4))  # [5]
+        plain = DecoderObjective()({"vae": vae}, {"video": video})
+        weighted = DecoderObjective(endpoint_weight=4.0)({"vae": vae}, {"video": video})
+    assert torch.allclose(plain, (out - video).square().mean())  # weight 1: the plain MSE
+    w = torch.tensor([4.0, 1.0, 1.0, 1.0, 4.0])
+    assert torch.allclose(weighted, (w * per_frame).sum() / w.sum())
+    assert not torch.allclose(weighted, plain)
+    with pytest.raises(ValueError, match="endpoint_weight must be > 0, got 0"):
+        DecoderObjective(endpoint_weight=0.0)
 
 
 def test_narrow_posterior_sets_the_log_variance_and_keeps_the_mean():

@@ -252,9 +252,11 @@ def train_vae_run(
     seed: int,
     decoder_only: bool,
     device: str | torch.device = "cpu",
+    endpoint_weight: float = 1.0,
 ) -> Path:
     """Train the VAE ``state`` further into ``run`` (resumes; skipped when done) on ``p``'s VAE clips drawn
-    with ``seed``: the whole VAE, or (``decoder_only``) its decoder on the frozen encoder."""
+    with ``seed``: the whole VAE, or (``decoder_only``) its decoder on the frozen encoder, the first and last
+    frames' error counted ``endpoint_weight`` times (``DecoderObjective``)."""
     if not is_done(run):
         vae = WanVAE(cfg)
         vae.load_state_dict(state)
@@ -264,7 +266,7 @@ def train_vae_run(
         tc = TrainConfig(steps=steps, batch_size=p.vae_batch, lr=lr, warmup=min(50, steps // 10),
                          ema_decay=p.vae_ema, seed=seed, out_dir=str(run), ckpt_every=250)  # fmt: skip
         if decoder_only:
-            objective: DecoderObjective | VAEObjective = DecoderObjective(recon=p.vae_recon)
+            objective: DecoderObjective | VAEObjective = DecoderObjective(p.vae_recon, endpoint_weight)
         else:
             objective = VAEObjective(kl_weight=p.kl_weight, recon=p.vae_recon)
         Trainer({"vae": vae}, objective, vae_data(p, seed), tc).run()

@@ -107,17 +107,30 @@ class DecoderObjective:
     ``decode(encoder mean)`` against ``batch["video"]``.
 
     The decoder learns from the posterior mean, the latent it is given at generation time (the DiT is
-    trained towards the mean), and no gradient reaches the encoder (see ``freeze_encoder``)."""
+    trained towards the mean), and no gradient reaches the encoder (see ``freeze_encoder``).
+
+    ``endpoint_weight``: the error of the first and the last frame counts that many times (a weighted mean
+    over frames). They are the keyframes a user gives, and the first is decoded alone from its own latent
+    frame, a path that one frame in F trains at weight 1 (it reconstructed 1.3 dB below the rest)."""
 
     recon: str = "mse"
+    endpoint_weight: float = 1.0
 
-    def __call__(self, parts: Mapping[str, nn.Module], batch: Mapping[str, Any]) -> Tensor:
+    def __post_init__(self) -> None:
         if self.recon not in ("l1", "mse"):
             raise ValueError(f"recon must be 'l1' or 'mse', got {self.recon!r}")
+        if not self.endpoint_weight > 0:
+            raise ValueError(f"endpoint_weight must be > 0, got {self.endpoint_weight}")
+
+    def __call__(self, parts: Mapping[str, nn.Module], batch: Mapping[str, Any]) -> Tensor:
         vae = parts["vae"]
         video = batch["video"].to(vae.conv1.weight.device)
         with torch.no_grad():
             mu = vae.encode(video, normalize=False)  # [B, z, T, h, w]
         out = vae.decode(mu, normalized=False, clamp=False)  # [B, 3, F, H, W]
-        target = video.float()
-        return F.l1_loss(out, target) if self.recon == "l1" else F.mse_loss(out, target)
+        err = out - video.float()
+        err = err.abs() if self.recon == "l1" else err.square()
+        per_frame = err.mean(dim=(0, 1, 3, 4))  # [F]
+        w = torch.ones_like(per_frame)
+        w[0] = w[-1] = self.endpoint_weight
+        return (w * per_frame).sum() / w.sum()
