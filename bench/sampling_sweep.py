@@ -1,6 +1,7 @@
 """Sampling settings (steps x guidance x shift) of a bundle, scored on the validation split.
 
-    python bench/sampling_sweep.py BUNDLE [--steps 4,25] [--guidance 1,4] [--shift 3] [--clips 8] [--groups 8]
+    python bench/sampling_sweep.py BUNDLE [--steps 4,25] [--guidance 1,4] [--guidance-steps all,1] [--shift 3]
+                                          [--clips 8] [--groups 8]
 
 The generation defaults a bundle ships with are chosen here, on the ``val`` seed range, so that the
 numbers reported by ``segue eval`` (the ``test`` range) are not tuned on the clips they are measured on.
@@ -47,6 +48,7 @@ def main() -> None:
     p.add_argument("--steps", default="4,25")
     p.add_argument("--guidance", default="1,4")
     p.add_argument("--shift", default="3")
+    p.add_argument("--guidance-steps", default="all", help="guided steps from the first: all, or counts (all,1,2)")
     p.add_argument("--clips", type=int, default=8)
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--split", choices=("val", "test"), default="val")
@@ -56,21 +58,29 @@ def main() -> None:
     pipe = load(args.bundle)
     d = pipe.config.defaults
     clips, groups = held_out_set(d, args.clips, args.groups, args.split)
-    grid = list(itertools.product([int(s) for s in _floats(args.steps)], _floats(args.guidance), _floats(args.shift)))
+    parts = [g for g in args.guidance_steps.split(",") if g]
+    if not parts or any(g != "all" and not (g.isdigit() and int(g) >= 1) for g in parts):
+        p.error(f"--guidance-steps takes 'all' or counts >= 1, comma-separated; got {args.guidance_steps!r}")
+    guided = [None if g == "all" else int(g) for g in parts]
+    grid = list(itertools.product([int(s) for s in _floats(args.steps)], _floats(args.guidance), guided,
+                                  _floats(args.shift)))  # fmt: skip
 
     print(f"bundle {args.bundle or 'built-in'}; {args.split} split, {args.clips} clips, {args.groups} groups; "
-          f"shipped defaults: steps {d.steps}, guidance {d.guidance}, shift {d.shift}\n")  # fmt: skip
-    print("| steps | guidance | shift | first | last | in-between | SSIM | compliance | s/clip |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"shipped defaults: steps {d.steps}, guidance {d.guidance} (guided steps {d.guidance_steps or 'all'}), "
+          f"shift {d.shift}\n")  # fmt: skip
+    print("| steps | guidance | guided steps | shift | first | last | in-between | SSIM | compliance | s/clip |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     m = None  # the crossfade's scores are the same in every setting's means: printed once, from the last
-    for n, (steps, guidance, shift) in enumerate(grid):
-        settings = {"steps": steps, "guidance": guidance, "shift": shift, "seed": args.seed}
+    for n, (steps, guidance, guidance_steps, shift) in enumerate(grid):
+        settings = {"steps": steps, "guidance": guidance, "guidance_steps": guidance_steps, "shift": shift,
+                    "seed": args.seed}  # fmt: skip
         generate, calls = _timed(pipeline_generate_fn(pipe, **settings))
         with tempfile.TemporaryDirectory() as tmp:
             m = evaluate_model(generate, clips, groups, tmp, sheet_clips=0, verbose=False)["means"]
-        row = (steps, f"{guidance:g}", f"{shift:g}", f"{m['model_first_psnr']:.2f}", f"{m['model_last_psnr']:.2f}",
-               f"{m['model_psnr']:.2f}", f"{m['model_ssim']:.3f}", f"{m['model_compliance']:.3f}",
-               f"{float(np.median(calls)):.2f}")  # fmt: skip
+        guided_col = "all" if guidance_steps is None else guidance_steps
+        row = (steps, f"{guidance:g}", guided_col, f"{shift:g}", f"{m['model_first_psnr']:.2f}",
+               f"{m['model_last_psnr']:.2f}", f"{m['model_psnr']:.2f}", f"{m['model_ssim']:.3f}",
+               f"{m['model_compliance']:.3f}", f"{float(np.median(calls)):.2f}")  # fmt: skip
         print("| " + " | ".join(str(x) for x in row) + " |", flush=True)
         print(f"[sweep] {n + 1}/{len(grid)} done", file=sys.stderr, flush=True)
     if m is not None:

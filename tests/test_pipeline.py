@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import segue
+from segue.errors import InputError
 from segue.pipeline import fit_last_frame, fit_latent_size, frame_mask, image_to_tensor, to_uint8
 
 
@@ -74,7 +75,7 @@ def reference_sigmas(n: int, shift: float) -> np.ndarray:
 
 
 @torch.no_grad()
-def oracle_video(ckpt, first, last, prompt, negative, frames, max_area, steps, shift, guidance, seed):
+def oracle_video(ckpt, first, last, prompt, negative, frames, max_area, steps, shift, guidance, seed, guided=None):
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import AutoTokenizer, CLIPVisionModel, UMT5EncoderModel
 
@@ -132,11 +133,12 @@ def oracle_video(ckpt, first, last, prompt, negative, frames, max_area, steps, s
     sched.sigmas = torch.from_numpy(np.concatenate([s, [0.0]]).astype(np.float32))
     sched.set_begin_index(0)
     x = noise[None]
-    for t in sched.timesteps:
+    for i, t in enumerate(sched.timesteps):
         inp = torch.cat([x, y], 1)
         vc = dit(inp, t[None], ctx, img_ctx, return_dict=False)[0]
         vu = dit(inp, t[None], ctx_neg, img_ctx, return_dict=False)[0]
-        x = sched.step(vu + guidance * (vc - vu), t, x, return_dict=False)[0]
+        g = guidance if guided is None or i < guided else 1.0  # ``guided``: guidance on the first steps only
+        x = sched.step(vu + g * (vc - vu), t, x, return_dict=False)[0]
     video = vae.decode(x / inv_std + mean, return_dict=False)[0][0].clamp(-1, 1)
     return x[0], ((video + 1) / 2 * 255).to(torch.uint8).permute(1, 2, 3, 0).numpy()
 
@@ -159,7 +161,7 @@ def _run(ckpt, frames_dir, **over):
     return pipe.generate(
         frames_dir / "first.png", frames_dir / "last.png", a["prompt"], negative_prompt=a["negative"],
         frames=a["frames"], max_area=a["max_area"], steps=a["steps"], shift=a["shift"], guidance=a["guidance"],
-        seed=a["seed"],
+        seed=a["seed"], guidance_steps=a.get("guidance_steps"),
     )  # fmt: skip
 
 
@@ -182,6 +184,22 @@ def test_video_matches_reference_oracle(oracle, ours_diffusers):
     print(f"\noracle parity: latent rel err {rel:.2e}, PSNR {p:.1f} dB, identical pixels {same:.2%}")
     assert rel < 1e-5, f"final latent relative error {rel:.2e}"
     assert p > 40
+
+
+def test_guidance_on_the_first_steps_only_matches_the_oracle(diffusers_ckpt, frames_dir, ours_diffusers):
+    from PIL import Image
+
+    first, last = Image.open(frames_dir / "first.png"), Image.open(frames_dir / "last.png")
+    latent_ref, _ = oracle_video(diffusers_ckpt, first, last, **ARGS, guided=2)  # guided steps 0, 1 of 4
+    ours = _run(diffusers_ckpt, frames_dir, guidance_steps=2)
+    rel = float((ours.latent - latent_ref).norm() / latent_ref.norm())
+    assert rel < 1e-5, f"final latent relative error {rel:.2e}"
+    assert not torch.allclose(ours.latent, ours_diffusers.latent, rtol=0, atol=1e-3)  # it did change the video
+    assert ours.info["settings"]["guidance_steps"] == 2
+    # as many guided steps as there are steps: every step guided, the plain run
+    assert torch.equal(_run(diffusers_ckpt, frames_dir, guidance_steps=4).latent, ours_diffusers.latent)
+    with pytest.raises(InputError, match="guidance steps must be at least 1, got 0"):
+        _run(diffusers_ckpt, frames_dir, guidance_steps=0)
 
 
 def test_both_layouts_give_the_same_video(ours_official, ours_diffusers):
@@ -207,3 +225,17 @@ def test_any_4n_plus_1_frame_count_and_explicit_size(official_ckpt, frames_dir):
     pipe = segue.load(official_ckpt)
     v = pipe.generate(frames_dir / "first.png", frames_dir / "tall.png", "x", frames=13, steps=1, size=(48, 32))
     assert v.frames.shape == (13, 32, 48, 3)
+
+
+def test_guidance_steps_default_is_validated_and_kept_in_the_config():
+    from segue.config import GenerationDefaults, ModelConfig, get_config
+
+    with pytest.raises(ValueError, match="default guidance_steps must be >= 1 or None, got 0"):
+        GenerationDefaults(frames=17, guidance_steps=0)
+    cfg = get_config("flf2v-14b")
+    assert cfg.defaults.guidance_steps is None  # the reference guides every step
+    d = cfg.to_dict()
+    d["defaults"]["guidance_steps"] = 1
+    assert ModelConfig.from_dict(d).defaults.guidance_steps == 1
+    del d["defaults"]["guidance_steps"]  # a bundle written before the field existed
+    assert ModelConfig.from_dict(d).defaults.guidance_steps is None

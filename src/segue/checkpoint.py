@@ -423,7 +423,9 @@ def describe(folder: str | Path) -> str:
     d = cfg.defaults
     lines.append(
         f"defaults: {d.frames} frames, max area {d.max_area}, {d.steps} steps, shift {d.shift}, "
-        f"guidance {d.guidance}, {d.solver}, {d.fps} fps"
+        f"guidance {d.guidance}"
+        + ("" if d.guidance_steps is None else f" on the first {d.guidance_steps} steps")
+        + f", {d.solver}, {d.fps} fps"
     )
     import torch
 

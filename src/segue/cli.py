@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     g.add_argument("--shift", type=float, help="timestep shift (default: the model's)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
+    g.add_argument("--guidance-steps", type=int, help="guide only the first N steps (default: the model's; all)")
     g.add_argument("--solver", help="unipc (default), dpm++, euler, or lcm (stochastic, for 4-step distilled LoRAs)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", type=Path, required=True, help="output video: .mp4, .webm or .gif")
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--groups", type=int, default=16, help="ambiguous groups (same keyframes, different paths)")
     ev.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     ev.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    ev.add_argument("--guidance-steps", type=int, default=None, help="guide only the first N steps")
     ev.add_argument("--shift", type=float, default=None, help="timestep shift (default: the model's)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--split", choices=("test", "val"), default="test",
@@ -204,6 +206,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             args.first, args.last, args.prompt, negative_prompt=args.negative_prompt, frames=args.frames,
             max_area=args.max_area, size=args.size, steps=args.steps, shift=args.shift,
             guidance=args.guidance, solver=args.solver, seed=args.seed, progress=progress,
+            guidance_steps=args.guidance_steps,
         )  # fmt: skip
     finally:
         progress.close()
@@ -283,7 +286,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise InputError(f"--clips must be >= 1 and --groups >= 0, got {args.clips} and {args.groups}")
     pipe = load(args.ckpt)
     clips, groups = held_out_set(pipe.config.defaults, args.clips, args.groups, args.split)
-    generate = pipeline_generate_fn(pipe, steps=args.steps, guidance=args.guidance, shift=args.shift, seed=args.seed)
+    generate = pipeline_generate_fn(pipe, steps=args.steps, guidance=args.guidance, shift=args.shift, seed=args.seed,
+                                    guidance_steps=args.guidance_steps)  # fmt: skip
     summary = evaluate_model(generate, clips, groups, args.out)
     print(json.dumps({"means": summary["means"], "pass": summary["pass"]}, indent=2, default=str))
     return 0

@@ -179,10 +179,14 @@ class GenerationDefaults:
     solver: str = "unipc"
     fps: int = 16
     negative_prompt: str = FLF2V_NEGATIVE_PROMPT
+    # guidance on the first this many steps only, the conditional velocity alone after; None: every step
+    guidance_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.frames < 1 or (self.frames - 1) % 4:
             raise ValueError(f"default frames must be 4n+1, got {self.frames}")
+        if self.guidance_steps is not None and self.guidance_steps < 1:
+            raise ValueError(f"default guidance_steps must be >= 1 or None, got {self.guidance_steps}")
         for name in ("max_area", "steps", "shift", "fps"):
             _positive(name, getattr(self, name))
 

@@ -289,7 +289,7 @@ def held_out_set(defaults: Any, clips: int, groups: int, split: str = "test") ->
 
 def pipeline_generate_fn(pipe: Any, **settings: Any) -> GenerateFn:
     """A ``generate_fn`` for ``evaluate_model`` from a pipeline: keyframes at their own size, ``settings``
-    (steps, guidance, shift, seed; None keeps the model's default) passed to ``pipe.generate``."""
+    (steps, guidance, guidance_steps, shift, seed; None keeps the model's default) passed to ``pipe.generate``."""
 
     def generate(first: np.ndarray, last: np.ndarray, caption: str, frames: int) -> np.ndarray:
         h, w = first.shape[:2]

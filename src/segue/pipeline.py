@@ -150,6 +150,11 @@ class GenerationSettings:
     guidance: float
     solver: str
     seed: int
+    guidance_steps: int | None = None  # guided steps from the first; None: all
+
+    def guidance_at(self, step: int) -> float:
+        """The guidance scale of step ``step`` (0-based): 1 (no second pass) past ``guidance_steps``."""
+        return self.guidance if self.guidance_steps is None or step < self.guidance_steps else 1.0
 
 
 class Pipeline:
@@ -190,6 +195,7 @@ class Pipeline:
         guidance: float | None,
         solver: str | None,
         seed: int,
+        guidance_steps: int | None = None,
     ) -> GenerationSettings:
         d = self.config.defaults
         stride = self.config.vae.spatial_factor
@@ -215,7 +221,10 @@ class Pipeline:
             raise InputError(f"unknown solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
         if not 0 <= seed < 2**63:
             raise InputError(f"seed must be in [0, 2**63), got {seed}")
-        return GenerationSettings(frames, h, w, steps, shift, guidance, solver, seed)
+        guidance_steps = d.guidance_steps if guidance_steps is None else guidance_steps
+        if guidance_steps is not None and guidance_steps < 1:
+            raise InputError(f"guidance steps must be at least 1, got {guidance_steps}")
+        return GenerationSettings(frames, h, w, steps, shift, guidance, solver, seed, guidance_steps)
 
     # -- conditioning --------------------------------------------------------------------------
     def encode_text(self, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,16 +260,20 @@ class Pipeline:
         seed: int = 0,
         size: tuple[int, int] | None = None,
         progress: Progress | None = None,
+        guidance_steps: int | None = None,
     ) -> Video | None:
         """Generate a clip from ``first`` (and ``last``) keyframes. ``size`` is (width, height) and
-        overrides ``max_area``. Unset settings come from the model's defaults. In a parallel run
+        overrides ``max_area``. ``guidance_steps`` limits guidance to the first that many steps (where the
+        layout and the path are decided). Unset settings come from the model's defaults. In a parallel run
         (torchrun) every rank calls this; rank 0 gets the Video, the others None."""
         first_img = load_image(first, "first frame")
         last_img = load_image(last, "last frame") if last is not None else None
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
         first_t = image_to_tensor(first_img)
-        s = self.resolve(first_t.shape[1:], frames, max_area, size, steps, shift, guidance, solver, seed)
+        s = self.resolve(
+            first_t.shape[1:], frames, max_area, size, steps, shift, guidance, solver, seed, guidance_steps
+        )
         last_t = fit_last_frame(image_to_tensor(last_img), *first_t.shape[1:]) if last_img is not None else None
         negative = negative_prompt or self.config.defaults.negative_prompt
 
@@ -320,7 +333,7 @@ class Pipeline:
         n = len(solver.timesteps)
         for i, t in enumerate(solver.timesteps):
             timestep = t[None].to(self.device)  # [1]; the solver's timestep (integer-valued except lcm's)
-            v = self.velocity(latent, timestep, context, context_neg, clip, y, s.guidance)
+            v = self.velocity(latent, timestep, context, context_neg, clip, y, s.guidance_at(i))
             latent = solver.step(v, latent)
             if progress is not None:
                 progress(i + 1, n)

@@ -84,7 +84,7 @@ class Continuation:
     sampling: tuple[tuple[str, float | int | str], ...] = ()
 
     def __post_init__(self) -> None:
-        allowed = ("steps", "guidance", "shift", "solver")
+        allowed = ("steps", "guidance", "shift", "solver", "guidance_steps")
         bad = [k for k, _ in self.sampling if k not in allowed]
         if bad:
             raise ValueError(f"continuation {self.name!r}: sampling keys {bad} not among {allowed}")
