@@ -181,7 +181,7 @@ def test_window_and_bad_arguments_are_clear_errors(tmp_path, capsys):
     with pytest.raises(
         InputError,
         match="unknown continuation 'nope'; known: default-r3, default-r4, default-r5, default-r6, default-r7, "
-        "default-r8, smoke",
+        "default-r8, default-r9, smoke",
     ):
         continue_from_bundle(tmp_path / "x.safetensors", "nope", tmp_path / "run")
     missing = tmp_path / "missing.safetensors"
@@ -202,7 +202,8 @@ def test_the_default_continuations_cache_clips_and_crops_earlier_runs_did_not_se
     p = PRESETS["default"]
     windows = [(0, p.cache_clips)]  # the preset's cache
     vae_seeds = {p.seed, p.seed + 1}  # the preset's VAE and decoder crops
-    for name in ("default-r3", "default-r4", "default-r5", "default-r6", "default-r7"):  # in the order they run
+    names = ("default-r3", "default-r4", "default-r5", "default-r6", "default-r7", "default-r8", "default-r9")
+    for name in names:  # in the order they run
         c = continuation.CONTINUATIONS[name]
         assert c.stage.size == p.stages[0].size and c.stage.frames == p.stages[0].frames
         start, stop = c.cache_start, c.cache_start + c.cache_clips
@@ -220,17 +221,25 @@ def test_the_sampling_sweep_prints_one_scored_row_per_setting(base, monkeypatch,
     )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    argv = ["sampling_sweep.py", str(base), "--steps", "1,2", "--guidance", "1", "--clips", "1", "--groups", "1"]
+    argv = ["sampling_sweep.py", str(base), "--steps", "1,2", "--guidance", "2", "--guidance-steps", "all,1",
+            "--clips", "1", "--groups", "1"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     bench.main()
     captured = capsys.readouterr()
     rows = [line for line in captured.out.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert [r.split(" | ")[:3] for r in rows] == [["| 1", "1", "3"], ["| 2", "1", "3"]]
-    for r in rows:
-        cells = [float(x) for x in r.strip("| ").split(" | ")]
-        assert len(cells) == 9 and 0.0 <= cells[6] <= 1.0 and 0.0 <= cells[7] <= 1.0  # SSIM, compliance
+    settings = [r.split(" | ")[:4] for r in rows]
+    assert settings == [
+        ["| 1", "2", "all", "3"],
+        ["| 1", "2", "1", "3"],
+        ["| 2", "2", "all", "3"],
+        ["| 2", "2", "1", "3"],
+    ]
+    cells = [[float(x) for x in r.strip("| ").split(" | ")[4:]] for r in rows]
+    assert all(len(c) == 6 and 0.0 <= c[3] <= 1.0 and 0.0 <= c[4] <= 1.0 for c in cells)  # SSIM, compliance
+    # one step guided on a 1-step run is the run guided throughout: the same scores
+    assert cells[0][:5] == cells[1][:5]
     assert "val split, 1 clips, 1 groups" in captured.out and "crossfade: in-between" in captured.out
-    assert captured.err.count("[sweep]") == 2
+    assert captured.err.count("[sweep]") == 4
 
 
 def test_the_inbetween_breakdown_splits_the_error_into_shapes_and_scenery(base, monkeypatch, capsys):

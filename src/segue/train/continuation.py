@@ -198,13 +198,14 @@ CONTINUATIONS: dict[str, Continuation] = {
     ),
     # Session 11 on top of default-r8: depth paid on both parts of the picture in session 10 (shapes +0.23 dB,
     # scenery +0.67 dB on 8 test clips), so the DiT grows again, 9 to 12 blocks (an identity block behind
-    # blocks 2, 5 and 8), on clips 14000-15999; 2000 steps with a 700-step cooldown to fit one session at about
-    # 2.4 s/step on 2 cores; then 300 decoder steps on crops of seed 8 with the keyframes' error counted 4 times
+    # blocks 2, 5 and 8), on clips 14000-15999; 1600 steps with a 600-step cooldown to fit one session at
+    # 2.7-2.9 s/step on 2 cores (planned: 2000 and 700; cut at the step-250 checkpoint, before the cooldown);
+    # then 300 decoder steps on crops of seed 8 with the keyframes' error counted 4 times
     # (16 val clips through the VAE, against the same 300 steps at weight 1: first frame +0.17 dB, last +0.02,
     # mean -0.01).
     "default-r9": Continuation(
         "default-r9",
-        Stage("stage2-flf-r9", steps=2000, lr=2e-4, modes=FLF, warmup=100, cooldown=700),
+        Stage("stage2-flf-r9", steps=1600, lr=2e-4, modes=FLF, warmup=100, cooldown=600),
         cache_start=14000,
         cache_clips=2000,
         ambiguous_fraction=0.5,
