@@ -217,6 +217,23 @@ CONTINUATIONS: dict[str, Continuation] = {
         decoder_endpoint_weight=4.0,
         sampling=SAMPLING_S8,
     ),
+    # Session 12 on top of default-r9: the 12-block DiT trains on, without growing, on fresh clips 16000-17999
+    # (its flow loss was still falling when session 11's cooldown ended: 0.140 to 0.123 over the stage); 1800
+    # steps with a 700-step cooldown to fit one session at about 2.7 s/step; then 300 decoder steps on crops of
+    # seed 9 with the keyframes at weight 4, as in session 11.
+    "default-r10": Continuation(
+        "default-r10",
+        Stage("stage2-flf-r10", steps=1800, lr=2e-4, modes=FLF, warmup=100, cooldown=700),
+        cache_start=16000,
+        cache_clips=2000,
+        ambiguous_fraction=0.5,
+        object_weights=((0, 2.0),),
+        object_dilate=0,
+        decoder_steps=300,
+        decoder_seed=9,
+        decoder_endpoint_weight=4.0,
+        sampling=SAMPLING_S8,
+    ),
     # the same path in seconds, for tests
     "smoke": Continuation(
         "smoke",
