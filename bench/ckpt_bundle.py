@@ -1,6 +1,6 @@
 """Write a bundle from a running continuation's latest checkpoint (EMA weights), to evaluate it mid-run.
 
-    python bench/ckpt_bundle.py RUN --from-bundle BUNDLE [--stage NAME] [--out FILE]
+    python bench/ckpt_bundle.py RUN --from-bundle BUNDLE [--stage NAME] [--raw] [--vae-from FILE] [--out FILE]
 
 RUN is a ``segue train --continue-from BUNDLE`` folder; the config, the tokenizer and (unless the run trained
 its own) the VAE come from BUNDLE, the one the run started from (once a run is installed, the packaged file is
@@ -8,6 +8,10 @@ no longer it). The DiT and encoders come from the stage's latest checkpoint. A c
 whole VAE (``vae_steps``) gives its finished VAE (``RUN/vae/ema.pt``), and the latent statistics are measured
 again exactly as the run measured them (``with_latent_stats``). A run that inserted DiT blocks
 (``insert_blocks``) gets the deeper config.
+
+``--raw`` takes the latest checkpoint's raw weights in place of the EMA (also of a finished stage: its last
+checkpoint is at its last step), to compare the two after a cooldown. ``--vae-from FILE`` takes the VAE from
+another bundle with the same VAE config, e.g. a finished run's ``model.safetensors`` with its new decoder.
 """
 
 from __future__ import annotations
@@ -31,16 +35,27 @@ from segue.train.recipe import load_ema
 from segue.train.trainer import latest_ema
 
 
+def latest_raw(run: Path) -> tuple[int, dict[str, dict[str, torch.Tensor]]]:
+    """``(step, {part: state dict})`` of the raw (non-EMA) weights in a stage's latest checkpoint."""
+    latest = run / "ckpt" / "latest"
+    if not latest.is_file():
+        sys.exit(f"{run}: no checkpoint (ckpt/latest) to take raw weights from")
+    ck = torch.load(run / "ckpt" / latest.read_text().strip(), map_location="cpu", weights_only=False)
+    return ck["step"], ck["model"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
     ap.add_argument("--stage", default=None, help="stage folder (default: the continuation's stage)")
     ap.add_argument("--from-bundle", type=Path, required=True, help="the bundle the run continued from")
+    ap.add_argument("--raw", action="store_true", help="the latest checkpoint's raw weights, not the EMA")
+    ap.add_argument("--vae-from", type=Path, default=None, help="take the VAE from this bundle")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     record = json.loads((args.run / "continuation.json").read_text())
     stage = args.stage or record["continuation"]["stage"]["name"]
-    step, ema = latest_ema(args.run / stage)
+    step, ema = latest_raw(args.run / stage) if args.raw else latest_ema(args.run / stage)
     config, _ = read_bundle_metadata(args.from_bundle)
     # a run that inserted DiT blocks (grow.insert_identity_blocks) trained the deeper DiT
     config = replace(config, dit=deepened(config.dit, tuple(record["continuation"].get("insert_blocks", []))))
@@ -53,6 +68,11 @@ def main() -> None:
             sys.exit(f"{args.run}: continuation {record['continuation']['name']!r} is not the registry's any more")
         vae_state = load_ema(args.run / "vae", "vae")
         config = with_latent_stats(c, config, vae_state)
+    if args.vae_from is not None:
+        vae_config, _ = read_bundle_metadata(args.vae_from)
+        if vae_config.vae != config.vae:
+            sys.exit(f"{args.vae_from}: its VAE config differs from the run's; the DiT was trained on the run's")
+        vae_state = read_bundle_weights(args.vae_from)["vae"]
     tokenizer = load_tokenizer(args.run / "tokenizer")
     parts = {
         "dit": WanDiT(config.dit),
@@ -64,7 +84,8 @@ def main() -> None:
     vae = WanVAE(config.vae)
     vae.load_state_dict(vae_state)
     modules = {"dit": parts["dit"], "vae": vae, "text": parts["text"].model, "image": parts["image"].model}
-    out = args.out or args.run / f"{stage}-step{step if step is not None else 'final'}.safetensors"
+    kind = "raw-" if args.raw else ""
+    out = args.out or args.run / f"{stage}-{kind}step{step if step is not None else 'final'}.safetensors"
     save_bundle(out, config, modules, args.run / "tokenizer", torch.float16)
     print(out)
 

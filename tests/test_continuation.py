@@ -137,6 +137,26 @@ def test_a_continuation_can_deepen_the_dit(base, tmp_path, monkeypatch):
     bench.main()
     rebuilt = read_bundle_weights(mid)["dit"]
     assert rebuilt.keys() == after.keys() and all(torch.equal(after[k], rebuilt[k]) for k in after)
+    # --raw: the last checkpoint's raw weights in place of the EMA; --vae-from: another bundle's VAE
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(new), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    key = next(k for k in tensors if k.startswith("vae.decoder.") and k.endswith("weight"))
+    tensors[key] = tensors[key] + 1
+    other = tmp_path / "other-vae.safetensors"
+    save_file(tensors, str(other), metadata=meta)
+    raw = tmp_path / "raw.safetensors"
+    argv = ["ckpt_bundle.py", str(tmp_path / "run"), "--from-bundle", str(base), "--raw", "--vae-from", str(other)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(raw)])
+    bench.main()
+    ckpt_dir = tmp_path / "run" / c.stage.name / "ckpt"
+    ck = torch.load(ckpt_dir / (ckpt_dir / "latest").read_text().strip(), weights_only=False)
+    got = read_bundle_weights(raw)
+    assert all(torch.equal(got["dit"][k], ck["model"]["dit"][k].half().float()) for k in after)
+    assert any(not torch.equal(got["dit"][k], after[k]) for k in after)  # the raw weights are not the EMA
+    assert torch.equal(got["vae"][key.removeprefix("vae.")], tensors[key].float())
     # an index past the bundle's blocks is refused by name before anything trains
     monkeypatch.setitem(CONTINUATIONS, "too-deep", replace(c, name="too-deep", insert_blocks=(layers,)))
     with pytest.raises(
