@@ -112,6 +112,10 @@ def test_a_continuation_that_trains_the_vae_measures_its_latent_statistics_again
     rebuilt = read_bundle_weights(mid)
     for part in after:
         assert all(torch.equal(after[part][k], rebuilt[part][k]) for k in after[part]), part
+    # --vae-from a bundle whose VAE is not the one this DiT trained on is refused, naming that file
+    monkeypatch.setattr(sys, "argv", [*argv, "--vae-from", str(base)])
+    with pytest.raises(SystemExit, match=rf"{base.name}: its VAE config differs from the run's"):
+        bench.main()
 
 
 def test_a_continuation_can_deepen_the_dit(base, tmp_path, monkeypatch):
