@@ -32,15 +32,15 @@ from segue.tokenizer import load_tokenizer
 from segue.train.continuation import CONTINUATIONS, with_latent_stats
 from segue.train.grow import deepened
 from segue.train.recipe import load_ema
-from segue.train.trainer import latest_ema
+from segue.train.trainer import latest_checkpoint_path, latest_ema
 
 
 def latest_raw(run: Path) -> tuple[int, dict[str, dict[str, torch.Tensor]]]:
     """``(step, {part: state dict})`` of the raw (non-EMA) weights in a stage's latest checkpoint."""
-    latest = run / "ckpt" / "latest"
-    if not latest.is_file():
+    path = latest_checkpoint_path(run / "ckpt")
+    if path is None:
         sys.exit(f"{run}: no checkpoint (ckpt/latest) to take raw weights from")
-    ck = torch.load(run / "ckpt" / latest.read_text().strip(), map_location="cpu", weights_only=False)
+    ck = torch.load(path, map_location="cpu", weights_only=False)
     return ck["step"], ck["model"]
 
 

@@ -20,6 +20,7 @@ from segue.errors import InputError
 from segue.train import continuation
 from segue.train.continuation import CONTINUATIONS, Window, continue_from_bundle
 from segue.train.latents import CachedClips
+from segue.train.trainer import latest_checkpoint_path
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +156,7 @@ def test_a_continuation_can_deepen_the_dit(base, tmp_path, monkeypatch):
     argv = ["ckpt_bundle.py", str(tmp_path / "run"), "--from-bundle", str(base), "--raw", "--vae-from", str(other)]
     monkeypatch.setattr(sys, "argv", [*argv, "--out", str(raw)])
     bench.main()
-    ckpt_dir = tmp_path / "run" / c.stage.name / "ckpt"
-    ck = torch.load(ckpt_dir / (ckpt_dir / "latest").read_text().strip(), weights_only=False)
+    ck = torch.load(latest_checkpoint_path(tmp_path / "run" / c.stage.name / "ckpt"), weights_only=False)
     got = read_bundle_weights(raw)
     assert all(torch.equal(got["dit"][k], ck["model"]["dit"][k].half().float()) for k in after)
     assert any(not torch.equal(got["dit"][k], after[k]) for k in after)  # the raw weights are not the EMA

@@ -176,16 +176,24 @@ def _atomic_write_text(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def latest_checkpoint_path(ckpt_dir: str | Path) -> Path | None:
+    """The checkpoint that ``ckpt_dir/latest`` names, or None when the folder holds none yet."""
+    latest = Path(ckpt_dir) / "latest"
+    if not latest.is_file():
+        return None
+    return Path(ckpt_dir) / latest.read_text().strip()
+
+
 def latest_ema(run: str | Path) -> tuple[int | None, dict[str, dict[str, Tensor]]]:
     """``(step, {part: state dict with the EMA weights})`` of a run folder: its final ``ema.pt`` (step
     None) when the run finished, else its latest checkpoint's, to look at a run while it trains."""
     run = Path(run)
     if (run / "ema.pt").is_file():
         return None, torch.load(run / "ema.pt", map_location="cpu", weights_only=True)
-    latest = run / "ckpt" / "latest"
-    if not latest.is_file():
+    path = latest_checkpoint_path(run / "ckpt")
+    if path is None:
         raise FileNotFoundError(f"{run}: neither ema.pt nor a checkpoint (ckpt/latest)")
-    ck = torch.load(run / "ckpt" / latest.read_text().strip(), map_location="cpu", weights_only=False)
+    ck = torch.load(path, map_location="cpu", weights_only=False)
     return ck["step"], with_ema(ck["model"], ck["ema"].items())
 
 
@@ -479,10 +487,7 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def latest_checkpoint(self) -> Path | None:
-        latest = self.ckpt_dir / "latest"
-        if not latest.exists():
-            return None
-        return self.ckpt_dir / latest.read_text().strip()
+        return latest_checkpoint_path(self.ckpt_dir)
 
     def _optimizer_state(self) -> dict[str, Any]:
         if not self.sharded:
