@@ -205,7 +205,7 @@ def test_window_and_bad_arguments_are_clear_errors(tmp_path, capsys):
     with pytest.raises(
         InputError,
         match="unknown continuation 'nope'; known: default-r3, default-r4, default-r5, default-r6, default-r7, "
-        "default-r8, default-r9, default-r10, smoke",
+        "default-r8, default-r9, default-r10, default-r11, smoke",
     ):
         continue_from_bundle(tmp_path / "x.safetensors", "nope", tmp_path / "run")
     missing = tmp_path / "missing.safetensors"
@@ -226,7 +226,7 @@ def test_the_default_continuations_cache_clips_and_crops_earlier_runs_did_not_se
     p = PRESETS["default"]
     windows = [(0, p.cache_clips)]  # the preset's cache
     vae_seeds = {p.seed, p.seed + 1}  # the preset's VAE and decoder crops
-    names = [f"default-r{k}" for k in range(3, 11)]
+    names = [f"default-r{k}" for k in range(3, 12)]
     for name in names:  # in the order they run
         c = continuation.CONTINUATIONS[name]
         assert c.stage.size == p.stages[0].size and c.stage.frames == p.stages[0].frames
@@ -316,3 +316,28 @@ def test_the_decoder_phase_weights_the_keyframes_as_registered(base, tmp_path, m
     assert record["continuation"]["decoder_endpoint_weight"] == 4.0  # the lineage says how it was trained
     with pytest.raises(ValueError, match=r"continuation 'x': decoder_endpoint_weight must be > 0, got -1"):
         replace(c, name="x", decoder_endpoint_weight=-1.0)
+
+
+def test_a_continuation_can_widen_the_decoder_and_leave_the_dit_as_it_is(base, tmp_path, monkeypatch):
+    c = CONTINUATIONS["smoke"]
+    width = segue.load(base).config.vae.dim + 2
+    wide = replace(c, name="wide", stage=replace(c.stage, steps=0), decoder_dim=width, decoder_steps=2)
+    monkeypatch.setitem(CONTINUATIONS, "wide", wide)
+    new = continue_from_bundle(base, "wide", tmp_path / "run")
+    assert not (tmp_path / "run" / c.stage.name).exists() and not (tmp_path / "run" / "latents").exists()
+    config = segue.load(new).config
+    assert config.vae.decoder_dim == width and config.vae.decoder_width == width
+    assert config.vae == replace(segue.load(base).config.vae, decoder_dim=width)  # latent statistics kept
+    before, after = read_bundle_weights(base), read_bundle_weights(new)
+    for part in ("dit", "text", "image"):  # no DiT stage: the bundle's weights as they were
+        assert all(torch.equal(before[part][k], after[part][k]) for k in before[part]), part
+    enc = [k for k in before["vae"] if k.startswith(("encoder.", "conv1."))]  # conv2 is the decoder's
+    assert all(torch.equal(before["vae"][k], after["vae"][k]) for k in enc)  # the latent space is untouched
+    assert after["vae"]["decoder.conv1.weight"].shape[0] == width * config.vae.dim_mult[-1]
+    lineage = read_bundle_lineage(new)[-1]
+    assert lineage["phase_steps"] == {"vae": 0, "dit": 0, "decoder": 2}
+    assert lineage["continuation"]["decoder_dim"] == width
+    with pytest.raises(ValueError, match=r"continuation 'x': the DiT stage needs steps >= 0 \(0: the bundle's DiT"):
+        replace(wide, name="x", insert_blocks=(0,))
+    with pytest.raises(ValueError, match=r"continuation 'x': a widened decoder \(decoder_dim\) needs decoder_steps"):
+        replace(wide, name="x", decoder_steps=0)

@@ -107,6 +107,32 @@ def test_parity_of_the_default_models_vae_shape() -> None:
     assert rel_err(out, ref) < 1e-5
 
 
+def test_parity_of_a_wider_decoder_with_diffusers_decoder_base_dim() -> None:
+    """``decoder_dim`` is diffusers' ``decoder_base_dim``: the same weights decode the same video."""
+    from dataclasses import replace
+
+    cfg = replace(TINY, decoder_dim=12)
+    torch.manual_seed(0)
+    ours = WanVAE(cfg).eval()
+    randomise(ours)
+    assert ours.decoder.conv1.weight.shape[0] == 12 * TINY.dim_mult[-1] != TINY.dim * TINY.dim_mult[-1]
+    theirs = diffusers.AutoencoderKLWan.from_config(config_to_diffusers(cfg)).eval()
+    theirs.load_state_dict(native_to_diffusers(ours.state_dict()), strict=True)
+    x = video(5)
+    with torch.no_grad():
+        assert rel_err(ours.encode(x, normalize=False), theirs.encode(x).latent_dist.mode()) < 1e-5
+        z = torch.randn(1, 16, 2, 4, 6, generator=torch.Generator().manual_seed(2))
+        assert rel_err(ours.decode(z, normalized=False), theirs.decode(z).sample) < 1e-5
+    assert config_from_diffusers(config_to_diffusers(cfg)) == cfg
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in WanVAE(cfg).state_dict().items()}
+    assert config_from_shapes(shapes) == cfg
+    assert config_to_diffusers(TINY)["decoder_base_dim"] is None  # a Wan2.1 checkpoint's config
+    assert config_from_diffusers({**config_to_diffusers(TINY), "decoder_base_dim": TINY.dim}) == TINY
+    with pytest.raises(ValueError, match="decoder_dim must be positive"):
+        replace(TINY, decoder_dim=0)
+
+
 def test_normalised_round_trip_of_latents(pair) -> None:
     ours, _ = pair
     z = torch.randn(1, 16, 2, 4, 6, generator=torch.Generator().manual_seed(3))

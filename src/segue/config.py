@@ -95,10 +95,14 @@ class VAEConfig:
     temporal_downsample: tuple[bool, ...] = (False, True, True)
     latent_mean: tuple[float, ...] = WAN_LATENT_MEAN
     latent_std: tuple[float, ...] = WAN_LATENT_STD
+    # the decoder's base width (diffusers' ``decoder_base_dim``); None: ``dim``, as in every Wan2.1 checkpoint
+    decoder_dim: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("dim", "z_dim", "num_res_blocks"):
             _positive(name, getattr(self, name))
+        if self.decoder_dim is not None:
+            _positive("decoder_dim", self.decoder_dim)
         if len(self.temporal_downsample) != len(self.dim_mult) - 1:
             raise ValueError(
                 f"temporal_downsample needs {len(self.dim_mult) - 1} entries for dim_mult "
@@ -108,6 +112,10 @@ class VAEConfig:
             raise ValueError(f"latent_mean/latent_std need {self.z_dim} values each")
         if min(self.latent_std) <= 0:
             raise ValueError("latent_std values must be positive")
+
+    @property
+    def decoder_width(self) -> int:
+        return self.dim if self.decoder_dim is None else self.decoder_dim
 
     @property
     def temporal_factor(self) -> int:

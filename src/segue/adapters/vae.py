@@ -160,6 +160,12 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> VAEConfig:
         dim=dim, z_dim=z_dim, dim_mult=tuple(mult), num_res_blocks=counts.pop(),
         temporal_downsample=tuple(temporal),
     )  # fmt: skip
+    # the decoder's first conv maps z to its widest stage, mult[-1] times its base width
+    dec = shape("decoder.conv1.weight")[0]
+    if dec % mult[-1]:
+        raise ValueError(f"decoder.conv1 width {dec} is not a multiple of dim_mult[-1] = {mult[-1]}")
+    if dec // mult[-1] != dim:
+        kwargs["decoder_dim"] = dec // mult[-1]
     if z_dim != len(VAEConfig.latent_mean):
         # no published statistics for this width: identity normalisation
         kwargs.update(latent_mean=(0.0,) * z_dim, latent_std=(1.0,) * z_dim)
@@ -187,8 +193,7 @@ def config_from_diffusers(cfg_json: Mapping[str, Any]) -> VAEConfig:
         "out_channels": (cfg_json.get("out_channels", 3), 3),
     }
     base = cfg_json.get("base_dim", 96)
-    if cfg_json.get("decoder_base_dim") not in (None, base):
-        raise ValueError(f"decoder_base_dim {cfg_json['decoder_base_dim']} != base_dim {base} is not supported")
+    decoder_base = cfg_json.get("decoder_base_dim")
     for name, (value, wanted) in unsupported.items():
         if value != wanted:
             raise ValueError(f"AutoencoderKLWan {name}={value!r} is not supported (Wan2.1 VAE needs {wanted!r})")
@@ -201,6 +206,7 @@ def config_from_diffusers(cfg_json: Mapping[str, Any]) -> VAEConfig:
         temporal_downsample=tuple(bool(b) for b in cfg_json.get("temperal_downsample", default.temporal_downsample)),
         latent_mean=tuple(float(v) for v in cfg_json.get("latents_mean", default.latent_mean)),
         latent_std=tuple(float(v) for v in cfg_json.get("latents_std", default.latent_std)),
+        decoder_dim=None if decoder_base in (None, base) else decoder_base,
     )
 
 
@@ -209,6 +215,7 @@ def config_to_diffusers(cfg: VAEConfig) -> dict[str, Any]:
     return {
         "_class_name": "AutoencoderKLWan",
         "base_dim": cfg.dim,
+        "decoder_base_dim": cfg.decoder_dim,
         "z_dim": cfg.z_dim,
         "dim_mult": list(cfg.dim_mult),
         "num_res_blocks": cfg.num_res_blocks,

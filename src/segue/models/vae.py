@@ -267,7 +267,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
         mult = cfg.dim_mult
-        dims = [cfg.dim * m for m in (mult[-1], *mult[::-1])]
+        dims = [cfg.decoder_width * m for m in (mult[-1], *mult[::-1])]
         temporal_upsample = cfg.temporal_downsample[::-1]
         self.conv1 = CausalConv3d(cfg.z_dim, dims[0], 3, padding=1)
         d = dims[0]
