@@ -321,7 +321,8 @@ def test_the_decoder_phase_weights_the_keyframes_as_registered(base, tmp_path, m
 def test_a_continuation_can_widen_the_decoder_and_leave_the_dit_as_it_is(base, tmp_path, monkeypatch):
     c = CONTINUATIONS["smoke"]
     width = segue.load(base).config.vae.dim + 2
-    wide = replace(c, name="wide", stage=replace(c.stage, steps=0), decoder_dim=width, decoder_steps=2)
+    wide = replace(c, name="wide", stage=replace(c.stage, steps=0), decoder_dim=width, decoder_steps=2,
+                   decoder_cooldown=1)  # fmt: skip
     monkeypatch.setitem(CONTINUATIONS, "wide", wide)
     new = continue_from_bundle(base, "wide", tmp_path / "run")
     assert not (tmp_path / "run" / c.stage.name).exists() and not (tmp_path / "run" / "latents").exists()
@@ -334,10 +335,14 @@ def test_a_continuation_can_widen_the_decoder_and_leave_the_dit_as_it_is(base, t
     enc = [k for k in before["vae"] if k.startswith(("encoder.", "conv1."))]  # conv2 is the decoder's
     assert all(torch.equal(before["vae"][k], after["vae"][k]) for k in enc)  # the latent space is untouched
     assert after["vae"]["decoder.conv1.weight"].shape[0] == width * config.vae.dim_mult[-1]
+    log = [json.loads(line) for line in (tmp_path / "run" / "vae-decoder" / "log.jsonl").read_text().splitlines()]
+    assert [e["lr"] for e in log] == [c.decoder_lr, 0.0]  # the cooldown: down to 0 at the last step
     lineage = read_bundle_lineage(new)[-1]
     assert lineage["phase_steps"] == {"vae": 0, "dit": 0, "decoder": 2}
     assert lineage["continuation"]["decoder_dim"] == width
     with pytest.raises(ValueError, match=r"continuation 'x': the DiT stage needs steps >= 0 \(0: the bundle's DiT"):
         replace(wide, name="x", insert_blocks=(0,))
     with pytest.raises(ValueError, match=r"continuation 'x': a widened decoder \(decoder_dim\) needs decoder_steps"):
-        replace(wide, name="x", decoder_steps=0)
+        replace(wide, name="x", decoder_steps=0, decoder_cooldown=0)
+    with pytest.raises(ValueError, match=r"decoder_cooldown must be in 0..decoder_steps \(2\), got 3"):
+        replace(wide, name="x", decoder_cooldown=3)

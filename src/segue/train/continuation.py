@@ -78,6 +78,8 @@ class Continuation:
     decoder_seed: int = 2
     # the decoder's error on the first and last frames (the keyframes) counts this many times
     decoder_endpoint_weight: float = 1.0
+    # > 0: the decoder's lr falls linearly to 0 over its last this many steps (scaled with its steps)
+    decoder_cooldown: int = 0
     # the decoder widened to this base width before its phase (``grow.widen_decoder``: the same output at
     # first, more capacity); None keeps the bundle's
     decoder_dim: int | None = None
@@ -94,6 +96,9 @@ class Continuation:
         if self.stage.steps < 0 or (self.stage.steps == 0 and (self.object_weights or self.insert_blocks)):
             raise ValueError(f"continuation {self.name!r}: the DiT stage needs steps >= 0 (0: the bundle's DiT "
                              f"as it is, without object_weights or insert_blocks), got {self.stage.steps}")  # fmt: skip
+        if not 0 <= self.decoder_cooldown <= self.decoder_steps:
+            raise ValueError(f"continuation {self.name!r}: decoder_cooldown must be in 0..decoder_steps "
+                             f"({self.decoder_steps}), got {self.decoder_cooldown}")  # fmt: skip
         if self.decoder_dim is not None and self.decoder_steps <= 0:
             raise ValueError(f"continuation {self.name!r}: a widened decoder (decoder_dim) needs decoder_steps > 0")
         if not self.decoder_endpoint_weight > 0:
@@ -246,7 +251,9 @@ CONTINUATIONS: dict[str, Continuation] = {
     # held-out first frames at 26.9 dB against the 28 dB target) and 300-step decoder phases had stopped
     # moving its mean (sessions 11-12: +0.01 dB), so the decoder is at its capacity at base width 16. It
     # widens to 24 (grow.widen_decoder: the same output at first; 1.4M -> 3.2M parameters, the bundle stays
-    # under 25 MB) and trains on crops of seed 10 with the keyframes at weight 4. The DiT, its encoders and
+    # under 25 MB) and trains on crops of seed 10 with the keyframes at weight 4. Every decoder phase before
+    # ended at a constant lr of 5e-4 on batches of 4 (its loss flat and noisy, its EMA 100 steps long), so the
+    # lr now falls to 0 over the last 1000 steps (set at the step-750 checkpoint). The DiT, its encoders and
     # the VAE's encoder stay as they are (no DiT stage), so the latents the DiT learned are untouched.
     "default-r11": Continuation(
         "default-r11",
@@ -257,6 +264,7 @@ CONTINUATIONS: dict[str, Continuation] = {
         decoder_seed=10,
         decoder_endpoint_weight=4.0,
         decoder_dim=24,
+        decoder_cooldown=1000,
         sampling=SAMPLING_S8,
     ),
     # the same path in seconds, for tests
@@ -312,8 +320,9 @@ def _train_vae(
     lr, seed = (c.decoder_lr, c.decoder_seed) if decoder_only else (c.vae_lr, c.vae_seed)
     p = PRESETS[c.preset]
     ew = c.decoder_endpoint_weight if decoder_only else 1.0
+    cooldown = round(c.decoder_cooldown * steps / c.decoder_steps) if decoder_only and c.decoder_cooldown else 0
     train_vae_run(p, cfg, state, run, steps=steps, lr=lr, seed=seed, decoder_only=decoder_only, device=dev,
-                  endpoint_weight=ew)  # fmt: skip
+                  endpoint_weight=ew, cooldown=cooldown)  # fmt: skip
     return load_ema(run, "vae")
 
 

@@ -253,18 +253,23 @@ def train_vae_run(
     decoder_only: bool,
     device: str | torch.device = "cpu",
     endpoint_weight: float = 1.0,
+    cooldown: int = 0,
 ) -> Path:
     """Train the VAE ``state`` further into ``run`` (resumes; skipped when done) on ``p``'s VAE clips drawn
     with ``seed``: the whole VAE, or (``decoder_only``) its decoder on the frozen encoder, the first and last
-    frames' error counted ``endpoint_weight`` times (``DecoderObjective``)."""
+    frames' error counted ``endpoint_weight`` times (``DecoderObjective``); ``cooldown`` > 0: the lr falls
+    linearly to 0 over the last ``cooldown`` steps (else it stays constant after the warmup)."""
     if not is_done(run):
         vae = WanVAE(cfg)
         vae.load_state_dict(state)
         vae.to(device)
         if decoder_only:
             freeze_encoder(vae)
-        tc = TrainConfig(steps=steps, batch_size=p.vae_batch, lr=lr, warmup=min(50, steps // 10),
-                         ema_decay=p.vae_ema, seed=seed, out_dir=str(run), ckpt_every=250)  # fmt: skip
+        warmup = min(50, steps // 10)
+        cooldown = min(cooldown, steps - warmup)
+        tc = TrainConfig(steps=steps, batch_size=p.vae_batch, lr=lr, warmup=warmup, ema_decay=p.vae_ema, seed=seed,
+                         out_dir=str(run), ckpt_every=250, schedule="wsd" if cooldown > 0 else "constant",
+                         cooldown=cooldown)  # fmt: skip
         if decoder_only:
             objective: DecoderObjective | VAEObjective = DecoderObjective(p.vae_recon, endpoint_weight)
         else:
