@@ -205,7 +205,7 @@ def test_window_and_bad_arguments_are_clear_errors(tmp_path, capsys):
     with pytest.raises(
         InputError,
         match="unknown continuation 'nope'; known: default-r3, default-r4, default-r5, default-r6, default-r7, "
-        "default-r8, default-r9, default-r10, default-r11, smoke",
+        "default-r8, default-r9, default-r10, default-r11, default-r12, smoke",
     ):
         continue_from_bundle(tmp_path / "x.safetensors", "nope", tmp_path / "run")
     missing = tmp_path / "missing.safetensors"
@@ -226,13 +226,16 @@ def test_the_default_continuations_cache_clips_and_crops_earlier_runs_did_not_se
     p = PRESETS["default"]
     windows = [(0, p.cache_clips)]  # the preset's cache
     vae_seeds = {p.seed, p.seed + 1}  # the preset's VAE and decoder crops
-    names = [f"default-r{k}" for k in range(3, 12)]
+    names = [f"default-r{k}" for k in range(3, 13)]
     for name in names:  # in the order they run
         c = continuation.CONTINUATIONS[name]
         assert c.stage.size == p.stages[0].size and c.stage.frames == p.stages[0].frames
-        start, stop = c.cache_start, c.cache_start + c.cache_clips
-        assert all(stop <= a or start >= b for a, b in windows), (name, windows)
-        windows.append((start, stop))
+        # the DiT's cache, and the clips whose generated latents the decoder learns from (the DiT's output on
+        # clips it trained on would be better than on new keyframes)
+        for start, count in ((c.cache_start, c.cache_clips), (c.generated_start, c.decoder_generated)):
+            stop = start + count
+            assert all(stop <= a or start >= b for a, b in windows), (name, windows)
+            windows.append((start, stop))
         for steps, seed in ((c.vae_steps, c.vae_seed), (c.decoder_steps, c.decoder_seed)):
             if steps:
                 assert seed not in vae_seeds, (name, seed)
@@ -346,3 +349,69 @@ def test_a_continuation_can_widen_the_decoder_and_leave_the_dit_as_it_is(base, t
         replace(wide, name="x", decoder_steps=0, decoder_cooldown=0)
     with pytest.raises(ValueError, match=r"decoder_cooldown must be in 0..decoder_steps \(2\), got 3"):
         replace(wide, name="x", decoder_cooldown=3)
+
+
+def test_the_decoder_can_train_on_the_latents_the_model_generates(base, tmp_path, monkeypatch):
+    from segue.train.generated import GeneratedClips
+    from segue.train.vae_loss import DecoderObjective
+
+    c = CONTINUATIONS["smoke"]
+    gen = replace(c, name="gen", stage=replace(c.stage, steps=0), decoder_steps=2, decoder_generated=3,
+                  generated_start=5, generated_repeat=2)  # fmt: skip
+    monkeypatch.setitem(CONTINUATIONS, "gen", gen)
+    seen = []
+    call = DecoderObjective.__call__
+
+    def spy(self, parts, batch):
+        seen.append(tuple(batch["latent"].shape) if "latent" in batch else None)
+        return call(self, parts, batch)
+
+    monkeypatch.setattr(DecoderObjective, "__call__", spy)
+    new = continue_from_bundle(base, "gen", tmp_path / "run")
+    gen_dir = tmp_path / "run" / "generated"
+    stored = torch.load(gen_dir / "part-00000.pt", weights_only=True)
+    cfg = segue.load(base).config
+    lat_t = (c.stage.frames - 1) // cfg.vae.temporal_factor + 1
+    lat_hw = c.stage.size[0] // cfg.vae.spatial_factor
+    assert stored.shape == (3, cfg.vae.z_dim, lat_t, lat_hw, lat_hw) and stored.dtype == torch.float16
+    # the decoder saw generated latents, cropped as the preset crops its clips (24 px)
+    sf = cfg.vae.spatial_factor
+    assert seen == [(2, cfg.vae.z_dim, lat_t, 24 // sf, 24 // sf)] * 2
+    # they are what the model generates for those clips (its own pipeline, noise seed = clip index)
+    data = SyntheticVideos("train", length=c.data_length, frames=c.stage.frames, size=c.stage.size)
+    clip = data.clip(6)
+    pipe = segue.load(gen_dir / "generator.safetensors")
+    from PIL import Image
+
+    first, last = Image.fromarray(clip.frames[0]), Image.fromarray(clip.frames[-1])
+    latent_only = pipe.generate(first, last, clip.caption, frames=c.stage.frames, size=c.stage.size[::-1], seed=6,
+                                decode=False)  # fmt: skip
+    assert latent_only.frames.shape[0] == 0
+    torch.testing.assert_close(latent_only.latent.half(), stored[1])
+    full = pipe.generate(first, last, clip.caption, frames=c.stage.frames, size=c.stage.size[::-1], seed=6)
+    assert torch.equal(full.latent, latent_only.latent) and full.frames.shape[0] == c.stage.frames
+    # the DiT and its encoders are the bundle's; the decoder moved
+    before, after = read_bundle_weights(base), read_bundle_weights(new)
+    assert all(torch.equal(before["dit"][k], after["dit"][k]) for k in before["dit"])
+    assert any(not torch.equal(before["vae"][k], after["vae"][k]) for k in before["vae"] if k.startswith("decoder."))
+    # the pairs: item i is clip start + i % count, latent cells and their pixels cropped at one place
+    pairs = GeneratedClips(data, 5, 3, gen_dir, cfg.vae.spatial_factor, crop=(2, 3), seed=1, repeat=2)
+    assert len(pairs) == 6
+    for i in (1, 4):
+        item = pairs[i]
+        lat, vid = item["latent"], item["video"]
+        assert lat.shape[-2:] == (2, 3) and vid.shape[-2:] == (2 * sf, 3 * sf)
+        whole = GeneratedClips(data, 5, 3, gen_dir, cfg.vae.spatial_factor)[i % 3]
+        spots = [(r, q) for r in range(lat_hw - 1) for q in range(lat_hw - 2)
+                 if torch.equal(whole["latent"][:, :, r : r + 2, q : q + 3], lat)]  # fmt: skip
+        assert spots
+        r, q = spots[0]
+        assert torch.equal(vid, whole["video"][:, :, sf * r : sf * (r + 2), sf * q : sf * (q + 3)])
+    with pytest.raises(IndexError):
+        pairs[6]
+    with pytest.raises(InputError, match=r"3 generated latents, expected 4"):
+        GeneratedClips(data, 5, 4, gen_dir, 4)
+    with pytest.raises(InputError, match=r"no generated latents"):
+        GeneratedClips(data, 5, 3, tmp_path, 4)
+    with pytest.raises(ValueError, match=r"decoder_generated needs decoder_steps > 0"):
+        replace(gen, name="x", decoder_steps=0)

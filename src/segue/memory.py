@@ -237,7 +237,7 @@ def _tiled_buffers(cfg: ModelConfig, t: int, h: int, w: int) -> int:
     """Bytes held through ``tiled_decode``'s band loop: the video, the low part's output, the latent."""
     v = cfg.vae
     video = 3 * (1 + v.temporal_factor * (t - 1)) * (v.spatial_factor**2 * h * w) * 4
-    low = v.dim * v.dim_mult[-1] * t * h * w * 4
+    low = v.decoder_width * v.dim_mult[-1] * t * h * w * 4  # the decoder's widest stage
     return video + low + v.z_dim * t * h * w * 4
 
 

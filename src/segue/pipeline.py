@@ -261,11 +261,13 @@ class Pipeline:
         size: tuple[int, int] | None = None,
         progress: Progress | None = None,
         guidance_steps: int | None = None,
+        decode: bool = True,
     ) -> Video | None:
         """Generate a clip from ``first`` (and ``last``) keyframes. ``size`` is (width, height) and
         overrides ``max_area``. ``guidance_steps`` limits guidance to the first that many steps (where the
-        layout and the path are decided). Unset settings come from the model's defaults. In a parallel run
-        (torchrun) every rank calls this; rank 0 gets the Video, the others None."""
+        layout and the path are decided). Unset settings come from the model's defaults. ``decode=False``
+        skips the VAE decode: the Video has no frames, only its ``latent``. In a parallel run (torchrun)
+        every rank calls this; rank 0 gets the Video, the others None."""
         first_img = load_image(first, "first frame")
         last_img = load_image(last, "last frame") if last is not None else None
         if not isinstance(prompt, str):
@@ -294,6 +296,9 @@ class Pipeline:
 
         latent = self.denoise(noise, context, context_neg, clip, y, s, progress)
         t1 = time.perf_counter()
+        if not decode:
+            info = {"settings": s.__dict__, "speed": list(self.applied), "seconds": {"conditioning": t_cond}}
+            return Video(np.zeros((0, s.height, s.width, 3), np.uint8), cfg.defaults.fps, latent.cpu(), info)
         video = self.decode(latent)  # [3, F, H, W] in [-1, 1], None on ranks other than 0
         t_decode = time.perf_counter() - t1
         info = {

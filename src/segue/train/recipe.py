@@ -254,11 +254,13 @@ def train_vae_run(
     device: str | torch.device = "cpu",
     endpoint_weight: float = 1.0,
     cooldown: int = 0,
+    data: torch.utils.data.Dataset | None = None,
 ) -> Path:
     """Train the VAE ``state`` further into ``run`` (resumes; skipped when done) on ``p``'s VAE clips drawn
     with ``seed``: the whole VAE, or (``decoder_only``) its decoder on the frozen encoder, the first and last
     frames' error counted ``endpoint_weight`` times (``DecoderObjective``); ``cooldown`` > 0: the lr falls
-    linearly to 0 over the last ``cooldown`` steps (else it stays constant after the warmup)."""
+    linearly to 0 over the last ``cooldown`` steps (else it stays constant after the warmup). ``data``
+    replaces the VAE clips (e.g. ``generated.GeneratedClips`` for the decoder)."""
     if not is_done(run):
         vae = WanVAE(cfg)
         vae.load_state_dict(state)
@@ -274,7 +276,7 @@ def train_vae_run(
             objective: DecoderObjective | VAEObjective = DecoderObjective(p.vae_recon, endpoint_weight)
         else:
             objective = VAEObjective(kl_weight=p.kl_weight, recon=p.vae_recon)
-        Trainer({"vae": vae}, objective, vae_data(p, seed), tc).run()
+        Trainer({"vae": vae}, objective, vae_data(p, seed) if data is None else data, tc).run()
         mark_done(run, {"steps": tc.steps})
     return run
 

@@ -104,7 +104,8 @@ def freeze_encoder(vae: nn.Module) -> None:
 @dataclass
 class DecoderObjective:
     """Decoder fine-tuning on a frozen encoder, for ``segue.train.Trainer``: ``recon`` of
-    ``decode(encoder mean)`` against ``batch["video"]``.
+    ``decode(encoder mean)`` against ``batch["video"]``, or of ``decode(batch["latent"])`` (a latent the
+    model generated for that video, DiT-normalised: ``segue.train.generated``) when the batch has one.
 
     The decoder learns from the posterior mean, the latent it is given at generation time (the DiT is
     trained towards the mean), and no gradient reaches the encoder (see ``freeze_encoder``).
@@ -125,9 +126,12 @@ class DecoderObjective:
     def __call__(self, parts: Mapping[str, nn.Module], batch: Mapping[str, Any]) -> Tensor:
         vae = parts["vae"]
         video = batch["video"].to(vae.conv1.weight.device)
-        with torch.no_grad():
-            mu = vae.encode(video, normalize=False)  # [B, z, T, h, w]
-        out = vae.decode(mu, normalized=False, clamp=False)  # [B, 3, F, H, W]
+        if "latent" in batch:
+            out = vae.decode(batch["latent"].to(video.device), clamp=False)  # [B, 3, F, H, W]
+        else:
+            with torch.no_grad():
+                mu = vae.encode(video, normalize=False)  # [B, z, T, h, w]
+            out = vae.decode(mu, normalized=False, clamp=False)  # [B, 3, F, H, W]
         err = out - video.float()
         err = err.abs() if self.recon == "l1" else err.square()
         per_frame = err.mean(dim=(0, 1, 3, 4))  # [F]
