@@ -1,6 +1,7 @@
 """Write a bundle from a running continuation's latest checkpoint (EMA weights), to evaluate it mid-run.
 
-    python bench/ckpt_bundle.py RUN --from-bundle BUNDLE [--stage NAME] [--raw] [--vae-from FILE] [--out FILE]
+    python bench/ckpt_bundle.py RUN --from-bundle BUNDLE [--stage NAME] [--raw] [--vae-from FILE] [--decoder]
+                                [--out FILE]
 
 RUN is a ``segue train --continue-from BUNDLE`` folder; the config, the tokenizer and (unless the run trained
 its own) the VAE come from BUNDLE, the one the run started from (once a run is installed, the packaged file is
@@ -12,6 +13,10 @@ again exactly as the run measured them (``with_latent_stats``). A run that inser
 ``--raw`` takes the latest checkpoint's raw weights in place of the EMA (also of a finished stage: its last
 checkpoint is at its last step), to compare the two after a cooldown. ``--vae-from FILE`` takes the VAE from
 another bundle with the same VAE config, e.g. a finished run's ``model.safetensors`` with its new decoder.
+
+``--decoder`` takes the VAE from the decoder phase's latest checkpoint (EMA; ``RUN/vae-decoder``), at the width
+the continuation gave it (``decoder_dim``). A continuation without a DiT stage (its steps 0) keeps BUNDLE's DiT
+and encoders.
 """
 
 from __future__ import annotations
@@ -51,12 +56,18 @@ def main() -> None:
     ap.add_argument("--from-bundle", type=Path, required=True, help="the bundle the run continued from")
     ap.add_argument("--raw", action="store_true", help="the latest checkpoint's raw weights, not the EMA")
     ap.add_argument("--vae-from", type=Path, default=None, help="take the VAE from this bundle")
+    ap.add_argument("--decoder", action="store_true", help="the VAE from the decoder phase's latest checkpoint")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     record = json.loads((args.run / "continuation.json").read_text())
     stage = args.stage or record["continuation"]["stage"]["name"]
-    step, ema = latest_raw(args.run / stage) if args.raw else latest_ema(args.run / stage)
     config, _ = read_bundle_metadata(args.from_bundle)
+    if record["steps"] == 0:  # no DiT stage: the bundle's DiT and encoders
+        step, bundle_w = None, read_bundle_weights(args.from_bundle)
+        wrapped = {part: {f"model.{k}": v for k, v in bundle_w[part].items()} for part in ("text", "image")}
+        ema = {"dit": bundle_w["dit"], **wrapped}  # the encoders' wrappers hold the bundle's modules as .model
+    else:
+        step, ema = latest_raw(args.run / stage) if args.raw else latest_ema(args.run / stage)
     # a run that inserted DiT blocks (grow.insert_identity_blocks) trained the deeper DiT
     config = replace(config, dit=deepened(config.dit, tuple(record["continuation"].get("insert_blocks", []))))
     vae_state = read_bundle_weights(args.from_bundle)["vae"]
@@ -73,6 +84,11 @@ def main() -> None:
         if vae_config.vae != config.vae:
             sys.exit(f"{args.vae_from}: its VAE config differs from the run's; the DiT was trained on the run's")
         vae_state = read_bundle_weights(args.vae_from)["vae"]
+    if args.decoder:
+        width = record["continuation"].get("decoder_dim") or config.vae.decoder_dim
+        config = replace(config, vae=replace(config.vae, decoder_dim=width))
+        step, vae_ema = latest_ema(args.run / "vae-decoder")
+        vae_state, stage = vae_ema["vae"], "vae-decoder"
     tokenizer = load_tokenizer(args.run / "tokenizer")
     parts = {
         "dit": WanDiT(config.dit),

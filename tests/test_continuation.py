@@ -343,6 +343,19 @@ def test_a_continuation_can_widen_the_decoder_and_leave_the_dit_as_it_is(base, t
     lineage = read_bundle_lineage(new)[-1]
     assert lineage["phase_steps"] == {"vae": 0, "dit": 0, "decoder": 2}
     assert lineage["continuation"]["decoder_dim"] == width
+    # bench/ckpt_bundle.py --decoder: the decoder phase's latest checkpoint at its width, the bundle's DiT
+    (tmp_path / "run" / "vae-decoder" / "ema.pt").unlink()
+    spec = importlib.util.spec_from_file_location("ckpt_bundle", Path(__file__).parents[1] / "bench" / "ckpt_bundle.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    mid = tmp_path / "mid.safetensors"
+    argv = ["ckpt_bundle.py", str(tmp_path / "run"), "--from-bundle", str(base), "--decoder", "--out", str(mid)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    assert segue.load(mid).config.vae.decoder_dim == width
+    rebuilt = read_bundle_weights(mid)
+    for part in after:
+        assert all(torch.equal(after[part][k], rebuilt[part][k]) for k in after[part]), part
     with pytest.raises(ValueError, match=r"continuation 'x': the DiT stage needs steps >= 0 \(0: the bundle's DiT"):
         replace(wide, name="x", insert_blocks=(0,))
     with pytest.raises(ValueError, match=r"continuation 'x': a widened decoder \(decoder_dim\) needs decoder_steps"):
