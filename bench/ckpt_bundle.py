@@ -62,15 +62,16 @@ def main() -> None:
     record = json.loads((args.run / "continuation.json").read_text())
     stage = args.stage or record["continuation"]["stage"]["name"]
     config, _ = read_bundle_metadata(args.from_bundle)
+    bundle_w = read_bundle_weights(args.from_bundle)
     if record["steps"] == 0:  # no DiT stage: the bundle's DiT and encoders
-        step, bundle_w = None, read_bundle_weights(args.from_bundle)
+        step = None
         wrapped = {part: {f"model.{k}": v for k, v in bundle_w[part].items()} for part in ("text", "image")}
         ema = {"dit": bundle_w["dit"], **wrapped}  # the encoders' wrappers hold the bundle's modules as .model
     else:
         step, ema = latest_raw(args.run / stage) if args.raw else latest_ema(args.run / stage)
     # a run that inserted DiT blocks (grow.insert_identity_blocks) trained the deeper DiT
     config = replace(config, dit=deepened(config.dit, tuple(record["continuation"].get("insert_blocks", []))))
-    vae_state = read_bundle_weights(args.from_bundle)["vae"]
+    vae_state = bundle_w["vae"]
     if record["continuation"]["vae_steps"] > 0:
         if not (args.run / "vae" / "ema.pt").is_file():
             sys.exit(f"{args.run}/vae: the run's VAE phase has not finished (no ema.pt)")

@@ -296,16 +296,15 @@ class Pipeline:
 
         latent = self.denoise(noise, context, context_neg, clip, y, s, progress)
         t1 = time.perf_counter()
-        if not decode:
-            info = {"settings": s.__dict__, "speed": list(self.applied), "seconds": {"conditioning": t_cond}}
-            return Video(np.zeros((0, s.height, s.width, 3), np.uint8), cfg.defaults.fps, latent.cpu(), info)
-        video = self.decode(latent)  # [3, F, H, W] in [-1, 1], None on ranks other than 0
+        video = self.decode(latent) if decode else None  # [3, F, H, W] in [-1, 1], None on ranks other than 0
         t_decode = time.perf_counter() - t1
         info = {
             "settings": s.__dict__,
             "speed": list(self.applied),
             "seconds": {"conditioning": t_cond, "denoise": t1 - t0 - t_cond, "decode": t_decode},
         }
+        if not decode:  # every rank holds the latent
+            return Video(np.zeros((0, s.height, s.width, 3), np.uint8), cfg.defaults.fps, latent.cpu(), info)
         if video is None:
             return None  # a parallel run's other ranks: only rank 0 holds the video
         return Video(to_uint8(video), cfg.defaults.fps, latent.cpu(), info)

@@ -23,7 +23,7 @@ from ..bundle import materialize_tokenizer, read_bundle_lineage, read_bundle_met
 from ..config import ModelConfig, VAEConfig
 from ..data.synthetic import Scene, SyntheticVideos
 from ..errors import InputError
-from ..loader import resolve_device
+from ..loader import load, resolve_device
 from ..models.dit import WanDiT
 from ..models.encoders import ImageEncoder, TextEncoder
 from ..models.vae import WanVAE
@@ -372,15 +372,12 @@ def with_latent_stats(
 
 
 def _generated_clips(
-    c: Continuation, config: ModelConfig, modules: dict[str, torch.nn.Module], tok_dir: Path, out: Path,
-    dev: torch.device,
+    c: Continuation, config: ModelConfig, modules: dict[str, torch.nn.Module], data: SyntheticVideos,
+    tok_dir: Path, out: Path, dev: torch.device,
 ) -> GeneratedClips:  # fmt: skip
     """The decoder's training pairs: the latents the model as it stands (DiT, encoders, VAE encoder, the
-    sampling it ships with) generates for ``c.decoder_generated`` fresh training clips, with their frames."""
-    from ..loader import load
-
+    sampling it ships with) generates for ``c.decoder_generated`` fresh clips of ``data``, with their frames."""
     gen_dir = out / "generated"
-    data = stage_clips(c)
     if not is_done(gen_dir):
         gen_dir.mkdir(parents=True, exist_ok=True)
         generator = gen_dir / "generator.safetensors"  # the model that generates them, as a bundle loads
@@ -481,7 +478,7 @@ def continue_from_bundle(
     modules = {"dit": parts["dit"], "vae": vae, "text": targets["text"], "image": targets["image"]}
     config = with_sampling(config, c.sampling)
     if c.decoder_steps > 0:
-        dec_data = _generated_clips(c, config, modules, tok_dir, out, dev) if c.decoder_generated else None
+        dec_data = _generated_clips(c, config, modules, data, tok_dir, out, dev) if c.decoder_generated else None
         if c.decoder_dim is not None:  # same output at first; the encoder, so the latents, as they were
             vae_cfg, vae_state = widen_decoder(config.vae, vae_state, c.decoder_dim, seed=c.decoder_seed)
             config = replace(config, vae=vae_cfg)

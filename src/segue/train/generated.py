@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from ..data.synthetic import SyntheticVideos
 from ..errors import InputError
 from .latents import _fmt_seconds
+from .recipe import crop_origin
 
 PART = 64  # clips per stored part: an interrupted run loses at most one part's work
 
@@ -103,9 +104,8 @@ class GeneratedClips(Dataset):
         video = self.data[self.start + clip]["video"]  # [3, F, H, W]
         if self.crop is None:
             return {"latent": latent, "video": video}
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        top = int(torch.randint(latent.shape[2] - self.crop[0] + 1, (1,), generator=g))
-        left = int(torch.randint(latent.shape[3] - self.crop[1] + 1, (1,), generator=g))
+        room = (latent.shape[2] - self.crop[0] + 1, latent.shape[3] - self.crop[1] + 1)
+        top, left = crop_origin(self.seed, index, room)  # the place Crops would draw, in latent cells
         s = self.spatial
         return {
             "latent": latent[:, :, top : top + self.crop[0], left : left + self.crop[1]],

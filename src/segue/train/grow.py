@@ -25,6 +25,7 @@ from dataclasses import replace
 import torch
 
 from ..config import DiTConfig, VAEConfig
+from ..models.vae import WanVAE
 
 # the last linear layer of each residual branch of a Block: zero weight and bias make the branch add nothing
 BRANCH_OUTPUTS = ("self_attn.o.", "cross_attn.o.", "ffn.2.")
@@ -86,8 +87,6 @@ def widen_decoder(
 ) -> tuple[VAEConfig, dict[str, torch.Tensor]]:
     """A VAE config and state dict whose decoder has base width ``width`` (``decoder_dim``), computing what
     ``state`` computes (to fp32 rounding); encoder keys are kept as they are."""
-    from ..models.vae import WanVAE  # the model module imports nothing from training
-
     old_w = cfg.decoder_width
     if width < old_w:
         raise ValueError(f"decoder width {width} is below the current {old_w}: widening only")

@@ -176,6 +176,13 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def crop_origin(seed: int, index: int, room: tuple[int, int]) -> tuple[int, int]:
+    """(top, left) of item ``index``'s crop, one of ``room`` (rows, columns) places, a function of (seed, index)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    top = int(torch.randint(room[0], (1,), generator=g))
+    return top, int(torch.randint(room[1], (1,), generator=g))
+
+
 class Crops(torch.utils.data.Dataset):
     """Item i: a crop of ``data[i]['video']`` at a position that is a function of (seed, i) (resumes exactly)."""
 
@@ -191,9 +198,8 @@ class Crops(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         item = self.data[index]
         video = item["video"]  # [3, F, H, W]
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        top = int(torch.randint(video.shape[2] - self.size[0] + 1, (1,), generator=g))
-        left = int(torch.randint(video.shape[3] - self.size[1] + 1, (1,), generator=g))
+        room = (video.shape[2] - self.size[0] + 1, video.shape[3] - self.size[1] + 1)
+        top, left = crop_origin(self.seed, index, room)
         return {"video": video[:, :, top : top + self.size[0], left : left + self.size[1]]}
 
 
