@@ -164,6 +164,24 @@ def test_track_object_centre() -> None:
     assert np.isnan(got[1]).all() and not np.isnan(got[[0, 2]]).any()
 
 
+def test_track_object_follows_a_colour_that_changes_per_frame() -> None:
+    # The object darkens as a night falls: its nominal colour is lost after a few frames, the colour as
+    # rendered in each frame is found in every one.
+    tr = tracks()["over"]
+    shade = np.linspace(1.0, 0.4, F)[:, None]  # [F, 1]
+    lit = np.rint(np.array(RED, np.float64) * shade)  # [F, 3]
+    video = draw(tr)
+    for f in range(F):
+        video[f][np.all(video[f] == RED, axis=-1)] = lit[f]
+    nominal = ev.track_object(video, RED, tol=60)
+    assert np.isnan(nominal[-1]).all() and not np.isnan(nominal[0]).any()
+    per_frame = ev.track_object(video, lit, tol=60)
+    assert np.abs(per_frame - tr).max() <= 0.5
+    assert ev.path_compliance(video, list(tracks().values()), lit) == 1
+    with pytest.raises(InputError, match=r"one per frame \[9, 3\], got shape \(4, 3\)"):
+        ev.track_object(video, lit[:4])
+
+
 @pytest.mark.parametrize("truth", ["straight", "over", "under"])
 def test_path_compliance_picks_followed_path(truth: str) -> None:
     tr = tracks()

@@ -8,7 +8,8 @@ Conventions used throughout:
   luminance Y = 0.299 R + 0.587 G + 0.114 B (BT.601). Frames smaller than 11 px use the largest odd
   window that fits, with sigma scaled alike. Over a range it is the mean of per-frame values.
 - Object tracks are (x, y) = (column, row) in pixel-index coordinates: pixel [i, j] has centre (j, i).
-- A clip is a mapping or object with ``frames``, ``caption``, ``path``, ``track``, ``object_color``; an
+- A clip is a mapping or object with ``frames``, ``caption``, ``path``, ``track``, ``object_color``, and
+  optionally ``object_colors`` (the object's colour per frame as rendered, which the tracker then uses); an
   ambiguous group is a sequence of clips (or has ``clips``) sharing first/last frames, paths differing.
 """
 
@@ -165,9 +166,21 @@ def inbetween_accuracy(video: Any, truth: Any) -> dict[str, float]:
 # Object tracking and path compliance.
 
 
-def track_object(video: Any, color: Sequence[float], tol: float = 60.0, min_pixels: int = 1) -> np.ndarray:
+def _frame_colors(color: Any, frames: int) -> np.ndarray:
+    """One RGB colour, or one per frame, as [F, 3]."""
+    c = np.asarray(color, dtype=np.float64)
+    if c.shape == (3,):
+        return np.broadcast_to(c, (frames, 3))
+    if c.shape != (frames, 3):
+        raise InputError(f"track_object: color must be one RGB triple or one per frame [{frames}, 3], "
+                         f"got shape {tuple(c.shape)}")  # fmt: skip
+    return c
+
+
+def track_object(video: Any, color: Any, tol: float = 60.0, min_pixels: int = 1) -> np.ndarray:
     """Centroid (x, y) per frame of the pixels whose RGB Euclidean distance to ``color`` is <= ``tol``.
 
+    ``color`` is one RGB triple or one per frame ([F, 3]: the object's colour under each frame's light).
     A plain RGB distance tolerates the small hue/brightness drift of generated frames while rejecting
     background and half-blended ghosts. Frames with fewer than ``min_pixels`` matches give NaN. [F, 2]
     """
@@ -175,8 +188,8 @@ def track_object(video: Any, color: Sequence[float], tol: float = 60.0, min_pixe
     v = v[None] if v.ndim == 3 else v
     if v.ndim != 4 or v.shape[-1] != 3:
         raise InputError(f"track_object: expected a video [F, H, W, 3], got shape {tuple(v.shape)}")
-    c = np.asarray(color, dtype=np.float64)
-    mask = np.stack([np.linalg.norm(frame.astype(np.float64) - c, axis=-1) <= tol for frame in v])  # [F, H, W]
+    cs = _frame_colors(color, len(v))  # [F, 3]
+    mask = np.stack([np.linalg.norm(f.astype(np.float64) - c, axis=-1) <= tol for f, c in zip(v, cs)])  # [F, H, W]
     count = mask.sum(axis=(1, 2))  # [F]
     with np.errstate(invalid="ignore", divide="ignore"):  # empty frames: 0 / 0, overwritten below
         x = (mask.sum(axis=1) @ np.arange(v.shape[2])) / count  # pixel counts per column, weighted by column
@@ -192,7 +205,7 @@ def _resample(track: np.ndarray, frames: int) -> np.ndarray:
     return np.stack([np.interp(dst, src, track[:, k]) for k in range(2)], axis=-1)
 
 
-def path_distances(video: Any, candidates: Sequence[Any], color: Sequence[float], tol: float = 60.0) -> list[float]:
+def path_distances(video: Any, candidates: Sequence[Any], color: Any, tol: float = 60.0) -> list[float]:
     """Mean distance (px) between the tracked object and each candidate track over frames 1..F-2,
     skipping frames where the object is not found; NaN for every candidate if it is never found."""
     tracked = track_object(video, color, tol)  # [F, 2]
@@ -207,7 +220,7 @@ def path_distances(video: Any, candidates: Sequence[Any], color: Sequence[float]
     return out
 
 
-def path_compliance(video: Any, candidates: Sequence[Any], color: Sequence[float], tol: float = 60.0) -> int:
+def path_compliance(video: Any, candidates: Sequence[Any], color: Any, tol: float = 60.0) -> int:
     """Index of the candidate track the video's object follows most closely; -1 if it is never found."""
     return _nearest(path_distances(video, candidates, color, tol))
 
@@ -271,6 +284,13 @@ def sheet_columns(frames: int, every: int) -> list[int]:
 
 def _field(clip: Any, name: str) -> Any:
     return clip[name] if isinstance(clip, Mapping) else getattr(clip, name)
+
+
+def object_colors(clip: Any) -> Any:
+    """What the tracker looks for in a clip: the main object's colour per frame as rendered (under each
+    frame's light) where the clip records it, else its one nominal colour."""
+    per_frame = clip.get("object_colors") if isinstance(clip, Mapping) else getattr(clip, "object_colors", None)
+    return _field(clip, "object_color") if per_frame is None else per_frame
 
 
 def _group_clips(group: Any) -> list[Any]:
@@ -420,7 +440,7 @@ def evaluate_model(
         results = []
         for k, clip in enumerate(members):
             video, truth = _generate(generate_fn, clip, f"group {g} caption {k}")
-            color = _field(clip, "object_color")
+            color = object_colors(clip)
             base = crossfade(truth[0], truth[-1], len(truth))
             rec: dict[str, Any] = {"caption": str(_field(clip, "caption")), "path": str(_field(clip, "path"))}
             rec["expected"] = k

@@ -77,6 +77,9 @@ class Clip:
     object_color: tuple[int, int, int]  # nominal (daylight) colour of the main object
     group: int | None = None
     meta: dict = field(default_factory=dict)
+    # float32 [F, 3]: the main object's colour as rendered in each frame (its nominal colour under that
+    # frame's light); what a tracker must look for, since at night the nominal colour is far off
+    object_colors: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,18 @@ def _lerp3(a, b, e: np.ndarray) -> np.ndarray:
     return (a + (b - a) * e[:, None])[:, None, None, :]  # [F, 1, 1, 3]
 
 
+def _light(scene: Scene) -> np.ndarray:
+    """The light per frame, eased from the first time of day to the second. [F, 1, 1, 3]"""
+    e = _ease(np.linspace(0.0, 1.0, scene.frames), "smooth").astype(np.float32)
+    return _lerp3(TIMES[scene.times[0]][2], TIMES[scene.times[1]][2], e)
+
+
+def object_lighting(scene: Scene) -> np.ndarray:
+    """Per-frame factor on the shapes' colours: lit less strongly than the scenery, so they stay visible
+    at night. [F, 1, 1, 3]"""
+    return 0.45 + 0.55 * _light(scene)
+
+
 def render_frames(scene: Scene, with_objects: bool = True) -> np.ndarray:
     """Float32 frames [F, H, W, 3] in [0, 255] (before rounding)."""
     (h, w), n = scene.size, scene.frames
@@ -230,7 +245,7 @@ def render_frames(scene: Scene, with_objects: bool = True) -> np.ndarray:
     xw = ((xs[None] - w / 2) / zoom[:, None] + centre[:, :1]).astype(np.float32)  # [F, W] world x per column
     yw = ((ys[None] - h / 2) / zoom[:, None] + centre[:, 1:]).astype(np.float32)  # [F, H]
     (ta, tb), (sa, sb) = scene.times, scene.seasons
-    light = _lerp3(TIMES[ta][2], TIMES[tb][2], e)
+    light = _light(scene)
     hy, amp, wavelength, phase = scene.horizon
     frac = np.clip(yw / hy, 0.0, 1.0)[:, :, None, None]  # [F, H, 1, 1]
     top, bottom = _lerp3(TIMES[ta][0], TIMES[tb][0], e), _lerp3(TIMES[ta][1], TIMES[tb][1], e)
@@ -248,7 +263,7 @@ def render_frames(scene: Scene, with_objects: bool = True) -> np.ndarray:
     img += (ground - img) * g
     if not with_objects:
         return img
-    lit = 0.45 + 0.55 * light  # objects are lit less strongly than the scenery so they stay visible at night
+    lit = object_lighting(scene)
     for m in (scene.second, scene.main):
         if m is None:
             continue
@@ -452,7 +467,9 @@ def render_scene(scene: Scene, group: int | None = None, wording_seed: int | Non
         "times": scene.times, "seasons": scene.seasons, "camera": {"pan": scene.pan, "zoom": scene.zoom},
         "floor_y": scene.floor_y, "second": None if scene.second is None else dataclasses.asdict(scene.second),
     }  # fmt: skip
-    return Clip(frames, caption(scene, wording_seed), m.path, track.astype(np.float32), COLORS[m.color], group, meta)
+    colors = (np.array(COLORS[m.color], np.float32) * object_lighting(scene)).reshape(scene.frames, 3)  # [F, 3]
+    return Clip(frames, caption(scene, wording_seed), m.path, track.astype(np.float32), COLORS[m.color], group, meta,
+                colors)  # fmt: skip
 
 
 def make_clip(seed: int, frames: int = 17, size: tuple[int, int] = (64, 64)) -> Clip:

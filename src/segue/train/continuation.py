@@ -296,6 +296,20 @@ CONTINUATIONS: dict[str, Continuation] = {
         generated_start=18000,
         sampling=SAMPLING_S8,
     ),
+    # Session 14 on top of default-r11 (not r12: its decoder blurred the shapes): the 12-block DiT trains on
+    # fresh clips 19000-20999 (after r12's generated window), as in session 12: shapes at weight 2, 1600 steps
+    # with a 600-step cooldown to fit one session at about 2.7 s/step. No decoder phase: the DiT does not move
+    # the latent space, so r11's widened decoder stays as it is.
+    "default-r13": Continuation(
+        "default-r13",
+        Stage("stage2-flf-r13", steps=1600, lr=2e-4, modes=FLF, warmup=100, cooldown=600),
+        cache_start=19000,
+        cache_clips=2000,
+        ambiguous_fraction=0.5,
+        object_weights=((0, 2.0),),
+        object_dilate=0,
+        sampling=SAMPLING_S8,
+    ),
     # the same path in seconds, for tests
     "smoke": Continuation(
         "smoke",
