@@ -3,6 +3,7 @@ uncached one, and an interrupted build resumes to the same contents."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -245,6 +246,10 @@ def test_interrupted_build_resumes_to_the_same_contents(setup, monkeypatch):
     assert calls == []
     with pytest.raises(InputError, match="other settings.*n_clips"):
         build_latent_cache(vae, data, N_CLIPS - 1, out, MODES, batch_size=2, progress=False, shard_size=2)
+    other = copy.copy(data)  # the same clips but for where their circles lie: another dataset
+    other.loops = "any" if data.loops == "inward" else "inward"
+    with pytest.raises(InputError, match=r"other settings \(dataset\)"):
+        build_latent_cache(vae, other, N_CLIPS, out, MODES, batch_size=2, progress=False, shard_size=2)
 
 
 def _equal(a, b) -> bool:

@@ -118,6 +118,31 @@ def test_bounce_touches_floor_and_stays_above_it(seed):
     assert (np.abs(bottom - scene.floor_y) < 1e-6).sum() == len(scene.main.hops) + 1  # counted contacts
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_circles_lie_inward_so_the_first_frame_shows_which_way_clockwise_goes(seed):
+    w, h = 64, 64
+    for path in ("circle_cw", "circle_ccw"):
+        inward = sample_scene(seed, path=path, camera=False)
+        m = inward.main
+        p0 = np.array(m.p0)
+        centre = p0 - m.loop_radius * np.array([np.cos(m.loop_angle), np.sin(m.loop_angle)])
+        # the centre lies on the line from the start point toward the frame's centre
+        to_frame, to_loop = np.array([w / 2, h / 2]) - p0, centre - p0
+        cross = to_frame[0] * to_loop[1] - to_frame[1] * to_loop[0]
+        assert abs(cross) < 1e-6 * np.linalg.norm(to_frame) * m.loop_radius and to_frame @ to_loop > 0
+        # "any" keeps the rest of the scene (the same draws), the centre wherever its angle fell
+        anywhere = sample_scene(seed, path=path, camera=False, loops="any")
+        assert dataclasses.replace(anywhere.main, p0=m.p0, p1=m.p1, loop_angle=m.loop_angle) == m
+    track = {p: mover_track(s, s.main)[0] for p in ("circle_cw", "circle_ccw") for s in [sample_scene(seed, path=p)]}
+    assert np.abs(track["circle_cw"][4] - track["circle_ccw"][4]).max() > 5  # a quarter round apart
+    # slides are the same either way; a bad value is refused by name
+    for path in ("straight", "bounce"):
+        a, b = sample_scene(seed, path=path), sample_scene(seed, path=path, loops="any")
+        assert a == b
+    with pytest.raises(ValueError, match=r"loops must be one of \('inward', 'any'\), got 'out'"):
+        SyntheticVideos(loops="out")
+
+
 def test_ambiguous_groups_share_keyframes_only():
     for seed in range(8):
         group = make_ambiguous_group(seed, n_paths=3 if seed % 2 else 2)

@@ -31,6 +31,11 @@ TEXTURES = {"solid": "", "stripes": "striped", "checker": "checkered", "dots": "
 SLIDE_PATHS = ("straight", "arc_over", "arc_under", "bounce", "zigzag", "wave")  # p0 -> p1, mostly sideways
 LOOP_PATHS = ("circle_cw", "circle_ccw", "still")  # start and end at the same point
 PATHS = SLIDE_PATHS + LOOP_PATHS
+# Where a circle lies from its start point. "inward": its centre lies toward the frame's centre, so the first
+# frame shows which way "clockwise" turns and the caption decides the path. "any": the centre in any
+# direction, which the keyframes and the caption cannot tell, so clockwise and counterclockwise loops have the
+# same distribution of positions (the data of every run before `default-r13`).
+LOOP_CENTRES = ("inward", "any")
 PATH_PHRASES: dict[str, tuple[str, ...]] = {
     "straight": ("in a straight line", "along a straight line"), "zigzag": ("in a zigzag", "along a zigzag line"),
     "arc_over": ("along an arc over the top", "in an arc over the top"), "wave": ("along a wavy line", "in a wave"),
@@ -314,7 +319,7 @@ def _pick_color(rng: np.random.Generator, scene_colors: list[np.ndarray], lights
     return best
 
 
-def _sample_mover(rng, size, floor_y, family: str, color: str, small: bool = False) -> Mover:
+def _sample_mover(rng, size, floor_y, family: str, color: str, small: bool = False, loops: str = "inward") -> Mover:
     h, w = size
     radius = float(rng.uniform(0.06, 0.08) if small else rng.uniform(0.09, 0.13)) * min(h, w)
     scale = (1.0, 1.0)
@@ -333,7 +338,9 @@ def _sample_mover(rng, size, floor_y, family: str, color: str, small: bool = Fal
         lr = min(float(rng.uniform(0.16, 0.24)) * min(h, w), (floor_y - 2 * ext) / 2 - 0.5)
         cx = rng.uniform(ext + lr, w - ext - lr)
         cy = rng.uniform(ext + lr, floor_y - ext - lr)
-        a = float(rng.uniform(0, 2 * np.pi))
+        a = float(rng.uniform(0, 2 * np.pi))  # drawn either way: the rest of the scene stays the same
+        if loops == "inward":  # the start point lies on the far side of the centre from the frame's centre
+            a = float(np.arctan2(cy - h / 2, cx - w / 2))
         p = (float(cx + lr * np.cos(a)), float(cy + lr * np.sin(a)))
         return Mover(path="circle_cw", p0=p, p1=p, loop_radius=lr, loop_angle=a, **common)
     amp = 0.0 if small else float(rng.uniform(0.2, 0.27)) * h
@@ -352,11 +359,18 @@ def _sample_mover(rng, size, floor_y, family: str, color: str, small: bool = Fal
                  cycles=float(rng.choice([1.0, 1.5, 2.0])), hops=hops, **common)  # fmt: skip
 
 
+def _check_loops(loops: str) -> None:
+    if loops not in LOOP_CENTRES:
+        raise ValueError(f"loops must be one of {LOOP_CENTRES}, got {loops!r}")
+
+
 def sample_scene(seed: int, frames: int = 17, size: tuple[int, int] = (64, 64), path: str | None = None,
-                 camera: bool = True, group_paths: tuple[str, ...] = ()) -> Scene:  # fmt: skip
-    """The scene of seed; ``path`` forces the main path, ``group_paths`` must all fit with the camera."""
+                 camera: bool = True, group_paths: tuple[str, ...] = (), loops: str = "inward") -> Scene:  # fmt: skip
+    """The scene of seed; ``path`` forces the main path, ``group_paths`` must all fit with the camera;
+    ``loops`` places circles (``LOOP_CENTRES``)."""
     if frames < 3 or min(size) < 16:
         raise ValueError(f"need frames >= 3 and size >= 16x16, got frames={frames} size={size}")
+    _check_loops(loops)
     if path is not None and path not in PATHS:
         raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
     rng = np.random.default_rng([seed, 0])
@@ -379,7 +393,7 @@ def sample_scene(seed: int, frames: int = 17, size: tuple[int, int] = (64, 64), 
     family = "loop" if path in LOOP_PATHS else "slide"
     floor_y = 0.9 * h
     main_color = _pick_color(rng, bg, lights, ())
-    main = dataclasses.replace(_sample_mover(rng, size, floor_y, family, main_color), path=path)
+    main = dataclasses.replace(_sample_mover(rng, size, floor_y, family, main_color, loops=loops), path=path)
     second = None
     if rng.random() < 0.35:
         second = _sample_mover(rng, size, floor_y, "slide", _pick_color(rng, bg, lights, (main_color,)), small=True)
@@ -472,25 +486,28 @@ def render_scene(scene: Scene, group: int | None = None, wording_seed: int | Non
                 colors)  # fmt: skip
 
 
-def make_clip(seed: int, frames: int = 17, size: tuple[int, int] = (64, 64)) -> Clip:
-    """One clip, a pure function of (seed, frames, size); ``size`` is (H, W)."""
-    return render_scene(sample_scene(seed, frames, size))
+def make_clip(seed: int, frames: int = 17, size: tuple[int, int] = (64, 64), loops: str = "inward") -> Clip:
+    """One clip, a pure function of (seed, frames, size, loops); ``size`` is (H, W)."""
+    return render_scene(sample_scene(seed, frames, size, loops=loops))
 
 
-def _group_scenes(seed: int, frames: int, size: tuple[int, int], n_paths: int) -> list[Scene]:
+def _group_scenes(seed: int, frames: int, size: tuple[int, int], n_paths: int, loops: str = "inward") -> list[Scene]:
     rng = np.random.default_rng([seed, 1])
     loop = n_paths <= len(LOOP_PATHS) and rng.random() < 0.3
     family = LOOP_PATHS if loop else SLIDE_PATHS
     if not 2 <= n_paths <= len(family):
         raise ValueError(f"n_paths must be in 2..{len(SLIDE_PATHS)}, got {n_paths}")
     kinds = tuple(str(k) for k in rng.choice(family, n_paths, replace=False))
-    base = sample_scene(seed, frames, size, path=kinds[0], group_paths=kinds)
+    base = sample_scene(seed, frames, size, path=kinds[0], group_paths=kinds, loops=loops)
     return [dataclasses.replace(base, main=dataclasses.replace(base.main, path=k)) for k in kinds]
 
 
-def make_ambiguous_group(seed: int, frames: int = 17, size: tuple[int, int] = (64, 64), n_paths: int = 3) -> list[Clip]:
+def make_ambiguous_group(
+    seed: int, frames: int = 17, size: tuple[int, int] = (64, 64), n_paths: int = 3, loops: str = "inward"
+) -> list[Clip]:
     """Clips with bit-identical first and last frames and background, differing only in the main path."""
-    return [render_scene(s, group=seed, wording_seed=seed) for s in _group_scenes(seed, frames, size, n_paths)]
+    scenes = _group_scenes(seed, frames, size, n_paths, loops)
+    return [render_scene(s, group=seed, wording_seed=seed) for s in scenes]
 
 
 def ambiguous_groups(
@@ -509,15 +526,17 @@ def ambiguous_test_groups(n: int, frames: int = 17, size: tuple[int, int] = (64,
 
 class SyntheticVideos(torch.utils.data.Dataset):
     """Item i is a deterministic function of (split, i). Items come in chunks of 3 consecutive indices; a
-    chunk is an ambiguous group (one member per index) with probability ``ambiguous_fraction``."""
+    chunk is an ambiguous group (one member per index) with probability ``ambiguous_fraction``. ``loops``
+    places the circles (``LOOP_CENTRES``)."""
 
-    def __init__(self, split: str = "train", length: int = 10000, frames: int = 17,
-                 size: tuple[int, int] = (64, 64), ambiguous_fraction: float = 0.25) -> None:  # fmt: skip
+    def __init__(self, split: str = "train", length: int = 10000, frames: int = 17, size: tuple[int, int] = (64, 64),
+                 ambiguous_fraction: float = 0.25, loops: str = "inward") -> None:  # fmt: skip
         if split not in SPLIT_OFFSETS or not 0 < length <= 1 << 40 or not 0.0 <= ambiguous_fraction <= 1.0:
             raise ValueError(f"need split in {tuple(SPLIT_OFFSETS)}, 0 < length <= 2**40, ambiguous_fraction in "
                              f"[0, 1]; got {split!r}, {length}, {ambiguous_fraction}")  # fmt: skip
+        _check_loops(loops)
         self.split, self.length, self.frames, self.size = split, length, frames, tuple(size)
-        self.ambiguous_fraction = ambiguous_fraction
+        self.ambiguous_fraction, self.loops = ambiguous_fraction, loops
 
     def __len__(self) -> int:
         return self.length
@@ -536,8 +555,8 @@ class SyntheticVideos(torch.utils.data.Dataset):
         """The scene item ``index`` renders."""
         group = self._group_of(index)
         if group is None:
-            return sample_scene(self.seed_of(index), self.frames, self.size)
-        return _group_scenes(group, self.frames, self.size, GROUP_SIZE)[index % GROUP_SIZE]
+            return sample_scene(self.seed_of(index), self.frames, self.size, loops=self.loops)
+        return _group_scenes(group, self.frames, self.size, GROUP_SIZE, self.loops)[index % GROUP_SIZE]
 
     def clip(self, index: int) -> Clip:
         group = self._group_of(index)

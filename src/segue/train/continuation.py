@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from ..bundle import materialize_tokenizer, read_bundle_lineage, read_bundle_metadata, read_bundle_weights, save_bundle
 from ..config import ModelConfig, VAEConfig
-from ..data.synthetic import Scene, SyntheticVideos
+from ..data.synthetic import LOOP_CENTRES, Scene, SyntheticVideos
 from ..errors import InputError
 from ..loader import load, resolve_device
 from ..models.dit import WanDiT
@@ -59,6 +59,8 @@ class Continuation:
     # share of the training split's 3-clip chunks that are ambiguous groups (the dataset's default: 0.25)
     ambiguous_fraction: float = 0.25
     cache_dtype: str = "float16"
+    # where the training clips' circles lie (``synthetic.LOOP_CENTRES``): "any" for every run before default-r13
+    loops: str = "any"
     # (first step, weight) pairs from step 0 (steps scale with the stage's): the DiT's squared error on the
     # latent cells of the moving shapes (grown by ``object_dilate`` cells) counts ``weight`` times
     # (``CachedFLF2VObjective.object_weight``) from that step on; the cache gets their masks. Empty: 1 throughout.
@@ -96,6 +98,8 @@ class Continuation:
     sampling: tuple[tuple[str, float | int | str], ...] = ()
 
     def __post_init__(self) -> None:
+        if self.loops not in LOOP_CENTRES:
+            raise ValueError(f"continuation {self.name!r}: loops must be one of {LOOP_CENTRES}, got {self.loops!r}")
         allowed = ("steps", "guidance", "shift", "solver", "guidance_steps")
         bad = [k for k, _ in self.sampling if k not in allowed]
         if bad:
@@ -297,17 +301,20 @@ CONTINUATIONS: dict[str, Continuation] = {
         sampling=SAMPLING_S8,
     ),
     # Session 14 on top of default-r11 (not r12: its decoder blurred the shapes): the 12-block DiT trains on
-    # fresh clips 19000-20999 (after r12's generated window), as in session 12: shapes at weight 2, 1600 steps
-    # with a 600-step cooldown to fit one session at about 2.7 s/step. No decoder phase: the DiT does not move
-    # the latent space, so r11's widened decoder stays as it is.
+    # fresh clips 19000-20999 (after r12's generated window) whose circles lie inward (their centre toward the
+    # frame's centre, so the first frame shows which way "clockwise" goes; before, the centre lay in any
+    # direction and the two captions of a circle asked for the same distribution of positions), as in
+    # session 12 otherwise: shapes at weight 2, 2200 steps with an 800-step cooldown to fit one session at about
+    # 2.7 s/step. No decoder phase: the DiT does not move the latent space, so r11's widened decoder stays.
     "default-r13": Continuation(
         "default-r13",
-        Stage("stage2-flf-r13", steps=1600, lr=2e-4, modes=FLF, warmup=100, cooldown=600),
+        Stage("stage2-flf-r13", steps=2200, lr=2e-4, modes=FLF, warmup=100, cooldown=800),
         cache_start=19000,
         cache_clips=2000,
         ambiguous_fraction=0.5,
         object_weights=((0, 2.0),),
         object_dilate=0,
+        loops="inward",
         sampling=SAMPLING_S8,
     ),
     # the same path in seconds, for tests
@@ -331,7 +338,7 @@ class Window(Dataset):
             raise InputError(f"window [{start}, {start + length}) does not fit a dataset of {len(data)} items")
         self.data, self.start, self.length = data, start, length
         self.split, self.frames, self.size = data.split, data.frames, data.size  # what the cache records
-        self.ambiguous_fraction = data.ambiguous_fraction
+        self.ambiguous_fraction, self.loops = data.ambiguous_fraction, data.loops
 
     def __len__(self) -> int:
         return self.length
@@ -373,7 +380,7 @@ def _train_vae(
 def stage_clips(c: Continuation) -> SyntheticVideos:
     """The clips of the continuation's DiT stage: its cache window and the VAE's latent statistics come from them."""
     return SyntheticVideos("train", length=c.data_length, frames=c.stage.frames, size=c.stage.size,
-                           ambiguous_fraction=c.ambiguous_fraction)  # fmt: skip
+                           ambiguous_fraction=c.ambiguous_fraction, loops=c.loops)  # fmt: skip
 
 
 def with_latent_stats(

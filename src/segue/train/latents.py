@@ -145,7 +145,7 @@ def _build_shard(
 
 
 def _dataset_info(dataset: Dataset) -> dict[str, Any]:
-    keys = ("split", "start", "length", "frames", "size", "ambiguous_fraction")
+    keys = ("split", "start", "length", "frames", "size", "ambiguous_fraction", "loops")
     info = {k: getattr(dataset, k) for k in keys if hasattr(dataset, k)}
     if "size" in info:
         info["size"] = list(info["size"])

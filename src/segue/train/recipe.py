@@ -90,6 +90,9 @@ class Preset:
     # count (the others encode every step); 0: no cache. The cached stages cycle over these clips.
     cache_clips: int = 10_000
     cache_dtype: str = "float16"
+    # where the training clips' circles lie (``synthetic.LOOP_CENTRES``); "any" is what run 2, the start of the
+    # built-in model's lineage, was trained on
+    loops: str = "any"
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -243,7 +246,7 @@ def measured_vae_config(
 def vae_data(p: Preset, seed: int) -> torch.utils.data.Dataset:
     """The VAE's training clips: ``p.vae_clip`` renders, cropped to ``p.vae_crop`` at positions from ``seed``."""
     frames, size = p.vae_clip
-    data = SyntheticVideos("train", length=p.data_length, frames=frames, size=size)
+    data = SyntheticVideos("train", length=p.data_length, frames=frames, size=size, loops=p.loops)
     return data if p.vae_crop is None else Crops(data, p.vae_crop, seed=seed)
 
 
@@ -317,7 +320,7 @@ def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scal
     # 1. Tokenizer on the caption vocabulary (deterministic).
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
-        captions = [SyntheticVideos("train", length=2000).clip(i).caption for i in range(0, 2000, 7)]
+        captions = [SyntheticVideos("train", length=2000, loops=p.loops).clip(i).caption for i in range(0, 2000, 7)]
         train_tokenizer([" ".join(vocabulary())] * 20 + captions, p.model.text.vocab_size, tok_dir)
     tokenizer = load_tokenizer(tok_dir)
 
@@ -334,7 +337,8 @@ def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scal
         Trainer({"vae": vae}, VAEObjective(kl_weight=p.kl_weight, recon=p.vae_recon), vae_data(p, p.seed), tc).run()
         mark_done(vae_run, {"steps": tc.steps})
     vae_state = load_ema(vae_run, "vae")
-    stats_data = SyntheticVideos("train", length=p.data_length, frames=p.stages[0].frames, size=p.stages[0].size)
+    stats_data = SyntheticVideos("train", length=p.data_length, frames=p.stages[0].frames, size=p.stages[0].size,
+                                 loops=p.loops)  # fmt: skip
     vae_cfg = measured_vae_config(p.model.vae, vae_state, stats_data, p.stats_batches, dev)
     model_cfg = replace(p.model, vae=vae_cfg)
     vae = WanVAE(vae_cfg)
@@ -369,7 +373,7 @@ def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scal
                 module.load_state_dict(load_ema(prev, part))
         if not is_done(run):
             tc = stage_train_config(stage, steps(stage.steps), p.seed, run)
-            data = SyntheticVideos("train", length=p.data_length, frames=stage.frames, size=stage.size)
+            data = SyntheticVideos("train", length=p.data_length, frames=stage.frames, size=stage.size, loops=p.loops)
             cached = uses_cache(stage, run)
             run.mkdir(parents=True, exist_ok=True)
             (run / "data.json").write_text(json.dumps({"cached": cached}))
