@@ -304,11 +304,11 @@ CONTINUATIONS: dict[str, Continuation] = {
     # fresh clips 19000-20999 (after r12's generated window) whose circles lie inward (their centre toward the
     # frame's centre, so the first frame shows which way "clockwise" goes; before, the centre lay in any
     # direction and the two captions of a circle asked for the same distribution of positions), as in
-    # session 12 otherwise: shapes at weight 2, 2200 steps with an 800-step cooldown to fit one session at about
+    # session 12 otherwise: shapes at weight 2, 1800 steps with a 700-step cooldown to fit one session at about
     # 2.7 s/step. No decoder phase: the DiT does not move the latent space, so r11's widened decoder stays.
     "default-r13": Continuation(
         "default-r13",
-        Stage("stage2-flf-r13", steps=2200, lr=2e-4, modes=FLF, warmup=100, cooldown=800),
+        Stage("stage2-flf-r13", steps=1800, lr=2e-4, modes=FLF, warmup=100, cooldown=700),
         cache_start=19000,
         cache_clips=2000,
         ambiguous_fraction=0.5,
