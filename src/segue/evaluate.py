@@ -282,14 +282,20 @@ def sheet_columns(frames: int, every: int) -> list[int]:
 # Driver.
 
 
-def _field(clip: Any, name: str) -> Any:
-    return clip[name] if isinstance(clip, Mapping) else getattr(clip, name)
+_REQUIRED = object()
+
+
+def _field(clip: Any, name: str, default: Any = _REQUIRED) -> Any:
+    """A clip's field, from a mapping or an object; ``default`` where given and the clip has no such field."""
+    if default is _REQUIRED:
+        return clip[name] if isinstance(clip, Mapping) else getattr(clip, name)
+    return clip.get(name, default) if isinstance(clip, Mapping) else getattr(clip, name, default)
 
 
 def object_colors(clip: Any) -> Any:
     """What the tracker looks for in a clip: the main object's colour per frame as rendered (under each
     frame's light) where the clip records it, else its one nominal colour."""
-    per_frame = clip.get("object_colors") if isinstance(clip, Mapping) else getattr(clip, "object_colors", None)
+    per_frame = _field(clip, "object_colors", None)
     return _field(clip, "object_color") if per_frame is None else per_frame
 
 

@@ -359,9 +359,10 @@ def _sample_mover(rng, size, floor_y, family: str, color: str, small: bool = Fal
                  cycles=float(rng.choice([1.0, 1.5, 2.0])), hops=hops, **common)  # fmt: skip
 
 
-def _check_loops(loops: str) -> None:
+def check_loops(loops: str, where: str = "") -> None:
+    """ValueError unless ``loops`` is one of ``LOOP_CENTRES``; ``where`` prefixes the message."""
     if loops not in LOOP_CENTRES:
-        raise ValueError(f"loops must be one of {LOOP_CENTRES}, got {loops!r}")
+        raise ValueError(f"{where}loops must be one of {LOOP_CENTRES}, got {loops!r}")
 
 
 def sample_scene(seed: int, frames: int = 17, size: tuple[int, int] = (64, 64), path: str | None = None,
@@ -370,7 +371,7 @@ def sample_scene(seed: int, frames: int = 17, size: tuple[int, int] = (64, 64), 
     ``loops`` places circles (``LOOP_CENTRES``)."""
     if frames < 3 or min(size) < 16:
         raise ValueError(f"need frames >= 3 and size >= 16x16, got frames={frames} size={size}")
-    _check_loops(loops)
+    check_loops(loops)
     if path is not None and path not in PATHS:
         raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
     rng = np.random.default_rng([seed, 0])
@@ -534,7 +535,7 @@ class SyntheticVideos(torch.utils.data.Dataset):
         if split not in SPLIT_OFFSETS or not 0 < length <= 1 << 40 or not 0.0 <= ambiguous_fraction <= 1.0:
             raise ValueError(f"need split in {tuple(SPLIT_OFFSETS)}, 0 < length <= 2**40, ambiguous_fraction in "
                              f"[0, 1]; got {split!r}, {length}, {ambiguous_fraction}")  # fmt: skip
-        _check_loops(loops)
+        check_loops(loops)
         self.split, self.length, self.frames, self.size = split, length, frames, tuple(size)
         self.ambiguous_fraction, self.loops = ambiguous_fraction, loops
 

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from ..bundle import materialize_tokenizer, read_bundle_lineage, read_bundle_metadata, read_bundle_weights, save_bundle
 from ..config import ModelConfig, VAEConfig
-from ..data.synthetic import LOOP_CENTRES, Scene, SyntheticVideos
+from ..data.synthetic import Scene, SyntheticVideos, check_loops
 from ..errors import InputError
 from ..loader import load, resolve_device
 from ..models.dit import WanDiT
@@ -98,8 +98,7 @@ class Continuation:
     sampling: tuple[tuple[str, float | int | str], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.loops not in LOOP_CENTRES:
-            raise ValueError(f"continuation {self.name!r}: loops must be one of {LOOP_CENTRES}, got {self.loops!r}")
+        check_loops(self.loops, f"continuation {self.name!r}: ")
         allowed = ("steps", "guidance", "shift", "solver", "guidance_steps")
         bad = [k for k, _ in self.sampling if k not in allowed]
         if bad:
