@@ -46,6 +46,8 @@ def test_a_continuation_at_a_vanishing_lr_gives_back_the_bundle(base, tmp_path, 
     assert replace(new_d, steps=old_d.steps, guidance=old_d.guidance) == old_d
     with pytest.raises(ValueError, match=r"continuation 'x': sampling keys \['fps'\] not among"):
         replace(c, name="x", sampling=(("fps", 4),))
+    with pytest.raises(ValueError, match=r"continuation 'x': loop_groups must be in \[0, 1\], got -0.1"):
+        replace(c, name="x", loop_groups=-0.1)
     # lineage: the preset run that made the base bundle (its own entry), then this continuation
     assert read_bundle_lineage(base) == [{"preset": "smoke", "steps_scale": 1.0, "seed": 0}]
     lineage = read_bundle_lineage(new)
@@ -205,7 +207,8 @@ def test_window_and_bad_arguments_are_clear_errors(tmp_path, capsys):
     with pytest.raises(
         InputError,
         match="unknown continuation 'nope'; known: default-r3, default-r4, default-r5, default-r6, default-r7, "
-        "default-r8, default-r9, default-r10, default-r11, default-r12, default-r13, smoke",
+        "default-r8, default-r9, default-r10, default-r11, default-r12, default-r13, "
+        "default-r14, smoke",
     ):
         continue_from_bundle(tmp_path / "x.safetensors", "nope", tmp_path / "run")
     missing = tmp_path / "missing.safetensors"
@@ -226,7 +229,7 @@ def test_the_default_continuations_cache_clips_and_crops_earlier_runs_did_not_se
     p = PRESETS["default"]
     windows = [(0, p.cache_clips)]  # the preset's cache
     vae_seeds = {p.seed, p.seed + 1}  # the preset's VAE and decoder crops
-    names = [f"default-r{k}" for k in range(3, 14)]
+    names = [f"default-r{k}" for k in range(3, 15)]
     for name in names:  # in the order they run
         c = continuation.CONTINUATIONS[name]
         assert c.stage.size == p.stages[0].size and c.stage.frames == p.stages[0].frames

@@ -4,13 +4,14 @@ uncached one, and an interrupted build resumes to the same contents."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import default_collate
 
-from segue.data.synthetic import SyntheticVideos, object_mask
+from segue.data.synthetic import LOOP_GROUPS, SyntheticVideos, object_mask
 from segue.errors import InputError
 from segue.models.dit import WanDiT
 from segue.models.encoders import ImageEncoder, TextEncoder
@@ -248,6 +249,14 @@ def test_interrupted_build_resumes_to_the_same_contents(setup, monkeypatch):
         build_latent_cache(vae, data, N_CLIPS - 1, out, MODES, batch_size=2, progress=False, shard_size=2)
     other = copy.copy(data)  # the same clips but for where their circles lie: another dataset
     other.loops = "any" if data.loops == "inward" else "inward"
+    with pytest.raises(InputError, match=r"other settings \(dataset\)"):
+        build_latent_cache(vae, other, N_CLIPS, out, MODES, batch_size=2, progress=False, shard_size=2)
+    # the default share of loop groups is the cache's as recorded before the option; another share is refused
+    other = copy.copy(data)
+    other.loop_groups = LOOP_GROUPS
+    build_latent_cache(vae, other, N_CLIPS, out, MODES, batch_size=2, progress=False, shard_size=2)
+    assert calls == [] and "loop_groups" not in json.loads((out / "config.json").read_text())["dataset"]
+    other.loop_groups = 0.6
     with pytest.raises(InputError, match=r"other settings \(dataset\)"):
         build_latent_cache(vae, other, N_CLIPS, out, MODES, batch_size=2, progress=False, shard_size=2)
 

@@ -12,6 +12,9 @@ from PIL import Image
 
 from segue.data.synthetic import (
     COLORS,
+    GROUP_SIZE,
+    LOOP_GROUPS,
+    LOOP_PATHS,
     PATH_PHRASES,
     PATHS,
     SPLIT_OFFSETS,
@@ -141,6 +144,25 @@ def test_circles_lie_inward_so_the_first_frame_shows_which_way_clockwise_goes(se
         assert a == b
     with pytest.raises(ValueError, match=r"loops must be one of \('inward', 'any'\), got 'out'"):
         SyntheticVideos(loops="out")
+
+
+def test_loop_groups_changes_only_which_groups_are_loops():
+    """A training set can hold more loop groups; the default share draws the held-out sets unchanged."""
+    kw = dict(length=600, frames=5, size=(32, 32), ambiguous_fraction=1.0)
+    default, same = SyntheticVideos("train", **kw), SyntheticVideos("train", **kw, loop_groups=LOOP_GROUPS)
+    more, none = SyntheticVideos("train", **kw, loop_groups=0.6), SyntheticVideos("train", **kw, loop_groups=0.0)
+    loops = {name: 0 for name in ("default", "more", "none")}
+    for i in range(0, 600, GROUP_SIZE):  # one item per group: the first member's path shows the family
+        a, m, n = default.scene(i), more.scene(i), none.scene(i)
+        assert a == same.scene(i)
+        for name, s in (("default", a), ("more", m), ("none", n)):
+            loops[name] += s.main.path in LOOP_PATHS
+        if a.main.path in LOOP_PATHS:  # a loop group at 0.3 stays one at 0.6, the same clips
+            assert m == a
+    assert loops["none"] == 0 and 40 <= loops["default"] <= 80 and loops["more"] >= loops["default"] + 40, loops
+    # a bad share is refused by name, from the dataset and from a continuation
+    with pytest.raises(ValueError, match=r"loop_groups must be in \[0, 1\], got 1.5"):
+        SyntheticVideos(loop_groups=1.5)
 
 
 def test_ambiguous_groups_share_keyframes_only():

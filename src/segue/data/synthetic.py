@@ -30,6 +30,8 @@ SHAPES = ("square", "circle", "triangle", "star", "diamond", "hexagon")
 TEXTURES = {"solid": "", "stripes": "striped", "checker": "checkered", "dots": "dotted"}  # kind -> adjective
 SLIDE_PATHS = ("straight", "arc_over", "arc_under", "bounce", "zigzag", "wave")  # p0 -> p1, mostly sideways
 LOOP_PATHS = ("circle_cw", "circle_ccw", "still")  # start and end at the same point
+# share of the ambiguous groups that are loop groups (one clip per LOOP_PATHS); the held-out sets use this one
+LOOP_GROUPS = 0.3
 PATHS = SLIDE_PATHS + LOOP_PATHS
 # Where a circle lies from its start point. "inward": its centre lies toward the frame's centre, so the first
 # frame shows which way "clockwise" turns and the caption decides the path. "any": the centre in any
@@ -365,6 +367,12 @@ def check_loops(loops: str, where: str = "") -> None:
         raise ValueError(f"{where}loops must be one of {LOOP_CENTRES}, got {loops!r}")
 
 
+def check_loop_groups(loop_groups: float, where: str = "") -> None:
+    """ValueError unless ``loop_groups`` (the share of ambiguous groups that are loop groups) is in [0, 1]."""
+    if not 0.0 <= loop_groups <= 1.0:
+        raise ValueError(f"{where}loop_groups must be in [0, 1], got {loop_groups}")
+
+
 def sample_scene(seed: int, frames: int = 17, size: tuple[int, int] = (64, 64), path: str | None = None,
                  camera: bool = True, group_paths: tuple[str, ...] = (), loops: str = "inward") -> Scene:  # fmt: skip
     """The scene of seed; ``path`` forces the main path, ``group_paths`` must all fit with the camera;
@@ -492,9 +500,11 @@ def make_clip(seed: int, frames: int = 17, size: tuple[int, int] = (64, 64), loo
     return render_scene(sample_scene(seed, frames, size, loops=loops))
 
 
-def _group_scenes(seed: int, frames: int, size: tuple[int, int], n_paths: int, loops: str = "inward") -> list[Scene]:
+def _group_scenes(
+    seed: int, frames: int, size: tuple[int, int], n_paths: int, loops: str = "inward", loop_groups: float = LOOP_GROUPS
+) -> list[Scene]:
     rng = np.random.default_rng([seed, 1])
-    loop = n_paths <= len(LOOP_PATHS) and rng.random() < 0.3
+    loop = n_paths <= len(LOOP_PATHS) and rng.random() < loop_groups  # the same draw for any share
     family = LOOP_PATHS if loop else SLIDE_PATHS
     if not 2 <= n_paths <= len(family):
         raise ValueError(f"n_paths must be in 2..{len(SLIDE_PATHS)}, got {n_paths}")
@@ -527,17 +537,20 @@ def ambiguous_test_groups(n: int, frames: int = 17, size: tuple[int, int] = (64,
 
 class SyntheticVideos(torch.utils.data.Dataset):
     """Item i is a deterministic function of (split, i). Items come in chunks of 3 consecutive indices; a
-    chunk is an ambiguous group (one member per index) with probability ``ambiguous_fraction``. ``loops``
-    places the circles (``LOOP_CENTRES``)."""
+    chunk is an ambiguous group (one member per index) with probability ``ambiguous_fraction``, and such a group
+    is a loop group with probability ``loop_groups``. ``loops`` places the circles (``LOOP_CENTRES``)."""
 
-    def __init__(self, split: str = "train", length: int = 10000, frames: int = 17, size: tuple[int, int] = (64, 64),
-                 ambiguous_fraction: float = 0.25, loops: str = "inward") -> None:  # fmt: skip
+    def __init__(
+        self, split: str = "train", length: int = 10000, frames: int = 17, size: tuple[int, int] = (64, 64),
+        ambiguous_fraction: float = 0.25, loops: str = "inward", loop_groups: float = LOOP_GROUPS,
+    ) -> None:  # fmt: skip
         if split not in SPLIT_OFFSETS or not 0 < length <= 1 << 40 or not 0.0 <= ambiguous_fraction <= 1.0:
             raise ValueError(f"need split in {tuple(SPLIT_OFFSETS)}, 0 < length <= 2**40, ambiguous_fraction in "
                              f"[0, 1]; got {split!r}, {length}, {ambiguous_fraction}")  # fmt: skip
         check_loops(loops)
+        check_loop_groups(loop_groups)
         self.split, self.length, self.frames, self.size = split, length, frames, tuple(size)
-        self.ambiguous_fraction, self.loops = ambiguous_fraction, loops
+        self.ambiguous_fraction, self.loops, self.loop_groups = ambiguous_fraction, loops, loop_groups
 
     def __len__(self) -> int:
         return self.length
@@ -557,7 +570,8 @@ class SyntheticVideos(torch.utils.data.Dataset):
         group = self._group_of(index)
         if group is None:
             return sample_scene(self.seed_of(index), self.frames, self.size, loops=self.loops)
-        return _group_scenes(group, self.frames, self.size, GROUP_SIZE, self.loops)[index % GROUP_SIZE]
+        scenes = _group_scenes(group, self.frames, self.size, GROUP_SIZE, self.loops, self.loop_groups)
+        return scenes[index % GROUP_SIZE]
 
     def clip(self, index: int) -> Clip:
         group = self._group_of(index)

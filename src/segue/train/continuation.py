@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from ..bundle import materialize_tokenizer, read_bundle_lineage, read_bundle_metadata, read_bundle_weights, save_bundle
 from ..config import ModelConfig, VAEConfig
-from ..data.synthetic import Scene, SyntheticVideos, check_loops
+from ..data.synthetic import LOOP_GROUPS, Scene, SyntheticVideos, check_loop_groups, check_loops
 from ..errors import InputError
 from ..loader import load, resolve_device
 from ..models.dit import WanDiT
@@ -61,6 +61,8 @@ class Continuation:
     cache_dtype: str = "float16"
     # where the training clips' circles lie (``synthetic.LOOP_CENTRES``): "any" for every run before default-r13
     loops: str = "any"
+    # share of the ambiguous groups that are loop groups (circle_cw, circle_ccw, still with the same keyframes)
+    loop_groups: float = LOOP_GROUPS
     # (first step, weight) pairs from step 0 (steps scale with the stage's): the DiT's squared error on the
     # latent cells of the moving shapes (grown by ``object_dilate`` cells) counts ``weight`` times
     # (``CachedFLF2VObjective.object_weight``) from that step on; the cache gets their masks. Empty: 1 throughout.
@@ -99,6 +101,7 @@ class Continuation:
 
     def __post_init__(self) -> None:
         check_loops(self.loops, f"continuation {self.name!r}: ")
+        check_loop_groups(self.loop_groups, f"continuation {self.name!r}: ")
         allowed = ("steps", "guidance", "shift", "solver", "guidance_steps")
         bad = [k for k, _ in self.sampling if k not in allowed]
         if bad:
@@ -316,6 +319,22 @@ CONTINUATIONS: dict[str, Continuation] = {
         loops="inward",
         sampling=SAMPLING_S8,
     ),
+    # Session 15 on top of default-r13: the captions it missed were mostly circle_ccw (5 of 6 test clips went
+    # clockwise), so more of the same on fresh clips 21000-22999 with twice the loop groups (0.6 of the
+    # ambiguous groups: circle_cw, circle_ccw and still from the same keyframes, so only the caption tells them
+    # apart), shapes at weight 2, 1800 steps with a 700-step cooldown, as r13.
+    "default-r14": Continuation(
+        "default-r14",
+        Stage("stage2-flf-r14", steps=1800, lr=2e-4, modes=FLF, warmup=100, cooldown=700),
+        cache_start=21000,
+        cache_clips=2000,
+        ambiguous_fraction=0.5,
+        loop_groups=0.6,
+        object_weights=((0, 2.0),),
+        object_dilate=0,
+        loops="inward",
+        sampling=SAMPLING_S8,
+    ),
     # the same path in seconds, for tests
     "smoke": Continuation(
         "smoke",
@@ -337,7 +356,7 @@ class Window(Dataset):
             raise InputError(f"window [{start}, {start + length}) does not fit a dataset of {len(data)} items")
         self.data, self.start, self.length = data, start, length
         self.split, self.frames, self.size = data.split, data.frames, data.size  # what the cache records
-        self.ambiguous_fraction, self.loops = data.ambiguous_fraction, data.loops
+        self.ambiguous_fraction, self.loops, self.loop_groups = data.ambiguous_fraction, data.loops, data.loop_groups
 
     def __len__(self) -> int:
         return self.length
@@ -379,7 +398,8 @@ def _train_vae(
 def stage_clips(c: Continuation) -> SyntheticVideos:
     """The clips of the continuation's DiT stage: its cache window and the VAE's latent statistics come from them."""
     return SyntheticVideos("train", length=c.data_length, frames=c.stage.frames, size=c.stage.size,
-                           ambiguous_fraction=c.ambiguous_fraction, loops=c.loops)  # fmt: skip
+                           ambiguous_fraction=c.ambiguous_fraction, loops=c.loops,
+                           loop_groups=c.loop_groups)  # fmt: skip
 
 
 def with_latent_stats(

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from ..data.synthetic import LOOP_GROUPS
 from ..errors import InputError
 from .flow import MODES, FLF2VObjective, dit_loss, encode_clip_frames, fold_time, given_frames, mask_from_given
 from .trainer import _atomic_save, _atomic_write_text, _fmt_seconds, sample_seed
@@ -145,8 +146,10 @@ def _build_shard(
 
 
 def _dataset_info(dataset: Dataset) -> dict[str, Any]:
-    keys = ("split", "start", "length", "frames", "size", "ambiguous_fraction", "loops")
+    keys = ("split", "start", "length", "frames", "size", "ambiguous_fraction", "loops", "loop_groups")
     info = {k: getattr(dataset, k) for k in keys if hasattr(dataset, k)}
+    if info.get("loop_groups") == LOOP_GROUPS:  # the default: caches built before the option stay valid
+        del info["loop_groups"]
     if "size" in info:
         info["size"] = list(info["size"])
     return {"class": type(dataset).__name__, **info}
