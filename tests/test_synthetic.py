@@ -160,7 +160,7 @@ def test_loop_groups_changes_only_which_groups_are_loops():
         if a.main.path in LOOP_PATHS:  # a loop group at 0.3 stays one at 0.6, the same clips
             assert m == a
     assert loops["none"] == 0 and 40 <= loops["default"] <= 80 and loops["more"] >= loops["default"] + 40, loops
-    # a bad share is refused by name, from the dataset and from a continuation
+    # a bad share is refused by name (from a continuation: test_continuation)
     with pytest.raises(ValueError, match=r"loop_groups must be in \[0, 1\], got 1.5"):
         SyntheticVideos(loop_groups=1.5)
 
