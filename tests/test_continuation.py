@@ -196,6 +196,32 @@ def test_object_weights_change_at_their_steps_and_resume_there(base, tmp_path, m
         replace(c, name="x", object_weights=((0, 0.5),))
 
 
+def test_paired_groups_put_a_groups_clips_in_one_batch_with_one_draw(base, tmp_path, monkeypatch):
+    from segue.train.latents import CachedFLF2VObjective, shared_seeds
+
+    c = CONTINUATIONS["smoke"]
+    paired = replace(c, name="paired", stage=replace(c.stage, steps=4, batch_size=3), cache_start=9, cache_clips=6,
+                     ambiguous_fraction=1.0, paired_groups=True, decoder_steps=0)  # fmt: skip
+    monkeypatch.setitem(CONTINUATIONS, "paired", paired)
+    seen = []
+    call = CachedFLF2VObjective.__call__
+
+    def spy(self, parts, batch):
+        seen.append((self.share_group_draws, batch["index"].tolist(), batch["group"].tolist(), shared_seeds(batch)))
+        return call(self, parts, batch)
+
+    monkeypatch.setattr(CachedFLF2VObjective, "__call__", spy)
+    continue_from_bundle(base, "paired", tmp_path / "run")
+    data = continuation.stage_clips(paired)
+    assert len(seen) == 4
+    for share, index, group, seeds in seen:
+        assert share and sorted(index) in ([0, 1, 2], [3, 4, 5])  # a whole chunk, in any order of chunks
+        assert group == [data.group_of(9 + i) for i in index] and len(set(group)) == 1
+        assert len(set(seeds.tolist())) == 1  # one draw for the group
+    with pytest.raises(ValueError, match="paired_groups needs cache_start on a 3-clip chunk boundary .* got 8"):
+        replace(c, name="x", paired_groups=True)
+
+
 def test_window_and_bad_arguments_are_clear_errors(tmp_path, capsys):
     data = SyntheticVideos("train", length=10, frames=5, size=(32, 32))
     w = Window(data, 4, 3)
@@ -208,7 +234,7 @@ def test_window_and_bad_arguments_are_clear_errors(tmp_path, capsys):
         InputError,
         match="unknown continuation 'nope'; known: default-r3, default-r4, default-r5, default-r6, default-r7, "
         "default-r8, default-r9, default-r10, default-r11, default-r12, default-r13, "
-        "default-r14, smoke",
+        "default-r14, default-r15, smoke",
     ):
         continue_from_bundle(tmp_path / "x.safetensors", "nope", tmp_path / "run")
     missing = tmp_path / "missing.safetensors"
@@ -229,9 +255,13 @@ def test_the_default_continuations_cache_clips_and_crops_earlier_runs_did_not_se
     p = PRESETS["default"]
     windows = [(0, p.cache_clips)]  # the preset's cache
     vae_seeds = {p.seed, p.seed + 1}  # the preset's VAE and decoder crops
-    names = [f"default-r{k}" for k in range(3, 15)]
-    for name in names:  # in the order they run
+    # r3 to r13 each ran on the one before; r14 and r15 are two tries on r13 with one window of fresh clips
+    names = [f"default-r{k}" for k in range(3, 14)] + ["default-r14", "default-r15"]
+    for name in names:
         c = continuation.CONTINUATIONS[name]
+        if name == "default-r15":  # r14's window, which r13 had not seen
+            generated, cache = windows.pop(), windows.pop()  # r14's, taken back
+            assert cache == (c.cache_start, c.cache_start + c.cache_clips) and generated[0] == generated[1]
         assert c.stage.size == p.stages[0].size and c.stage.frames == p.stages[0].frames
         # the DiT's cache, and the clips whose generated latents the decoder learns from (the DiT's output on
         # clips it trained on would be better than on new keyframes)

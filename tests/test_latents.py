@@ -22,10 +22,12 @@ from segue.train.flow import FLF2VObjective, conditioning_for_training, conditio
 from segue.train.latents import (
     CachedClips,
     CachedFLF2VObjective,
+    GroupedClips,
     build_latent_cache,
     build_object_masks,
     cached_subset,
     latent_object_mask,
+    shared_seeds,
 )
 from segue.train.recipe import PRESETS
 
@@ -188,6 +190,32 @@ def test_object_weighted_loss(setup, monkeypatch):
         CachedClips(objects)
     with pytest.raises(InputError, match="scene"):
         build_object_masks([data[0]] * 3, objects, 4, 4)
+
+
+def test_group_members_share_their_draws(setup):
+    vae, data, path, videos, tmp = setup
+    parts = _parts(tmp)
+    ds = GroupedClips(CachedClips(path), [None, 7, 7, 3, None])
+    assert [ds[i]["group"] for i in range(N_CLIPS)] == [-1, 7, 7, 3, -1]
+    assert torch.equal(ds[2]["x0"], CachedClips(path)[2]["x0"])
+    seeds = torch.tensor([11, 12, 13, 14, 15])
+    batch = {**default_collate([ds[i] for i in range(N_CLIPS)]), "seed": seeds}
+    assert shared_seeds(batch).tolist() == [11, 12, 12, 14, 15]  # the first member's seed; loners keep theirs
+    assert shared_seeds({**batch, "group": torch.tensor([5, -1, 5, 5, -1])}).tolist() == [11, 12, 11, 11, 15]
+    kw = dict(shift=3.0, modes={"first_last": 0.5, "first": 0.5}, caption_dropout=0.3)
+    pair = {**default_collate([ds[1], ds[2]]), "seed": seeds[1:3]}
+    with torch.no_grad():
+        shared = CachedFLF2VObjective(share_group_draws=True, **kw)(parts, pair)
+        same = CachedFLF2VObjective(**kw)(parts, {**pair, "seed": torch.tensor([12, 12])})
+        own = CachedFLF2VObjective(**kw)(parts, pair)
+    assert torch.equal(shared, same) and abs(float(shared) - float(own)) > 1e-4 * float(own)
+    with pytest.raises(InputError, match="need the batch's 'seed' and 'group'"):
+        CachedFLF2VObjective(share_group_draws=True, **kw)(parts, {**default_collate([CachedClips(path)[0]]),
+                                                                   "seed": seeds[:1]})  # fmt: skip
+    with pytest.raises(ValueError, match="4 group ids for a dataset of 5 items"):
+        GroupedClips(CachedClips(path), [None] * 4)
+    with pytest.raises(ValueError, match="group ids must be >= 0"):
+        GroupedClips(CachedClips(path), [None, -2, None, None, None])
 
 
 def _with_subset(draws, subset: torch.Tensor):

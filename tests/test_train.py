@@ -27,7 +27,7 @@ from segue.train.flow import (
     mask_from_given,
     sample_sigmas,
 )
-from segue.train.trainer import TrainConfig, Trainer, latest_ema, lr_factor
+from segue.train.trainer import TrainConfig, Trainer, latest_ema, lr_factor, sample_seed
 from segue.train.vae_loss import (
     DecoderObjective,
     VAEObjective,
@@ -313,6 +313,48 @@ def _train_cfg(out: Path, **kw) -> TrainConfig:
 def _new_dit() -> WanDiT:
     torch.manual_seed(0)
     return WanDiT(CFG.dit)
+
+
+class _Items(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return {"i": i}
+
+
+def test_keep_together_shuffles_whole_blocks(tmp_path: Path):
+    def order(keep: int) -> list[int]:
+        seen: list[int] = []
+
+        def loss(parts, batch):
+            seen.extend(batch["i"].tolist())
+            return (parts["w"].weight ** 2).sum()
+
+        cfg = _train_cfg(tmp_path / str(keep), steps=6, batch_size=5, keep_together=keep, ckpt_every=100)
+        Trainer({"w": torch.nn.Linear(1, 1)}, loss, _Items(10), cfg).run()
+        return seen
+
+    # 1 (the default): the item permutation of every run before the option
+    g = torch.Generator().manual_seed(sample_seed(7, -1))
+    assert order(1)[:10] == torch.randperm(10, generator=g).tolist()
+    three = order(3)
+    epochs = [three[:10], three[10:20], three[20:]]
+    for epoch in epochs:
+        runs: list[list[int]] = []
+        for i in epoch:  # consecutive items of one block
+            if runs and runs[-1][-1] // 3 == i // 3:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        # every block once, whole and in order (the last one short), the blocks shuffled
+        assert sorted(runs) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]], epoch
+    assert epochs[0] != list(range(10)) and len({tuple(e) for e in epochs}) > 1
+    with pytest.raises(ValueError, match="keep_together must be >= 1, got 0"):
+        TrainConfig(keep_together=0)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

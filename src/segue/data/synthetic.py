@@ -558,7 +558,7 @@ class SyntheticVideos(torch.utils.data.Dataset):
     def seed_of(self, index: int) -> int:
         return SPLIT_OFFSETS[self.split] + index
 
-    def _group_of(self, index: int) -> int | None:
+    def group_of(self, index: int) -> int | None:
         """The seed of the ambiguous group item ``index`` belongs to, or None (a clip of its own)."""
         if not 0 <= index < self.length:
             raise IndexError(index)
@@ -567,14 +567,14 @@ class SyntheticVideos(torch.utils.data.Dataset):
 
     def scene(self, index: int) -> Scene:
         """The scene item ``index`` renders."""
-        group = self._group_of(index)
+        group = self.group_of(index)
         if group is None:
             return sample_scene(self.seed_of(index), self.frames, self.size, loops=self.loops)
         scenes = _group_scenes(group, self.frames, self.size, GROUP_SIZE, self.loops, self.loop_groups)
         return scenes[index % GROUP_SIZE]
 
     def clip(self, index: int) -> Clip:
-        group = self._group_of(index)
+        group = self.group_of(index)
         return render_scene(self.scene(index), group=group, wording_seed=group)
 
     def __getitem__(self, index: int) -> dict:

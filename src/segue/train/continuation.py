@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from ..bundle import materialize_tokenizer, read_bundle_lineage, read_bundle_metadata, read_bundle_weights, save_bundle
 from ..config import ModelConfig, VAEConfig
-from ..data.synthetic import LOOP_GROUPS, Scene, SyntheticVideos, check_loop_groups, check_loops
+from ..data.synthetic import GROUP_SIZE, LOOP_GROUPS, Scene, SyntheticVideos, check_loop_groups, check_loops
 from ..errors import InputError
 from ..loader import load, resolve_device
 from ..models.dit import WanDiT
@@ -30,7 +30,7 @@ from ..models.vae import WanVAE
 from ..tokenizer import load_tokenizer
 from .generated import GeneratedClips, generate_latents
 from .grow import insert_identity_blocks, widen_decoder
-from .latents import CachedClips, CachedFLF2VObjective, build_latent_cache, build_object_masks
+from .latents import CachedClips, CachedFLF2VObjective, GroupedClips, build_latent_cache, build_object_masks
 from .recipe import (
     FLF,
     PRESETS,
@@ -63,6 +63,10 @@ class Continuation:
     loops: str = "any"
     # share of the ambiguous groups that are loop groups (circle_cw, circle_ccw, still with the same keyframes)
     loop_groups: float = LOOP_GROUPS
+    # an ambiguous group's clips are drawn into one batch (the cache shuffled in whole 3-clip chunks) with the
+    # same noise, sigma and mode (``CachedFLF2VObjective.share_group_draws``): they then differ in the input
+    # only where their clips differ, and the gradient that teaches reading the caption is not lost in noise
+    paired_groups: bool = False
     # (first step, weight) pairs from step 0 (steps scale with the stage's): the DiT's squared error on the
     # latent cells of the moving shapes (grown by ``object_dilate`` cells) counts ``weight`` times
     # (``CachedFLF2VObjective.object_weight``) from that step on; the cache gets their masks. Empty: 1 throughout.
@@ -102,6 +106,9 @@ class Continuation:
     def __post_init__(self) -> None:
         check_loops(self.loops, f"continuation {self.name!r}: ")
         check_loop_groups(self.loop_groups, f"continuation {self.name!r}: ")
+        if self.paired_groups and self.cache_start % GROUP_SIZE:
+            raise ValueError(f"continuation {self.name!r}: paired_groups needs cache_start on a {GROUP_SIZE}-clip "
+                             f"chunk boundary (a multiple of {GROUP_SIZE}), got {self.cache_start}")  # fmt: skip
         allowed = ("steps", "guidance", "shift", "solver", "guidance_steps")
         bad = [k for k, _ in self.sampling if k not in allowed]
         if bad:
@@ -335,6 +342,24 @@ CONTINUATIONS: dict[str, Continuation] = {
         loops="inward",
         sampling=SAMPLING_S8,
     ),
+    # Session 16 on top of default-r13: r14 on the same clips (21000-22999, loop groups 0.6; its latent cache
+    # can be reused) with paired groups: a group's clips share a batch and their noise, sigma and mode, so that
+    # the two senses of a circle, given the same keyframes and noise, differ only in the caption and the
+    # target. r14 left the model making the same video for "clockwise" and "counterclockwise"; this is the
+    # A/B test of whether the pairing teaches the word.
+    "default-r15": Continuation(
+        "default-r15",
+        Stage("stage2-flf-r15", steps=1800, lr=2e-4, modes=FLF, warmup=100, cooldown=700),
+        cache_start=21000,
+        cache_clips=2000,
+        ambiguous_fraction=0.5,
+        loop_groups=0.6,
+        paired_groups=True,
+        object_weights=((0, 2.0),),
+        object_dilate=0,
+        loops="inward",
+        sampling=SAMPLING_S8,
+    ),
     # the same path in seconds, for tests
     "smoke": Continuation(
         "smoke",
@@ -501,9 +526,12 @@ def continue_from_bundle(
 
         def objective(weight: float) -> CachedFLF2VObjective:
             return CachedFLF2VObjective(shift=c.shift, modes=c.stage.modes, caption_dropout=c.stage.caption_dropout,
-                                        object_weight=weight)  # fmt: skip
+                                        object_weight=weight, share_group_draws=c.paired_groups)  # fmt: skip
 
-        clips = CachedClips(cache_dir, temporal=vae.cfg.temporal_factor)
+        clips: Dataset = CachedClips(cache_dir, temporal=vae.cfg.temporal_factor)
+        if c.paired_groups:  # the cache starts on a chunk boundary (checked), so its 3-item blocks are chunks
+            clips = GroupedClips(clips, [data.group_of(c.cache_start + i) for i in range(c.cache_clips)])
+            tc = replace(tc, keep_together=GROUP_SIZE)
         trainer = Trainer(parts, objective(segments[0][1]), clips, tc)
         # one run per weight segment; the first resumes from the latest checkpoint, which may lie past its end
         ends = [round(s * steps / c.stage.steps) for s, _ in segments[1:]] + [steps]

@@ -316,6 +316,37 @@ class CachedClips(Dataset):
         return item
 
 
+def shared_seeds(batch: Mapping[str, Any]) -> Tensor:
+    """int64 [B]: ``batch["seed"]`` with each ambiguous group's members (equal ``batch["group"]`` >= 0; -1: a
+    clip of its own) given the seed of the group's first member in the batch."""
+    if "seed" not in batch or "group" not in batch:
+        raise InputError("shared group draws need the batch's 'seed' and 'group' (a GroupedClips dataset)")
+    seeds, groups = batch["seed"].clone(), batch["group"].tolist()
+    first: dict[int, int] = {}
+    for i, grp in enumerate(groups):
+        if grp >= 0:
+            seeds[i] = seeds[first.setdefault(grp, i)]
+    return seeds
+
+
+class GroupedClips(Dataset):
+    """A dataset's items with ``group`` added: the id (>= 0) of the ambiguous group each belongs to, -1 for
+    a clip of its own (``groups[i]`` None)."""
+
+    def __init__(self, data: Dataset, groups: Sequence[int | None]) -> None:
+        if len(groups) != len(data):  # type: ignore[arg-type]
+            raise ValueError(f"{len(groups)} group ids for a dataset of {len(data)} items")  # type: ignore[arg-type]
+        if any(g is not None and g < 0 for g in groups):
+            raise ValueError("group ids must be >= 0 (None: no group)")
+        self.data, self.groups = data, [-1 if g is None else int(g) for g in groups]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.data[i], "group": self.groups[i]}
+
+
 def cached_clip_frames(frames: Tensor, modes: Sequence[str], count: int) -> Tensor:
     """[B*count, 3, H, W] in [-1, 1]: each sample's CLIP frames for its conditioning mode, picked from the
     cache's uint8 frames [B, K, 3, H, W] (mapped as the dataset maps 8-bit frames)."""
@@ -333,10 +364,16 @@ class CachedFLF2VObjective(FLF2VObjective):
 
     ``object_weight`` > 1 weights the squared error on the latent cells of the moving shapes (the cache's
     ``objects``) that much more than the rest: they cover a few percent of the frame and carry most of the
-    in-between error."""
+    in-between error.
+
+    ``share_group_draws``: the members of one ambiguous group in a batch (equal ``batch["group"]`` >= 0) all
+    take the draws of the first of them (mode, sigma, caption drop, noise). Their inputs then differ only where
+    their clips do and in the caption, so the part of the gradient that teaches the caption's use is not
+    drowned by the rest of each sample's noise."""
 
     vae: nn.Module | None = None
     object_weight: float = 1.0
+    share_group_draws: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -353,7 +390,7 @@ class CachedFLF2VObjective(FLF2VObjective):
             raise InputError(f"modes {missing} are not in the latent cache (it has {sorted(batch['cond'])})")
         n_frames = batch["given"]["none"].shape[-1]
         # the draws consume the same numbers as uncached; a random subset is then replaced by the cached one
-        d = self.draws(batch.get("seed"), b, n_frames)
+        d = self.draws(shared_seeds(batch) if self.share_group_draws else batch.get("seed"), b, n_frames)
         given = [batch["given"][m][i] if m == "random_subset" else g for i, (m, g) in enumerate(zip(d.modes, d.given))]
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in d.gens]).to(device)
 

@@ -73,10 +73,13 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/train"
     num_workers: int = 0  # DataLoader workers for a map-style dataset
+    # a map-style dataset is shuffled in blocks of this many consecutive items, kept in order (the synthetic
+    # data's 3-clip chunks: an ambiguous group's clips then meet in one batch, unless a batch ends inside it)
+    keep_together: int = 1
     resume: bool = True  # continue from out_dir/ckpt when a checkpoint is there
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep_ckpts"):
+        for name in ("steps", "batch_size", "log_every", "ckpt_every", "keep_ckpts", "keep_together"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.warmup < 0 or not 0 <= self.ema_decay < 1:
@@ -303,7 +306,13 @@ class Trainer:
         perm = getattr(self, "_perm", None)
         if perm is None or perm[0] != epoch:
             g = torch.Generator().manual_seed(sample_seed(self.cfg.seed, -1 - epoch))
-            perm = (epoch, torch.randperm(n, generator=g).tolist())
+            k = self.cfg.keep_together
+            if k == 1:
+                order = torch.randperm(n, generator=g).tolist()
+            else:  # whole blocks [j*k, j*k + k) in a shuffled order; the last block may be short
+                blocks = torch.randperm(-(-n // k), generator=g).tolist()
+                order = [i for j in blocks for i in range(j * k, min(n, j * k + k))]
+            perm = (epoch, order)
             self._perm = perm
         return perm[1][offset]
 
