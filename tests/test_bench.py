@@ -55,3 +55,28 @@ def test_caption_effect_scores_a_group():
     for e in edited:
         e[0] = e[-1] = 0
     assert group_effect(edited, truths) == group_effect(truths, truths)
+
+
+def test_caption_paths_counts_paths_and_the_circles_sense(tmp_path, capsys):
+    import json
+
+    from caption_paths import main
+
+    def rec(path: str, correct: bool, distances: list) -> dict:
+        return {"path": path, "model_correct": correct, "model_distances": distances}
+
+    loop = [rec("circle_ccw", False, [3.0, 1.0, 12.0]), rec("still", True, [9.0, 1.0, 8.0]),
+            rec("circle_cw", True, [12.0, 1.0, 3.0])]  # fmt: skip
+    lost = [rec("circle_cw", False, ["inf", "inf", "inf"]), rec("circle_ccw", False, [5.0, 5.0, 5.0])]
+    slide = [rec("straight", True, [0.5, 7.0]), rec("wave", False, [0.4, 6.0])]
+    f = tmp_path / "eval.json"
+    f.write_text(json.dumps({"groups": [{"results": loop}, {"results": slide}, {"results": lost}]}))
+    assert main([str(f)]) == 0
+    header, _, row = capsys.readouterr().out.strip().splitlines()
+    assert header.split(" | ")[2:-1] == ["circle_ccw", "circle_cw", "still", "straight", "wave"]
+    # 3 of 7 followed; the first loop group's videos differ by (9 + 0 + 9) / 3 px, the second lost its object
+    assert row == f"| {f} | 3/7 | 0/2 | 1/2 | 1/1 | 1/1 | 0/1 | 6.0 nan |"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert main([str(bad)]) == 2
+    assert f"{bad}: not a segue eval.json (KeyError" in capsys.readouterr().err
