@@ -346,7 +346,7 @@ CONTINUATIONS: dict[str, Continuation] = {
     # can be reused) with paired groups: a group's clips share a batch and their noise, sigma and mode, so that
     # the two senses of a circle, given the same keyframes and noise, differ only in the caption and the
     # target. r14 left the model making the same video for "clockwise" and "counterclockwise"; this is the
-    # A/B test of whether the pairing teaches the word.
+    # A/B test of whether the pairing teaches the word (it did not: docs/training.md, session 16).
     "default-r15": Continuation(
         "default-r15",
         Stage("stage2-flf-r15", steps=1800, lr=2e-4, modes=FLF, warmup=100, cooldown=700),
