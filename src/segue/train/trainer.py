@@ -306,13 +306,10 @@ class Trainer:
         perm = getattr(self, "_perm", None)
         if perm is None or perm[0] != epoch:
             g = torch.Generator().manual_seed(sample_seed(self.cfg.seed, -1 - epoch))
+            # whole blocks [j*k, j*k + k) in a shuffled order, the last one maybe short (k = 1: randperm(n) as ever)
             k = self.cfg.keep_together
-            if k == 1:
-                order = torch.randperm(n, generator=g).tolist()
-            else:  # whole blocks [j*k, j*k + k) in a shuffled order; the last block may be short
-                blocks = torch.randperm(-(-n // k), generator=g).tolist()
-                order = [i for j in blocks for i in range(j * k, min(n, j * k + k))]
-            perm = (epoch, order)
+            blocks = torch.randperm(-(-n // k), generator=g).tolist()
+            perm = (epoch, [i for j in blocks for i in range(j * k, min(n, j * k + k))])
             self._perm = perm
         return perm[1][offset]
 
