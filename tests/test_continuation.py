@@ -222,6 +222,32 @@ def test_paired_groups_put_a_groups_clips_in_one_batch_with_one_draw(base, tmp_p
         replace(c, name="x", paired_groups=True)
 
 
+def test_text_dropout_is_set_on_the_jointly_trained_text_encoder(base, tmp_path, monkeypatch):
+    from segue.train.latents import CachedFLF2VObjective
+
+    c = CONTINUATIONS["smoke"]
+    seen = []
+    call = CachedFLF2VObjective.__call__
+
+    def spy(self, parts, batch):
+        text = parts["text"]
+        rates = {m.p for m in text.modules() if isinstance(m, torch.nn.Dropout)}
+        rates |= {m.dropout for m in text.modules() if isinstance(getattr(m, "dropout", None), float)}
+        seen.append((text.training, sorted(rates)))
+        return call(self, parts, batch)
+
+    monkeypatch.setattr(CachedFLF2VObjective, "__call__", spy)
+    for rate, expect in ((None, [0.1]), (0.0, [0.0])):  # None: umT5's own rate, as every run before r16
+        name = f"drop-{rate}"
+        monkeypatch.setitem(CONTINUATIONS, name, replace(c, name=name, text_dropout=rate, decoder_steps=0))
+        seen.clear()
+        continue_from_bundle(base, name, tmp_path / name)
+        assert seen and all(s == (True, expect) for s in seen), (rate, seen)
+    assert json.loads((tmp_path / "drop-0.0" / "continuation.json").read_text())["continuation"]["text_dropout"] == 0
+    with pytest.raises(ValueError, match=r"continuation 'x': text_dropout must be in \[0, 1\) or None, got 1.0"):
+        replace(c, name="x", text_dropout=1.0)
+
+
 def test_window_and_bad_arguments_are_clear_errors(tmp_path, capsys):
     data = SyntheticVideos("train", length=10, frames=5, size=(32, 32))
     w = Window(data, 4, 3)
@@ -234,7 +260,7 @@ def test_window_and_bad_arguments_are_clear_errors(tmp_path, capsys):
         InputError,
         match="unknown continuation 'nope'; known: default-r3, default-r4, default-r5, default-r6, default-r7, "
         "default-r8, default-r9, default-r10, default-r11, default-r12, default-r13, "
-        "default-r14, default-r15, smoke",
+        "default-r14, default-r15, default-r16, smoke",
     ):
         continue_from_bundle(tmp_path / "x.safetensors", "nope", tmp_path / "run")
     missing = tmp_path / "missing.safetensors"
@@ -255,8 +281,9 @@ def test_the_default_continuations_cache_clips_and_crops_earlier_runs_did_not_se
     p = PRESETS["default"]
     windows = [(0, p.cache_clips)]  # the preset's cache
     vae_seeds = {p.seed, p.seed + 1}  # the preset's VAE and decoder crops
-    # r3 to r13 each ran on the one before; r14 and r15 are two tries on r13 with one window of fresh clips
-    names = [f"default-r{k}" for k in range(3, 14)] + ["default-r14", "default-r15"]
+    # r3 to r13 each ran on the one before; r14 and r15 are two tries on r13 with one window of fresh clips,
+    # r16 a third on clips of its own
+    names = [f"default-r{k}" for k in range(3, 14)] + ["default-r14", "default-r15", "default-r16"]
     for name in names:
         c = continuation.CONTINUATIONS[name]
         if name == "default-r15":  # r14's window, which r13 had not seen

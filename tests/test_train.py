@@ -239,6 +239,25 @@ def _tiny_encoders():
     return TextEncoder, ImageEncoder, load_tokenizer, save_tiny_tokenizer
 
 
+def test_set_dropout_gives_a_training_text_encoder_its_inference_output(tmp_path: Path):
+    from segue.train.flow import encode_captions, set_dropout
+
+    TextEncoder, _, load_tokenizer, save_tiny_tokenizer = _tiny_encoders()
+    save_tiny_tokenizer(tmp_path / "tok", CFG.text.vocab_size)
+    torch.manual_seed(0)
+    text = TextEncoder(CFG.text, load_tokenizer(tmp_path / "tok")).requires_grad_(True)
+    caps = ["a red ball moves", "two blue squares"]
+    with torch.no_grad():
+        clean = encode_captions(text.eval(), caps, 16)
+        noisy = encode_captions(text.train(), caps, 16)  # umT5's dropout (0.1) applies in train mode
+        assert not torch.allclose(noisy, clean)
+        assert set_dropout(text, 0.0) > 0
+        again = encode_captions(text.train(), caps, 16)
+        assert torch.equal(again, clean)  # the attention weights' dropout (a float rate in umT5) too
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got -0.1"):
+        set_dropout(text, -0.1)
+
+
 def test_flf2v_objective_trains_encoders_and_ignores_batch_split(tmp_path: Path):
     """The whole objective: per-sample draws make a split batch's weighted losses equal the whole batch's,
     and the jointly trained text and image encoders get gradients."""

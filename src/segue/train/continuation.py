@@ -28,6 +28,7 @@ from ..models.dit import WanDiT
 from ..models.encoders import ImageEncoder, TextEncoder
 from ..models.vae import WanVAE
 from ..tokenizer import load_tokenizer
+from .flow import set_dropout
 from .generated import GeneratedClips, generate_latents
 from .grow import insert_identity_blocks, widen_decoder
 from .latents import CachedClips, CachedFLF2VObjective, GroupedClips, build_latent_cache, build_object_masks
@@ -67,6 +68,10 @@ class Continuation:
     # same noise, sigma and mode (``CachedFLF2VObjective.share_group_draws``): they then differ in the input
     # only where their clips differ, and the gradient that teaches reading the caption is not lost in noise
     paired_groups: bool = False
+    # the text encoder's dropout while it trains jointly (``flow.set_dropout``); None keeps its config's rate
+    # (umT5's 0.1, what every run before default-r16 used). Wan's text encoder is frozen and runs without it, and
+    # at 0.1 the DiT did not learn to read "clockwise" from "counterclockwise" (docs/training.md, session 17).
+    text_dropout: float | None = None
     # (first step, weight) pairs from step 0 (steps scale with the stage's): the DiT's squared error on the
     # latent cells of the moving shapes (grown by ``object_dilate`` cells) counts ``weight`` times
     # (``CachedFLF2VObjective.object_weight``) from that step on; the cache gets their masks. Empty: 1 throughout.
@@ -109,6 +114,9 @@ class Continuation:
         if self.paired_groups and self.cache_start % GROUP_SIZE:
             raise ValueError(f"continuation {self.name!r}: paired_groups needs cache_start on a {GROUP_SIZE}-clip "
                              f"chunk boundary (a multiple of {GROUP_SIZE}), got {self.cache_start}")  # fmt: skip
+        if self.text_dropout is not None and not 0.0 <= self.text_dropout < 1.0:
+            raise ValueError(f"continuation {self.name!r}: text_dropout must be in [0, 1) or None, "
+                             f"got {self.text_dropout}")  # fmt: skip
         allowed = ("steps", "guidance", "shift", "solver", "guidance_steps")
         bad = [k for k, _ in self.sampling if k not in allowed]
         if bad:
@@ -360,6 +368,24 @@ CONTINUATIONS: dict[str, Continuation] = {
         loops="inward",
         sampling=SAMPLING_S8,
     ),
+    # Session 17 on top of default-r13: r15's recipe (paired groups, loop groups 0.6) on fresh clips 24000-25999
+    # with the text encoder's dropout off. On one loop group, r13 trained with the encoder's 0.1 dropout never
+    # told the two senses apart in 175 steps; without it, it did within 150 (docs/training.md, session 17).
+    # 1800 steps with a 700-step cooldown, as r13 to r15.
+    "default-r16": Continuation(
+        "default-r16",
+        Stage("stage2-flf-r16", steps=1800, lr=2e-4, modes=FLF, warmup=100, cooldown=700),
+        cache_start=24000,
+        cache_clips=2000,
+        ambiguous_fraction=0.5,
+        loop_groups=0.6,
+        paired_groups=True,
+        text_dropout=0.0,
+        object_weights=((0, 2.0),),
+        object_dilate=0,
+        loops="inward",
+        sampling=SAMPLING_S8,
+    ),
     # the same path in seconds, for tests
     "smoke": Continuation(
         "smoke",
@@ -510,6 +536,8 @@ def continue_from_bundle(
         module.load_state_dict(weights[part])
     for m in parts.values():
         m.to(dev).requires_grad_(True)
+    if c.text_dropout is not None:
+        set_dropout(parts["text"], c.text_dropout)
 
     run = out / c.stage.name
     if steps and not is_done(run):

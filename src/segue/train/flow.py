@@ -177,6 +177,22 @@ def _encode(encoder: nn.Module, arg: Any) -> Any:
     return encoder.encode(arg)
 
 
+def set_dropout(module: nn.Module, p: float) -> int:
+    """Set every dropout in ``module`` to rate ``p``: the ``nn.Dropout`` layers and the float ``dropout`` rates
+    that attention layers apply to their weights (from outside the model: the encoders keep their configs);
+    returns how many were set. A jointly trained encoder is in train mode, so its config's dropout
+    would otherwise apply there, and never at inference."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")
+    n = 0
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p, n = p, n + 1
+        elif isinstance(getattr(m, "dropout", None), float):  # a rate on the attention weights (UMT5Attention)
+            m.dropout, n = p, n + 1
+    return n
+
+
 def encode_captions(text_encoder: nn.Module, captions: Sequence[str], text_len: int) -> Tensor:
     """[B, L, d] context: each caption's trimmed features zero-padded to the longest (the DiT pads to
     ``text_len`` with zeros as well, so this is what inference feeds it)."""
