@@ -12,7 +12,10 @@ In the middle frames (1 .. F-2), the script then measures two things:
 - own closer: the share of (video i, other member j) where video i is nearer to true clip i than to
   true clip j in RMS. A pixel-space version of compliance, with no tracker.
 
-It prints one markdown table row (stdout); progress goes to stderr.
+It prints one markdown table row (stdout), then the spread ratio by pair of paths (e.g. circle_ccw / circle_cw:
+whether the circle's sense comes from the word), pooled over the groups that hold that pair. ``--steps 1`` gives
+the model's one-step prediction from pure noise, its conditional mean: how far the word moves what the model
+expects, before any later step commits to one path. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -47,6 +50,19 @@ def group_effect(videos: list[np.ndarray], truths: list[np.ndarray]) -> tuple[fl
     return spread_model, spread_true, own, len(v) * (len(v) - 1)
 
 
+def pair_spreads(
+    videos: list[np.ndarray], truths: list[np.ndarray], paths: list[str]
+) -> dict[str, tuple[float, float]]:
+    """{"path_a / path_b": (model RMS, true RMS)} for every pair of a group's members, the names sorted; the
+    middle frames only, as ``group_effect``."""
+    mid = slice(1, len(truths[0]) - 1)
+    out = {}
+    for i, j in itertools.combinations(range(len(videos)), 2):
+        a, b = sorted((paths[i], paths[j]))
+        out[f"{a} / {b}"] = (_rms(videos[i][mid], videos[j][mid]), _rms(truths[i][mid], truths[j][mid]))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", type=Path, nargs="?", default=None, help="a segue bundle (default: the built-in one)")
@@ -67,6 +83,7 @@ def main() -> None:
     generate = pipeline_generate_fn(pipe, steps=steps, guidance=guidance, seed=args.seed)
     t0 = time.perf_counter()
     spreads_m, spreads_t, own, total = [], [], 0, 0
+    by_pair: dict[str, list[tuple[float, float]]] = {}
     for k, group in enumerate(ambiguous_groups(args.groups, d.frames, (side, side), args.split)):
         truths = [np.asarray(c.frames) for c in group]
         videos = [np.asarray(generate(t[0], t[-1], c.caption, len(t))) for c, t in zip(group, truths)]
@@ -74,6 +91,8 @@ def main() -> None:
         spreads_m.append(sm)
         spreads_t.append(st)
         own, total = own + o, total + n
+        for name, mt in pair_spreads(videos, truths, [c.path for c in group]).items():
+            by_pair.setdefault(name, []).append(mt)
         print(f"[caption_effect] group {k + 1}/{args.groups}  {time.perf_counter() - t0:.0f}s", file=sys.stderr)
     ratio = float(np.mean(spreads_m) / np.mean(spreads_t))
     print(f"bundle {args.bundle or 'built-in'}; {args.split} split, {args.groups} groups; steps {steps}, "
@@ -81,6 +100,11 @@ def main() -> None:
     print("| spread model (RMS) | spread true (RMS) | ratio | own closer |")
     print("|---:|---:|---:|---:|")
     print(f"| {np.mean(spreads_m):.2f} | {np.mean(spreads_t):.2f} | {ratio:.3f} | {own / total:.3f} ({own}/{total}) |")
+    print("\n| paths | groups | ratio |")
+    print("|---|---:|---:|")
+    for name in sorted(by_pair):
+        m, t = np.array(by_pair[name]).T
+        print(f"| {name} | {len(m)} | {m.mean() / t.mean():.3f} |")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,26 @@ def test_caption_effect_scores_a_group():
     assert group_effect(edited, truths) == group_effect(truths, truths)
 
 
+def test_caption_effect_splits_the_spread_by_pair_of_paths():
+    import numpy as np
+    from caption_effect import pair_spreads
+
+    rng = np.random.default_rng(1)
+    truths = [rng.integers(0, 256, (5, 8, 8, 3)).astype(np.uint8) for _ in range(3)]
+    paths = ["still", "circle_cw", "circle_ccw"]
+    # the "clockwise" caption's video equals the "counterclockwise" one's: that pair has no spread, the others do
+    videos = [truths[0], truths[2], truths[2]]
+    out = pair_spreads(videos, truths, paths)
+    assert sorted(out) == ["circle_ccw / circle_cw", "circle_ccw / still", "circle_cw / still"]
+    m, t = out["circle_ccw / circle_cw"]
+    assert m == 0.0 and t > 0
+    # "still" (video = truth 0) against "clockwise" (video = truth 2), on the middle frames 1..3 only
+    m, t = out["circle_cw / still"]
+    mid = slice(1, 4)
+    rms = lambda a, b: np.sqrt(np.mean((a[mid].astype(float) - b[mid].astype(float)) ** 2))  # noqa: E731
+    assert abs(m - rms(truths[0], truths[2])) < 1e-9 and abs(t - rms(truths[0], truths[1])) < 1e-9
+
+
 def test_caption_paths_counts_paths_and_the_circles_sense(tmp_path, capsys):
     import json
 
