@@ -69,8 +69,8 @@ class Continuation:
     # only where their clips differ, and the gradient that teaches reading the caption is not lost in noise
     paired_groups: bool = False
     # the text encoder's dropout while it trains jointly (``flow.set_dropout``); None keeps its config's rate
-    # (umT5's 0.1, what every run before default-r16 used). Wan's text encoder is frozen and runs without it, and
-    # at 0.1 the DiT did not learn to read "clockwise" from "counterclockwise" (docs/training.md, session 17).
+    # (umT5's 0.1, what every run before default-r16 used). Inference runs without it, as Wan's frozen encoder
+    # always does, so 0 trains the text path as it is used (docs/training.md, session 17).
     text_dropout: float | None = None
     # (first step, weight) pairs from step 0 (steps scale with the stage's): the DiT's squared error on the
     # latent cells of the moving shapes (grown by ``object_dilate`` cells) counts ``weight`` times
@@ -369,8 +369,8 @@ CONTINUATIONS: dict[str, Continuation] = {
         sampling=SAMPLING_S8,
     ),
     # Session 17 on top of default-r13: r15's recipe (paired groups, loop groups 0.6) on fresh clips 24000-25999
-    # with the text encoder's dropout off. On one loop group, r13 trained with the encoder's 0.1 dropout never
-    # told the two senses apart in 175 steps; without it, it did within 150 (docs/training.md, session 17).
+    # with the text encoder's dropout off (the A/B test against r15). Trained on one loop group alone, r13 learns
+    # the circle's sense within 100-200 steps, with or without the dropout (docs/training.md, session 17).
     # 1800 steps with a 700-step cooldown, as r13 to r15.
     "default-r16": Continuation(
         "default-r16",
