@@ -100,3 +100,26 @@ def test_caption_paths_counts_paths_and_the_circles_sense(tmp_path, capsys):
     bad.write_text("{}")
     assert main([str(bad)]) == 2
     assert f"{bad}: not a segue eval.json (KeyError" in capsys.readouterr().err
+
+
+def test_sense_probe_trains_on_loop_groups_and_measures_the_word(tmp_path, capsys):
+    import pytest
+    import sense_probe
+
+    from segue.cli import main as cli
+    from segue.data.synthetic import SyntheticVideos
+
+    assert cli(["-q", "train", "--preset", "smoke", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    sense_probe.main([str(tmp_path / "model.safetensors"), "--groups", "2", "--start", "9", "--steps", "2",
+                      "--every", "1", "--text-dropout", "0"])  # fmt: skip
+    rows = [r.split("|") for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and "step" not in r]
+    assert [int(r[1]) for r in rows] == [0, 1, 2]
+    assert rows[0][2].strip() == "nan" and all(float(r[2]) > 0 for r in rows[1:])  # no loss before a step
+    ratios = [(float(r[3]), float(r[4])) for r in rows]
+    assert all(0 <= a < 10 and 0 <= b < 10 for a, b in ratios) and ratios[1] != ratios[0]  # the model trained
+    data = SyntheticVideos("train", length=30, frames=5, size=(32, 32), ambiguous_fraction=0.0)
+    with pytest.raises(ValueError, match="training clips 9..11 are not a loop group"):
+        sense_probe.loop_group(data, 9)
+    with pytest.raises(SystemExit):
+        sense_probe.main(["--start", "10"])
