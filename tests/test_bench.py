@@ -123,3 +123,39 @@ def test_sense_probe_trains_on_loop_groups_and_measures_the_word(tmp_path, capsy
         sense_probe.loop_group(data, 9)
     with pytest.raises(SystemExit):
         sense_probe.main(["--start", "10"])
+
+
+def test_oracle_inbetween_redraws_only_what_the_inputs_do_not_show(capsys):
+    import dataclasses
+
+    import numpy as np
+    import oracle_inbetween as oracle
+    import pytest
+
+    from segue.data.synthetic import sample_scene
+    from segue.evaluate import video_psnr
+
+    rng = np.random.default_rng(0)
+    arc = sample_scene(5, path="arc_over", camera=False)
+    arc = dataclasses.replace(arc, main=dataclasses.replace(arc.main, turns=0.0), second=None)
+    truth = oracle.render_frames(arc)
+    alts = [dataclasses.replace(arc, main=oracle.redraw_mover(arc.main, arc, rng)) for _ in range(8)]
+    assert {a.main.amp for a in alts} != {arc.main.amp} and {a.main.easing for a in alts} == {"smooth", "linear"}
+    for a in alts:  # same shape, place and keyframes; only the unseen draws move
+        frames = oracle.render_frames(a)
+        assert np.abs(frames[[0, -1]] - truth[[0, -1]]).max() <= 0.5
+        assert (a.main.p0, a.main.p1, a.main.radius, a.main.path) == (arc.main.p0, arc.main.p1, arc.main.radius,
+                                                                      "arc_over")  # fmt: skip
+    mean, kept = oracle.posterior_mean(arc, 16, rng)
+    assert kept == 16 and video_psnr(oracle._uint8(mean), np.clip(truth + 0.5, 0, 255).astype(np.uint8), 1, -1) > 25
+    still = dataclasses.replace(arc, main=dataclasses.replace(arc.main, path="still", p1=arc.main.p0))
+    mean, kept = oracle.posterior_mean(still, 4, rng)  # nothing unseen moves a shape that stays: one video
+    assert kept == 4 and np.array_equal(oracle._uint8(mean), np.clip(oracle.render_frames(still) + 0.5, 0, 255)
+                                        .astype(np.uint8))  # fmt: skip
+    assert oracle.main(["--clips", "3", "--samples", "4", "--split", "val"]) == 0
+    rows = [r.split("|") for r in capsys.readouterr().out.splitlines()[2:]]
+    total = rows[-1]
+    assert total[1].strip() == "all" and total[2].strip() == "3" and sum(int(r[2]) for r in rows[:-1]) == 3
+    assert float(total[3]) + 2 < float(total[4]) <= oracle.CAP  # the posterior mean beats the crossfade
+    with pytest.raises(SystemExit):
+        oracle.main(["--samples", "0"])

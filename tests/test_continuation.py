@@ -260,7 +260,7 @@ def test_window_and_bad_arguments_are_clear_errors(tmp_path, capsys):
         InputError,
         match="unknown continuation 'nope'; known: default-r3, default-r4, default-r5, default-r6, default-r7, "
         "default-r8, default-r9, default-r10, default-r11, default-r12, default-r13, "
-        "default-r14, default-r15, default-r16, smoke",
+        "default-r14, default-r15, default-r16, default-r17, smoke",
     ):
         continue_from_bundle(tmp_path / "x.safetensors", "nope", tmp_path / "run")
     missing = tmp_path / "missing.safetensors"
@@ -275,6 +275,28 @@ def test_window_and_bad_arguments_are_clear_errors(tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # refused before anything was written
 
 
+def test_sigma_min_reaches_the_objective_and_is_checked(base, tmp_path, monkeypatch):
+    from segue.train.latents import CachedFLF2VObjective
+
+    c = CONTINUATIONS["smoke"]
+    seen = []
+    draws = CachedFLF2VObjective.draws
+
+    def spy(self, seeds, b, frames):
+        d = draws(self, seeds, b, frames)
+        seen.append((self.sigma_min, d.sigma.min().item()))
+        return d
+
+    monkeypatch.setattr(CachedFLF2VObjective, "draws", spy)
+    monkeypatch.setitem(CONTINUATIONS, "cut", replace(c, name="cut", sigma_min=0.9, decoder_steps=0))
+    continue_from_bundle(base, "cut", tmp_path / "cut")
+    assert seen and all(m == 0.9 and s >= 0.9 for m, s in seen), seen
+    assert json.loads((tmp_path / "cut" / "continuation.json").read_text())["continuation"]["sigma_min"] == 0.9
+    assert CONTINUATIONS["default-r16"].sigma_min == 0.0  # every run before r17 drew Wan's whole range
+    with pytest.raises(ValueError, match=r"continuation 'x': sigma_min must be in \[0, 1\), got 1.0"):
+        replace(c, name="x", sigma_min=1.0)
+
+
 def test_the_default_continuations_cache_clips_and_crops_earlier_runs_did_not_see():
     from segue.train.recipe import PRESETS
 
@@ -282,12 +304,12 @@ def test_the_default_continuations_cache_clips_and_crops_earlier_runs_did_not_se
     windows = [(0, p.cache_clips)]  # the preset's cache
     vae_seeds = {p.seed, p.seed + 1}  # the preset's VAE and decoder crops
     # r3 to r13 each ran on the one before; r14 and r15 are two tries on r13 with one window of fresh clips,
-    # r16 a third on clips of its own
-    names = [f"default-r{k}" for k in range(3, 14)] + ["default-r14", "default-r15", "default-r16"]
+    # r16 and r17 two more on another
+    names = [f"default-r{k}" for k in range(3, 14)] + ["default-r14", "default-r15", "default-r16", "default-r17"]
     for name in names:
         c = continuation.CONTINUATIONS[name]
-        if name == "default-r15":  # r14's window, which r13 had not seen
-            generated, cache = windows.pop(), windows.pop()  # r14's, taken back
+        if name in ("default-r15", "default-r17"):  # the window before, which r13 had not seen
+            generated, cache = windows.pop(), windows.pop()  # the try before's, taken back
             assert cache == (c.cache_start, c.cache_start + c.cache_clips) and generated[0] == generated[1]
         assert c.stage.size == p.stages[0].size and c.stage.frames == p.stages[0].frames
         # the DiT's cache, and the clips whose generated latents the decoder learns from (the DiT's output on

@@ -60,6 +60,29 @@ def test_sample_sigmas_range_and_shift():
     assert means == sorted(means)
 
 
+def test_sample_sigmas_cut_below_sigma_min():
+    plain = sample_sigmas(4096, 3.0, torch.Generator().manual_seed(0))
+    assert torch.equal(sample_sigmas(4096, 3.0, torch.Generator().manual_seed(0), 0.0), plain)
+    cut = sample_sigmas(4096, 3.0, torch.Generator().manual_seed(0), 0.5)
+    assert cut.min() >= 0.5 and cut.max() < 1
+    # the same shifted density, renormalised: its quantiles are the plain draw's above 0.5
+    above = plain[plain >= 0.5]
+    q = torch.tensor([0.1, 0.5, 0.9])
+    assert torch.allclose(torch.quantile(cut, q), torch.quantile(above, q), atol=0.01)
+    assert torch.all(cut[torch.argsort(plain)].diff() >= 0)  # one random number each, order kept
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=f"sigma_min must be in \\[0, 1\\), got {bad}"):
+            sample_sigmas(4, 3.0, None, bad)
+
+
+def test_objective_draws_no_sigma_below_its_sigma_min():
+    cut = FLF2VObjective(vae=None, sigma_min=0.6).draws(torch.arange(256), 256, 5).sigma
+    plain = FLF2VObjective(vae=None).draws(torch.arange(256), 256, 5).sigma
+    assert cut.min() >= 0.6 and plain.min() < 0.3
+    with pytest.raises(ValueError, match=r"sigma_min must be in \[0, 1\), got 1.5"):
+        FLF2VObjective(vae=None, sigma_min=1.5)
+
+
 def test_flow_targets_and_one_step_euler_inversion():
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(3, 16, 2, 4, 4, generator=g), torch.randn(3, 16, 2, 4, 4, generator=g)

@@ -37,11 +37,22 @@ NUM_TRAIN_TIMESTEPS = 1000
 # The objective.
 
 
-def sample_sigmas(n: int, shift: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-    """[n] float32 noise levels: u ~ U(0, 1), then Wan's shift ``shift*u / (1 + (shift-1)*u)``."""
+def sample_sigmas(
+    n: int, shift: float = 1.0, generator: torch.Generator | None = None, sigma_min: float = 0.0
+) -> Tensor:
+    """[n] float32 noise levels: u ~ U(0, 1), then Wan's shift ``shift*u / (1 + (shift-1)*u)``.
+
+    ``sigma_min`` > 0 cuts the distribution below it (the same shifted density, renormalised): u is drawn
+    from [u_min, 1], u_min the shift's inverse at ``sigma_min``, from the same single random number, so 0
+    gives exactly the plain draw. A few-step sampler never asks the model below its last noise level."""
     if shift <= 0:
         raise ValueError(f"shift must be positive, got {shift}")
+    if not 0.0 <= sigma_min < 1.0:
+        raise ValueError(f"sigma_min must be in [0, 1), got {sigma_min}")
+    u_min = sigma_min / (shift - (shift - 1) * sigma_min)
     u = torch.rand(n, generator=generator, dtype=torch.float64)
+    if sigma_min > 0:
+        u = u_min + (1 - u_min) * u
     return (shift * u / (1 + (shift - 1) * u)).float()
 
 
@@ -221,8 +232,12 @@ class FLF2VObjective:
     shift: float = 3.0
     modes: Mapping[str, float] = field(default_factory=lambda: {"first_last": 1.0})
     caption_dropout: float = 0.0
+    # noise levels below this are never drawn (``sample_sigmas``); 0: Wan's whole shifted range
+    sigma_min: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.sigma_min < 1.0:
+            raise InputError(f"sigma_min must be in [0, 1), got {self.sigma_min}")
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes or min(self.modes.values()) < 0 or sum(self.modes.values()) <= 0:
             raise InputError(f"modes must map some of {', '.join(MODES)} to non-negative weights, got {self.modes}")
@@ -241,7 +256,7 @@ class FLF2VObjective:
         # the order of draws per sample is fixed: mode, subset, sigma, caption drop, noise
         modes = [self.draw_mode(g) for g in gens]
         given = [given_frames(m, frames, g) for m, g in zip(modes, gens)]
-        sigma = torch.cat([sample_sigmas(1, self.shift, g) for g in gens])  # [B]
+        sigma = torch.cat([sample_sigmas(1, self.shift, g, self.sigma_min) for g in gens])  # [B]
         drop = [bool(torch.rand(1, generator=g) < self.caption_dropout) for g in gens]
         return SampleDraws(gens, modes, given, sigma, drop)
 
