@@ -1,6 +1,7 @@
 """How well could any model draw the in-between frames? The posterior mean of the data, by Monte Carlo.
 
-    python bench/oracle_inbetween.py [--clips 32] [--split test] [--samples 64] [--bundle FILE] [--seed 0]
+    python bench/oracle_inbetween.py [--clips 32] [--split test] [--samples 64] [--bundle FILE] [--eval FILE]
+                                     [--seed 0]
 
 Given the first and last frames and the caption, a clip of the procedural data is fixed except for what the
 generator draws and neither shows: the easing of the main and second shapes (smooth or linear), the height of
@@ -15,7 +16,8 @@ other draws make some values likelier) can only lower it, so the true ceiling is
 
 It prints one markdown table: per path and in all, the crossfade's, the posterior mean's and, given
 ``--bundle``, the posterior mean passed through that bundle's VAE (what a perfect DiT could at most give
-through that decoder, roughly), with the mean PSNR over clips as ``segue eval`` takes it; a clip whose
+through that decoder, roughly), and given ``--eval`` (a ``segue eval`` eval.json of the same split), the
+model's own in-between PSNR on the same clips, with the mean PSNR over clips as ``segue eval`` takes it; a clip whose
 posterior is one video (a bounce without hops, say) scores inf, counted as ``CAP`` dB. Progress on stderr.
 """
 
@@ -23,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 
@@ -110,10 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=17)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--bundle", default=None, help="also score the posterior mean through this bundle's VAE")
+    p.add_argument("--eval", default=None, help="a segue eval.json of the same split: the model's PSNR per path")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.clips < 1 or args.samples < 1:
         p.error("--clips and --samples must be at least 1")
+    model = None
+    if args.eval is not None:
+        model = {c["index"]: float(c["model"]["psnr"]) for c in json.loads(Path(args.eval).read_text())["clips"]}
+        if not set(range(args.clips)) <= set(model):
+            p.error(f"{args.eval} scores clips {sorted(model)}, not all of 0..{args.clips - 1}")
     pipe = None
     if args.bundle is not None:
         from segue.loader import load
@@ -131,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         scores = [video_psnr(fade, truth, 1, -1), video_psnr(oracle, truth, 1, -1)]
         if pipe is not None:
             scores.append(video_psnr(vae_roundtrip(pipe, oracle), truth, 1, -1))
+        if model is not None:
+            scores.append(model[i])
         for key in (clip.path, "all"):
             rows[key].append([min(x, CAP) for x in scores])
         print(f"[oracle] clip {i + 1}/{args.clips} {clip.path}: kept {kept}/{args.samples}, "
@@ -139,13 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     sep = "|---|---:|---:|---:|---:|"
     if pipe is not None:
         head, sep = head + " through the VAE (dB) |", sep + "---:|"
+    if model is not None:
+        head, sep = head + " the model (dB) |", sep + "---:|"
     print(head)
     print(sep)
     for key in sorted(rows, key=lambda k: (k == "all", k)):
         s = np.array(rows[key])  # [clips, sources]
         m = s.mean(axis=0)
         cells = [key, str(len(s)), f"{m[0]:.2f}", f"{m[1]:.2f}", f"{m[1] - m[0]:+.2f}"]
-        cells += [f"{m[2]:.2f}"] if pipe is not None else []
+        cells += [f"{x:.2f}" for x in m[2:]]
         print("| " + " | ".join(cells) + " |")
     return 0
 

@@ -125,8 +125,9 @@ def test_sense_probe_trains_on_loop_groups_and_measures_the_word(tmp_path, capsy
         sense_probe.main(["--start", "10"])
 
 
-def test_oracle_inbetween_redraws_only_what_the_inputs_do_not_show(capsys):
+def test_oracle_inbetween_redraws_only_what_the_inputs_do_not_show(tmp_path, capsys):
     import dataclasses
+    import json
 
     import numpy as np
     import oracle_inbetween as oracle
@@ -152,10 +153,18 @@ def test_oracle_inbetween_redraws_only_what_the_inputs_do_not_show(capsys):
     mean, kept = oracle.posterior_mean(still, 4, rng)  # nothing unseen moves a shape that stays: one video
     assert kept == 4 and np.array_equal(oracle._uint8(mean), np.clip(oracle.render_frames(still) + 0.5, 0, 255)
                                         .astype(np.uint8))  # fmt: skip
-    assert oracle.main(["--clips", "3", "--samples", "4", "--split", "val"]) == 0
-    rows = [r.split("|") for r in capsys.readouterr().out.splitlines()[2:]]
+    scores = tmp_path / "eval.json"  # a segue eval.json's per-clip in-between PSNRs
+    scores.write_text(json.dumps({"clips": [{"index": i, "model": {"psnr": 20.0 + i}} for i in range(3)]}))
+    assert oracle.main(["--clips", "3", "--samples", "4", "--split", "val", "--eval", str(scores)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("| the model (dB) |")
+    rows = [r.split("|") for r in out[2:]]
     total = rows[-1]
     assert total[1].strip() == "all" and total[2].strip() == "3" and sum(int(r[2]) for r in rows[:-1]) == 3
     assert float(total[3]) + 2 < float(total[4]) <= oracle.CAP  # the posterior mean beats the crossfade
+    assert float(total[6]) == 21.0  # the model's mean over the same clips
     with pytest.raises(SystemExit):
         oracle.main(["--samples", "0"])
+    with pytest.raises(SystemExit):
+        oracle.main(["--clips", "4", "--eval", str(scores)])
+    assert "scores clips [0, 1, 2], not all of 0..3" in capsys.readouterr().err
