@@ -31,6 +31,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from inbetween_breakdown import vae_roundtrip  # this folder's: the VAE's encode and decode of a uint8 clip
 
 from segue.data.synthetic import Mover, Scene, SyntheticVideos, render_frames
 from segue.evaluate import crossfade, video_psnr
@@ -95,15 +96,6 @@ def posterior_mean(scene: Scene, samples: int, rng: np.random.Generator) -> tupl
 
 def _uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(x + 0.5, 0, 255).astype(np.uint8)
-
-
-def vae_roundtrip(pipe, video: np.ndarray) -> np.ndarray:
-    import torch
-
-    x = torch.from_numpy(video).permute(3, 0, 1, 2).float()[None] / 127.5 - 1.0  # [1, 3, F, H, W]
-    with torch.no_grad():
-        rec = pipe.vae.decode(pipe.vae.encode(x.to(pipe.device)))[0].float().cpu()  # [3, F, H, W]
-    return ((rec.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 3, 0).numpy().astype(np.uint8)
 
 
 def main(argv: list[str] | None = None) -> int:
