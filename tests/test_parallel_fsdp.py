@@ -147,6 +147,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, tok_dir: str) -> Non
         result["error"] = traceback.format_exc()
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     if dist.is_initialized():
+        if "error" not in result:  # no rank tears gloo down while another still uses it (a rare SIGABRT)
+            dist.barrier()
         dist.destroy_process_group()
 
 
