@@ -33,42 +33,52 @@ from pathlib import Path
 import numpy as np
 from inbetween_breakdown import vae_roundtrip  # this folder's: the VAE's encode and decode of a uint8 clip
 
-from segue.data.synthetic import Mover, Scene, SyntheticVideos, render_frames
+from segue.data.synthetic import (
+    AMP_RANGE,
+    CYCLES,
+    EASINGS,
+    HOP_DECAY,
+    HOP_RANGE,
+    LOOP_RADIUS_RANGE,
+    TURNS,
+    Mover,
+    Scene,
+    SyntheticVideos,
+    mover_margin,
+    render_frames,
+    to_uint8,
+)
 from segue.evaluate import crossfade, video_psnr
 
-SPIN = (-1.0, -0.5, 0.5, 1.0)  # the generator's turns that the caption calls "spinning"
-SLOW = (-0.25, 0.25)  # "turning slowly"
+SPIN = tuple(t for t in TURNS if abs(t) >= 0.5)  # the generator's turns that the caption calls "spinning"
+SLOW = tuple(t for t in TURNS if abs(t) < 0.5)  # "turning slowly"
 CAP = 50.0  # dB: a clip predicted exactly counts this much in the mean (8-bit rounding alone gives about 59)
-
-
-def _ext(m: Mover) -> float:
-    return 1.2 * m.radius * max(m.scale) + 1.0
 
 
 def redraw_mover(m: Mover, scene: Scene, rng: np.random.Generator) -> Mover:
     """``m`` with what neither its keyframes nor its caption show drawn again from the generator's ranges."""
     (h, w), floor_y = scene.size, scene.floor_y
-    ext = _ext(m)
-    changes: dict = {"easing": str(rng.choice(["smooth", "linear"]))}
+    ext = mover_margin(m.radius, m.scale)
+    changes: dict = {"easing": str(rng.choice(EASINGS))}
     if m.turns:
         changes["turns"] = float(rng.choice(SPIN if abs(m.turns) >= 0.5 else SLOW))
-    if m.path in ("arc_over", "arc_under", "zigzag", "wave") and m.amp >= 0.2 * h - 1e-6:
+    if m.path in ("arc_over", "arc_under", "zigzag", "wave") and m.amp >= AMP_RANGE[0] * h - 1e-6:
         ys = (m.p0[1], m.p1[1])
         for _ in range(100):  # the height must leave both endpoints inside the band the generator drew them in
-            amp = float(rng.uniform(0.2, 0.27)) * h
+            amp = float(rng.uniform(*AMP_RANGE)) * h
             if all(ext + amp <= y <= floor_y - ext - amp for y in ys):
                 changes["amp"] = amp
                 break
     if m.path in ("zigzag", "wave"):
-        changes["cycles"] = float(rng.choice([1.0, 1.5, 2.0]))
+        changes["cycles"] = float(rng.choice(CYCLES))
     if m.path == "bounce" and m.hops:
         room = floor_y - 2 * ext
-        changes["hops"] = tuple(float(rng.uniform(0.4, 0.8) * room * 0.8**j) for j in range(len(m.hops)))
+        changes["hops"] = tuple(float(rng.uniform(*HOP_RANGE) * room * HOP_DECAY**j) for j in range(len(m.hops)))
     if m.path in ("circle_cw", "circle_ccw"):
         u = np.array([np.cos(m.loop_angle), np.sin(m.loop_angle)])  # from the frame's centre through p0
         cap = (floor_y - 2 * ext) / 2 - 0.5
         for _ in range(100):
-            lr = min(float(rng.uniform(0.16, 0.24)) * min(h, w), cap)
+            lr = min(float(rng.uniform(*LOOP_RADIUS_RANGE)) * min(h, w), cap)
             cx, cy = np.array(m.p0) - lr * u
             if ext + lr <= cx <= w - ext - lr and ext + lr <= cy <= floor_y - ext - lr:
                 changes["loop_radius"] = lr
@@ -84,18 +94,12 @@ def posterior_mean(scene: Scene, samples: int, rng: np.random.Generator) -> tupl
     for _ in range(samples - 1):
         second = None if scene.second is None else redraw_mover(scene.second, scene, rng)
         alt = dataclasses.replace(scene, main=redraw_mover(scene.main, scene, rng), second=second)
-        if alt.second is not None and alt.second.path == "still":
-            alt = dataclasses.replace(alt, second=scene.second)
         frames = render_frames(alt)
         if np.abs(frames[[0, -1]] - truth[[0, -1]]).max() > 0.5:
             continue  # its keyframes differ, so the inputs rule it out
         total += frames
         kept += 1
     return total / kept, kept
-
-
-def _uint8(x: np.ndarray) -> np.ndarray:
-    return np.clip(x + 0.5, 0, 255).astype(np.uint8)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         scene, clip = data.scene(i), data.clip(i)
         truth = clip.frames  # [F, H, W, 3] uint8
         mean, kept = posterior_mean(scene, args.samples, rng)
-        oracle = _uint8(mean)
+        oracle = to_uint8(mean)
         fade = crossfade(truth[0], truth[-1], len(truth))
         scores = [video_psnr(fade, truth, 1, -1), video_psnr(oracle, truth, 1, -1)]
         if pipe is not None:

@@ -148,11 +148,10 @@ def test_oracle_inbetween_redraws_only_what_the_inputs_do_not_show(tmp_path, cap
         assert (a.main.p0, a.main.p1, a.main.radius, a.main.path) == (arc.main.p0, arc.main.p1, arc.main.radius,
                                                                       "arc_over")  # fmt: skip
     mean, kept = oracle.posterior_mean(arc, 16, rng)
-    assert kept == 16 and video_psnr(oracle._uint8(mean), np.clip(truth + 0.5, 0, 255).astype(np.uint8), 1, -1) > 25
+    assert kept == 16 and video_psnr(oracle.to_uint8(mean), oracle.to_uint8(truth), 1, -1) > 25
     still = dataclasses.replace(arc, main=dataclasses.replace(arc.main, path="still", p1=arc.main.p0))
     mean, kept = oracle.posterior_mean(still, 4, rng)  # nothing unseen moves a shape that stays: one video
-    assert kept == 4 and np.array_equal(oracle._uint8(mean), np.clip(oracle.render_frames(still) + 0.5, 0, 255)
-                                        .astype(np.uint8))  # fmt: skip
+    assert kept == 4 and np.array_equal(oracle.to_uint8(mean), oracle.to_uint8(oracle.render_frames(still)))
     scores = tmp_path / "eval.json"  # a segue eval.json's per-clip in-between PSNRs
     scores.write_text(json.dumps({"clips": [{"index": i, "model": {"psnr": 20.0 + i}} for i in range(3)]}))
     assert oracle.main(["--clips", "3", "--samples", "4", "--split", "val", "--eval", str(scores)]) == 0

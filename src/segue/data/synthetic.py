@@ -321,23 +321,38 @@ def _pick_color(rng: np.random.Generator, scene_colors: list[np.ndarray], lights
     return best
 
 
+# A mover's draws that neither its keyframes nor its caption show (bench/oracle_inbetween.py redraws them from
+# these same ranges to find what any model could best predict).
+EASINGS = ("smooth", "linear")
+TURNS = (-1.0, -0.5, -0.25, 0.25, 0.5, 1.0)  # whole turns of a spin: |turns| >= 0.5 reads "spinning"
+AMP_RANGE = (0.2, 0.27)  # height of an arc, zigzag or wave, times the frame's height
+CYCLES = (1.0, 1.5, 2.0)  # periods of a zigzag or wave
+HOP_RANGE, HOP_DECAY = (0.4, 0.8), 0.8  # bounce hop j: a uniform share of the room, times HOP_DECAY**j
+LOOP_RADIUS_RANGE = (0.16, 0.24)  # a circle's radius, times the frame's shorter side
+
+
+def mover_margin(radius: float, scale: tuple[float, float]) -> float:
+    """How far (px) a mover's centre must stay from the frame's edges and floor."""
+    return 1.2 * radius * max(scale) + 1.0
+
+
 def _sample_mover(rng, size, floor_y, family: str, color: str, small: bool = False, loops: str = "inward") -> Mover:
     h, w = size
     radius = float(rng.uniform(0.06, 0.08) if small else rng.uniform(0.09, 0.13)) * min(h, w)
     scale = (1.0, 1.0)
     if not small and rng.random() < 0.35:
         scale = (1.0, 1.5) if rng.random() < 0.5 else (1.5, 1.0)
-    ext = 1.2 * radius * max(scale) + 1.0
+    ext = mover_margin(radius, scale)
     shape = str(rng.choice(SHAPES))
     texture = "solid" if small else str(rng.choice(list(TEXTURES), p=[0.4, 0.2, 0.2, 0.2]))
-    turns = 0.0 if small or rng.random() < 0.4 else float(rng.choice([-1, -0.5, -0.25, 0.25, 0.5, 1]))
+    turns = 0.0 if small or rng.random() < 0.4 else float(rng.choice(TURNS))
     if shape == "circle" and texture == "solid":
         turns = 0.0  # a plain disc cannot be seen to spin
     common = dict(shape=shape, color=color, texture=texture, radius=radius, scale=scale, turns=turns,
                   angle0=float(rng.uniform(0, 2 * np.pi)) if turns else 0.0,
-                  easing=str(rng.choice(["smooth", "linear"])))  # fmt: skip
+                  easing=str(rng.choice(EASINGS)))  # fmt: skip
     if family == "loop":
-        lr = min(float(rng.uniform(0.16, 0.24)) * min(h, w), (floor_y - 2 * ext) / 2 - 0.5)
+        lr = min(float(rng.uniform(*LOOP_RADIUS_RANGE)) * min(h, w), (floor_y - 2 * ext) / 2 - 0.5)
         cx = rng.uniform(ext + lr, w - ext - lr)
         cy = rng.uniform(ext + lr, floor_y - ext - lr)
         a = float(rng.uniform(0, 2 * np.pi))  # drawn either way: the rest of the scene stays the same
@@ -345,7 +360,7 @@ def _sample_mover(rng, size, floor_y, family: str, color: str, small: bool = Fal
             a = float(np.arctan2(cy - h / 2, cx - w / 2))
         p = (float(cx + lr * np.cos(a)), float(cy + lr * np.sin(a)))
         return Mover(path="circle_cw", p0=p, p1=p, loop_radius=lr, loop_angle=a, **common)
-    amp = 0.0 if small else float(rng.uniform(0.2, 0.27)) * h
+    amp = 0.0 if small else float(rng.uniform(*AMP_RANGE)) * h
     lo, hi = ext + amp, floor_y - ext - amp
     if hi < lo:
         lo = hi = (ext + floor_y - ext) / 2
@@ -356,9 +371,9 @@ def _sample_mover(rng, size, floor_y, family: str, color: str, small: bool = Fal
     y0 = float(rng.uniform(lo, hi))
     y1 = y0 if small or rng.random() < 0.4 else float(rng.uniform(lo, hi))
     room = floor_y - 2 * ext
-    hops = tuple(float(rng.uniform(0.4, 0.8) * room * 0.8**j) for j in range(int(rng.integers(0, 3))))
+    hops = tuple(float(rng.uniform(*HOP_RANGE) * room * HOP_DECAY**j) for j in range(int(rng.integers(0, 3))))
     return Mover(path="straight", p0=(float(x0), y0), p1=(float(x1), y1), amp=amp,
-                 cycles=float(rng.choice([1.0, 1.5, 2.0])), hops=hops, **common)  # fmt: skip
+                 cycles=float(rng.choice(CYCLES)), hops=hops, **common)  # fmt: skip
 
 
 def check_loops(loops: str, where: str = "") -> None:
@@ -478,8 +493,13 @@ def vocabulary() -> list[str]:
     return sorted({w for p in parts for w in p.split() if w and "{" not in w})
 
 
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """Rendered float frames in [0, 255] rounded to the uint8 frames a clip holds."""
+    return np.clip(frames + 0.5, 0, 255).astype(np.uint8)
+
+
 def render_scene(scene: Scene, group: int | None = None, wording_seed: int | None = None) -> Clip:
-    frames = np.clip(render_frames(scene) + 0.5, 0, 255).astype(np.uint8)
+    frames = to_uint8(render_frames(scene))
     track, rad, _ = mover_track(scene, scene.main)
     m = scene.main
     speed = float(np.linalg.norm(np.diff(track, axis=0), axis=1).mean())

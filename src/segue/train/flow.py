@@ -50,9 +50,7 @@ def sample_sigmas(
     if not 0.0 <= sigma_min < 1.0:
         raise ValueError(f"sigma_min must be in [0, 1), got {sigma_min}")
     u_min = sigma_min / (shift - (shift - 1) * sigma_min)
-    u = torch.rand(n, generator=generator, dtype=torch.float64)
-    if sigma_min > 0:
-        u = u_min + (1 - u_min) * u
+    u = u_min + (1 - u_min) * torch.rand(n, generator=generator, dtype=torch.float64)  # u_min 0: exactly U(0, 1)
     return (shift * u / (1 + (shift - 1) * u)).float()
 
 
