@@ -260,7 +260,7 @@ def test_window_and_bad_arguments_are_clear_errors(tmp_path, capsys):
         InputError,
         match="unknown continuation 'nope'; known: default-r3, default-r4, default-r5, default-r6, default-r7, "
         "default-r8, default-r9, default-r10, default-r11, default-r12, default-r13, "
-        "default-r14, default-r15, default-r16, default-r17, smoke",
+        "default-r14, default-r15, default-r16, default-r17, default-r18, default-g1, smoke",
     ):
         continue_from_bundle(tmp_path / "x.safetensors", "nope", tmp_path / "run")
     missing = tmp_path / "missing.safetensors"
@@ -304,8 +304,8 @@ def test_the_default_continuations_cache_clips_and_crops_earlier_runs_did_not_se
     windows = [(0, p.cache_clips)]  # the preset's cache
     vae_seeds = {p.seed, p.seed + 1}  # the preset's VAE and decoder crops
     # r3 to r13 each ran on the one before; r14 and r15 are two tries on r13 with one window of fresh clips,
-    # r16 and r17 two more on another
-    names = [f"default-r{k}" for k in range(3, 14)] + ["default-r14", "default-r15", "default-r16", "default-r17"]
+    # r16 and r17 two more on another; r18 runs on r17 with the next window, g1 (a GPU run) with the one after
+    names = [f"default-r{k}" for k in range(3, 19)] + ["default-g1"]
     for name in names:
         c = continuation.CONTINUATIONS[name]
         if name in ("default-r15", "default-r17"):  # the window before, which r13 had not seen
@@ -510,3 +510,85 @@ def test_the_decoder_can_train_on_the_latents_the_model_generates(base, tmp_path
         GeneratedClips(data, 5, 3, tmp_path, 4)
     with pytest.raises(ValueError, match=r"decoder_generated needs decoder_steps > 0"):
         replace(gen, name="x", decoder_steps=0)
+
+
+def test_a_time_budget_picks_the_steps_that_fit_and_a_resume_keeps_them(base, tmp_path, monkeypatch):
+    c = CONTINUATIONS["smoke"]
+    long = replace(c, name="long", stage=replace(c.stage, steps=400, warmup=2, cooldown=100), decoder_steps=0)
+    monkeypatch.setitem(CONTINUATIONS, "long", long)
+    timed = []
+    probe = continuation.seconds_per_step
+
+    def spy(*a, **kw):
+        timed.append(probe(*a, **kw))
+        return 10.0 * timed[-1]  # as if the steps were 10 times slower: the budget then cuts the stage
+
+    monkeypatch.setattr(continuation, "seconds_per_step", spy)
+    out = tmp_path / "run"
+    new = continue_from_bundle(base, "long", out, time_budget=2.0)
+    info = json.loads((out / "budget.json").read_text())
+    assert len(timed) == 1 and info["seconds_per_step"] == round(10.0 * timed[0], 4)
+    assert info["time_budget_s"] == 2.0 and 0 < info["seconds_left"] < 2.0 and info["of"] == 400
+    assert info["steps"] == continuation.budget_steps(info["seconds_left"], 10.0 * timed[0], 400) < 400
+    steps = info["steps"]
+    log = [json.loads(line) for line in (out / long.stage.name / "log.jsonl").read_text().splitlines()]
+    assert len(log) == steps and json.loads((out / long.stage.name / "done").read_text())["steps"] == steps
+    lineage = read_bundle_lineage(new)[-1]
+    assert lineage["steps"] == lineage["phase_steps"]["dit"] == steps
+    assert json.loads((out / "continuation.json").read_text())["steps"] == steps
+    # the cooldown scaled with the steps: the lr of the last step is the cooled-down one
+    if steps > long.stage.warmup:
+        assert log[-1]["lr"] < long.stage.lr
+    # a resume, with another budget or none, keeps the length chosen and probes nothing
+    before, lineage_before = read_bundle_weights(new), read_bundle_lineage(new)
+    continue_from_bundle(base, "long", out, time_budget=1e6)
+    continue_from_bundle(base, "long", out)
+    after = read_bundle_weights(out / "model.safetensors")
+    assert len(timed) == 1 and read_bundle_lineage(out / "model.safetensors") == lineage_before
+    assert all(torch.equal(before[p][k], after[p][k]) for p in before for k in before[p])
+
+
+def test_the_step_probe_leaves_the_models_and_random_state_as_they_were(base):
+    from segue.train.latents import CachedFLF2VObjective
+    from segue.train.recipe import stage_train_config
+
+    model = segue.load(base)
+    parts = {"dit": model.dit.requires_grad_(True), "text": model.text_encoder, "image": model.image_encoder}
+    before = {k: v.clone() for k, v in model.dit.state_dict().items()}
+    cache = CachedClips(_smoke_cache(base))
+    cfg = stage_train_config(CONTINUATIONS["smoke"].stage, 2, 0, Path("unused"))
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    per_step = continuation.seconds_per_step(parts, CachedFLF2VObjective(shift=3.0, modes={"first_last": 1.0}),
+                                             cache, cfg, steps=4)  # fmt: skip
+    assert per_step > 0 and torch.equal(torch.rand(3), expected)
+    assert all(torch.equal(v, before[k]) for k, v in model.dit.state_dict().items())
+
+
+def _smoke_cache(base: Path) -> Path:
+    """The latent cache of the smoke continuation on ``base`` (built once next to it)."""
+    out = base.parent / "smoke-cache-run"
+    if not (out / "latents" / "meta.pt").is_file():
+        continue_from_bundle(base, "smoke", out)
+    return out / "latents"
+
+
+def test_durations_and_budget_errors_are_clear(base, tmp_path, capsys):
+    assert [continuation.parse_duration(t) for t in ("420", "420s", "7m", "1.5h", " 2M ")] == [
+        420.0, 420.0, 420.0, 5400.0, 120.0,
+    ]  # fmt: skip
+    for bad in ("", "m", "-3", "0", "7 min", "soon"):
+        with pytest.raises(InputError, match="is not a positive duration"):
+            continuation.parse_duration(bad)
+    assert continuation.budget_steps(100.0, 1.0, 1000) == 90 and continuation.budget_steps(100.0, 1.0, 50) == 50
+    assert continuation.budget_steps(0.5, 1.0, 1000) == 1
+    out = tmp_path / "r"
+    assert main(["-q", "train", "--time-budget", "7m", "--out", str(out)]) == 2
+    assert "--time-budget and --workers need --continue-from" in capsys.readouterr().err
+    args = ["-q", "train", "--continue-from", str(base), "--continuation", "smoke", "--out", str(out)]
+    assert main([*args, "--time-budget", "soon"]) == 2
+    assert "--time-budget: 'soon' is not a positive duration" in capsys.readouterr().err
+    assert main([*args, "--workers", "-1"]) == 2
+    assert "--workers must be >= 0, got -1" in capsys.readouterr().err
+    assert not out.exists()

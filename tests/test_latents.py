@@ -313,3 +313,22 @@ def test_cache_build_reports_progress_within_a_shard(tmp_path, monkeypatch, caps
     build_latent_cache(vae, data, 5, tmp_path / "d", ("first_last",), batch_size=2, shard_size=4)
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("latent cache")]
     assert [ln.split()[2] for ln in lines] == ["4/5", "5/5"]
+
+
+def test_workers_render_the_same_cache_and_object_masks(setup):
+    vae, data, path, _, tmp = setup
+    out = tmp / "workers"
+    build_latent_cache(vae, data, N_CLIPS, out, MODES, batch_size=2, progress=False, shard_size=2, workers=2)
+    for name in ("config.json",):
+        assert (out / name).read_text() == (path / name).read_text()  # workers are not a setting of the cache
+    for name in ("shard-00000.pt", "shard-00001.pt", "shard-00002.pt", "meta.pt"):
+        assert _equal(torch.load(out / name, weights_only=True), torch.load(path / name, weights_only=True)), name
+    build_object_masks(data, out, 4, CFG.vae.spatial_factor, dilate=1, workers=2)
+    one = tmp / "one-process"
+    build_latent_cache(vae, data, N_CLIPS, one, MODES, batch_size=2, progress=False, shard_size=2)
+    build_object_masks(data, one, 4, CFG.vae.spatial_factor, dilate=1)
+    a, b = (torch.load(p / "objects.pt", weights_only=True) for p in (out, one))
+    assert a["objects"].shape == (N_CLIPS, 2, 16 // CFG.vae.spatial_factor, 16 // CFG.vae.spatial_factor)
+    assert a["objects"].any() and _equal(a, b)
+    with pytest.raises(InputError, match="workers >= 0"):
+        build_latent_cache(vae, data, N_CLIPS, tmp / "bad", MODES, progress=False, workers=-1)

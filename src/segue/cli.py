@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--continue-from", type=Path, default=None, metavar="BUNDLE",
                     help="start from this bundle's weights and run --continuation instead of the preset")  # fmt: skip
     tr.add_argument("--continuation", default="default-r3", help="named continuation schedule (with --continue-from)")
+    tr.add_argument("--time-budget", default=None, metavar="DURATION",
+                    help="with --continue-from: the DiT stage runs the steps that fit (420, 7m, 1.5h)")  # fmt: skip
+    tr.add_argument("--workers", type=int, default=0,
+                    help="processes that render clips and collate batches (for a GPU)")  # fmt: skip
 
     ev = sub.add_parser("eval", help="score a model on the held-out procedural clips against a crossfade")
     ev.add_argument("--ckpt", type=Path, default=None, help="model (default: the built-in one)")
@@ -264,10 +268,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise InputError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
     if args.steps_scale <= 0:
         raise InputError(f"--steps-scale must be positive, got {args.steps_scale}")
+    if args.workers < 0:
+        raise InputError(f"--workers must be >= 0, got {args.workers}")
+    if args.continue_from is None and (args.time_budget is not None or args.workers):
+        raise InputError("--time-budget and --workers need --continue-from (a preset runs in-process, its stages "
+                         "at fixed lengths)")  # fmt: skip
     if args.continue_from is not None:
-        from .train.continuation import continue_from_bundle
+        from .train.continuation import continue_from_bundle, parse_duration
 
-        path = continue_from_bundle(args.continue_from, args.continuation, args.out, args.device, args.steps_scale)
+        budget = None if args.time_budget is None else parse_duration(args.time_budget)
+        path = continue_from_bundle(args.continue_from, args.continuation, args.out, args.device, args.steps_scale,
+                                    time_budget=budget, workers=args.workers)  # fmt: skip
     else:
         path = train_preset(args.preset, args.out, device=args.device, steps_scale=args.steps_scale)
     if args.install:

@@ -12,7 +12,13 @@ in ``CONTINUATIONS`` and docs/training.md records which ones made the shipped mo
 
 from __future__ import annotations
 
+import copy
 import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -43,7 +49,7 @@ from .recipe import (
     stage_train_config,
     train_vae_run,
 )
-from .trainer import Trainer
+from .trainer import LossFn, TrainConfig, Trainer, _atomic_write_text, _rng_state, _set_rng_state
 
 
 @dataclass(frozen=True)
@@ -411,6 +417,42 @@ CONTINUATIONS: dict[str, Continuation] = {
         loops="inward",
         sampling=SAMPLING_S8,
     ),
+    # Session 19 on top of default-r17: its recipe again on the next fresh window (26001-28000, on a
+    # 3-clip chunk boundary): more steps on new clips for the run trained at the sampler's noise levels only.
+    "default-r18": Continuation(
+        "default-r18",
+        Stage("stage2-flf-r18", steps=1800, lr=2e-4, modes=FLF, warmup=100, cooldown=700),
+        cache_start=26001,
+        cache_clips=2000,
+        ambiguous_fraction=0.5,
+        loop_groups=0.6,
+        paired_groups=True,
+        text_dropout=0.0,
+        sigma_min=0.5,
+        object_weights=((0, 2.0),),
+        object_dilate=0,
+        loops="inward",
+        sampling=SAMPLING_S8,
+    ),
+    # For a lent GPU (docs/training.md, "A GPU run, prepared"): r17's recipe on the shipped default-r13 with a
+    # batch 8 times as large and a 24000-clip window of fresh clips (28002-52001), for as many steps as a time
+    # budget allows (`--time-budget`; 20000 is the most, the cooldown is 30% of what runs). The lr is twice
+    # that of the batch-16 runs (less than linear scaling: AdamW, and the run starts from trained weights).
+    "default-g1": Continuation(
+        "default-g1",
+        Stage("stage2-flf-g1", steps=20000, lr=4e-4, modes=FLF, batch_size=128, warmup=200, cooldown=6000),
+        cache_start=28002,
+        cache_clips=24000,
+        ambiguous_fraction=0.5,
+        loop_groups=0.6,
+        paired_groups=True,
+        text_dropout=0.0,
+        sigma_min=0.5,
+        object_weights=((0, 2.0),),
+        object_dilate=0,
+        loops="inward",
+        sampling=SAMPLING_S8,
+    ),
     # the same path in seconds, for tests
     "smoke": Continuation(
         "smoke",
@@ -507,10 +549,73 @@ def _generated_clips(
                           c.generated_repeat)  # fmt: skip
 
 
+PROBE_STEPS = 8  # steps timed on copies of the models before a time-budgeted stage picks its length
+BUDGET_RESERVE = 0.1  # share of the time left kept back for checkpoints, the EMA and the bundle
+
+
+def seconds_per_step(parts: Mapping[str, torch.nn.Module], loss_fn: LossFn, data: Dataset, cfg: TrainConfig,
+                     steps: int = PROBE_STEPS) -> float:  # fmt: skip
+    """Median wall time of the last half of ``steps`` training steps of ``cfg`` on copies of ``parts`` (the
+    first steps pay for warm-up: allocations, kernel choice, worker start). The models, their optimiser and
+    torch's random state are left as they were."""
+    rng = _rng_state()
+    with tempfile.TemporaryDirectory() as tmp:
+        copies = {k: copy.deepcopy(m) for k, m in parts.items()}
+        short = replace(cfg, steps=steps + 1, schedule="constant", warmup=0, cooldown=0, out_dir=tmp,
+                        resume=False, log_every=steps + 1, ckpt_every=steps + 1)  # fmt: skip
+        probe = Trainer(copies, loss_fn, data, short)
+        times = []
+        for k in range(1, steps + 1):
+            t0 = time.perf_counter()
+            probe.run(stop_at=k)  # returns the step's loss as a float: the device has finished the step
+            times.append(time.perf_counter() - t0)
+        probe.close()
+    _set_rng_state(rng)
+    return statistics.median(times[steps // 2 :])
+
+
+def budget_steps(seconds_left: float, per_step: float, most: int) -> int:
+    """The steps that fit ``seconds_left`` at ``per_step`` seconds each, ``BUDGET_RESERVE`` of it kept back,
+    at least 1 and at most ``most`` (the stage's own count)."""
+    return max(1, min(most, int(seconds_left * (1 - BUDGET_RESERVE) / per_step)))
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "420", "420s", "7m" or "1.5h"; an InputError names the value and what is allowed."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    t = text.strip().lower()
+    scale = units.get(t[-1:])
+    number = t[:-1] if scale is not None else t
+    try:
+        value = float(number) * (scale or 1.0)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise InputError(f"--time-budget: {text!r} is not a positive duration (seconds, or with s, m or h: 420, 7m)")
+    return value
+
+
 def continue_from_bundle(
-    bundle: str | Path, name: str, out_dir: str | Path, device: str = "cpu", steps_scale: float = 1.0
+    bundle: str | Path,
+    name: str,
+    out_dir: str | Path,
+    device: str = "cpu",
+    steps_scale: float = 1.0,
+    time_budget: float | None = None,
+    workers: int = 0,
 ) -> Path:
-    """Run continuation ``name`` on ``bundle``'s weights into ``out_dir`` (resumes); returns the new bundle."""
+    """Run continuation ``name`` on ``bundle``'s weights into ``out_dir`` (resumes); returns the new bundle.
+
+    ``time_budget`` (seconds from this call): the DiT stage runs as many steps as fit what is left once its
+    latent cache is built (timed on copies of the models, ``seconds_per_step``), at most its own count; the
+    warmup stays, the cooldown scales with the steps, so the stage ends cooled down inside the budget. The
+    count is recorded (``budget.json``) and a resumed run keeps it. ``workers``: processes that render the
+    cache's clips and collate the DiT's batches (for a GPU, whose steps outrun one CPU core's data)."""
+    started = time.monotonic()
+    if time_budget is not None and not time_budget > 0:
+        raise InputError(f"time budget must be positive seconds, got {time_budget}")
+    if workers < 0:
+        raise InputError(f"workers must be >= 0, got {workers}")
     if name not in CONTINUATIONS:
         raise InputError(f"unknown continuation {name!r}; known: {', '.join(CONTINUATIONS)}")
     bundle = Path(bundle)
@@ -533,6 +638,9 @@ def continue_from_bundle(
         return max(1, round(n * steps_scale))
 
     steps = scaled(c.stage.steps) if c.stage.steps else 0  # the DiT stage's; 0: the bundle's DiT as it is
+    budget_file = out / "budget.json"
+    if steps and budget_file.is_file():  # a resumed time-budgeted run keeps the length it chose
+        steps = json.loads(budget_file.read_text())["steps"]
     phase_steps = {"vae": scaled(c.vae_steps) if c.vae_steps else 0, "dit": steps,
                    "decoder": scaled(c.decoder_steps) if c.decoder_steps else 0}  # fmt: skip
     record = {"continuation": asdict(c), "steps": steps, "phase_steps": phase_steps, "from": bundle.name}
@@ -570,12 +678,15 @@ def continue_from_bundle(
         cache_dir = out / "latents"
         modes = sorted(m for m, w in c.stage.modes.items() if w > 0)
         if not is_done(cache_dir):
-            build_latent_cache(vae, window, c.cache_clips, cache_dir, modes, dtype=getattr(torch, c.cache_dtype))
+            encode_batch = 64 if dev.type == "cuda" else 8  # the same cache; a GPU encodes big batches faster
+            build_latent_cache(vae, window, c.cache_clips, cache_dir, modes, batch_size=encode_batch,
+                               dtype=getattr(torch, c.cache_dtype), workers=workers)  # fmt: skip
             mark_done(cache_dir, {"clips": c.cache_clips, "start": c.cache_start, "modes": modes})
         segments = c.object_weights or ((0, 1.0),)
         if any(w != 1.0 for _, w in segments) and not (cache_dir / "objects.pt").is_file():
-            build_object_masks(window, cache_dir, vae.cfg.temporal_factor, vae.cfg.spatial_factor, c.object_dilate)
-        tc = stage_train_config(c.stage, steps, c.seed, run)
+            build_object_masks(window, cache_dir, vae.cfg.temporal_factor, vae.cfg.spatial_factor, c.object_dilate,
+                               workers)  # fmt: skip
+        tc = replace(stage_train_config(c.stage, steps, c.seed, run), num_workers=workers)
 
         def objective(weight: float) -> CachedFLF2VObjective:
             return CachedFLF2VObjective(shift=c.shift, modes=c.stage.modes, caption_dropout=c.stage.caption_dropout,
@@ -586,6 +697,19 @@ def continue_from_bundle(
         if c.paired_groups:  # the cache starts on a chunk boundary (checked), so its 3-item blocks are chunks
             clips = GroupedClips(clips, [data.group_of(c.cache_start + i) for i in range(c.cache_clips)])
             tc = replace(tc, keep_together=GROUP_SIZE)
+        if time_budget is not None and not budget_file.is_file():
+            per_step = seconds_per_step(parts, objective(segments[0][1]), clips, tc)
+            left = time_budget - (time.monotonic() - started)
+            steps = budget_steps(left, per_step, steps)
+            info = {"time_budget_s": time_budget, "seconds_left": round(left, 1),
+                    "seconds_per_step": round(per_step, 4), "steps": steps, "of": tc.steps}  # fmt: skip
+            _atomic_write_text(json.dumps(info, indent=2), budget_file)
+            print(f"time budget: {left:.0f} s left at {per_step:.3f} s/step: {steps} of {tc.steps} steps",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            tc = replace(stage_train_config(c.stage, steps, c.seed, run), num_workers=tc.num_workers,
+                         keep_together=tc.keep_together)  # fmt: skip
+            record["steps"] = phase_steps["dit"] = steps
+            _atomic_write_text(json.dumps(record, indent=2), out / "continuation.json")
         trainer = Trainer(parts, objective(segments[0][1]), clips, tc)
         # one run per weight segment; the first resumes from the latest checkpoint, which may lie past its end
         ends = [round(s * steps / c.stage.steps) for s, _ in segments[1:]] + [steps]

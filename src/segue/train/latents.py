@@ -39,14 +39,14 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from ..data.synthetic import LOOP_GROUPS
 from ..errors import InputError
@@ -111,13 +111,22 @@ def _build_shard(
     batch_size: int,
     dtype: torch.dtype,
     on_batch: Callable[[int], None] | None = None,
+    workers: int = 0,
 ) -> dict[str, Any]:
-    """Encode clips ``indices``; ``on_batch(last index + 1)`` after each batch (progress)."""
+    """Encode clips ``indices``; ``on_batch(last index + 1)`` after each batch (progress). ``workers`` > 0
+    renders the clips in that many processes while the VAE encodes (a GPU encodes faster than one CPU
+    core renders); the batches come in order, so the shard is the same."""
     x0, cond, frames_u8, captions = [], {m: [] for m in modes}, [], []
     n_frames = 0
-    for start in range(indices.start, indices.stop, batch_size):
-        idx = list(range(start, min(start + batch_size, indices.stop)))
-        items = [dataset[i] for i in idx]
+    batches = [
+        list(range(s, min(s + batch_size, indices.stop))) for s in range(indices.start, indices.stop, batch_size)
+    ]
+    rendered: Iterable[list[dict]] = (
+        DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=list)  # type: ignore[arg-type]
+        if workers > 0
+        else ([dataset[i] for i in idx] for idx in batches)
+    )
+    for idx, items in zip(batches, rendered):
         videos = torch.stack([it["video"] for it in items]).float()  # [b, 3, F, H, W]
         z = _encode_batch(vae, videos, modes, idx)
         x0.append(z["x0"].to(dtype))
@@ -166,18 +175,20 @@ def build_latent_cache(
     *,
     shard_size: int = 1024,
     dtype: torch.dtype = torch.float32,
+    workers: int = 0,
 ) -> Path:
     """Encode clips ``0..n_clips-1`` of ``dataset`` (items with ``video`` [3, F, H, W] 8-bit in [-1, 1] and
     ``caption``) into the cache folder ``path``; returns it. ``modes``: the conditioning modes to cache
     ("none" is always available). ``batch_size`` clips go through the VAE at a time, each with its
     conditioning videos (one call of (1 + modes) * batch_size videos). Latents are stored in ``dtype``.
+    ``workers`` > 0 renders the clips in that many processes (the same cache, sooner where the encode is fast).
 
     Resumable: finished shards are kept; a folder built with other settings (or another VAE) is an error."""
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise InputError(f"unknown conditioning modes {bad}; known: {', '.join(MODES)}")
-    if n_clips < 1 or n_clips > len(dataset) or batch_size < 1 or shard_size < 1:  # type: ignore[arg-type]
-        raise InputError(f"need 1 <= n_clips <= {len(dataset)}, batch_size, shard_size >= 1")  # type: ignore[arg-type]
+    if n_clips < 1 or n_clips > len(dataset) or batch_size < 1 or shard_size < 1 or workers < 0:  # type: ignore[arg-type]
+        raise InputError(f"need 1 <= n_clips <= {len(dataset)}, batch_size, shard_size >= 1, workers >= 0")  # type: ignore[arg-type]
     encoded = [m for m in ENCODED_MODES if m in modes]
     path = Path(path)
     config = {
@@ -216,7 +227,7 @@ def build_latent_cache(
         if (path / name).is_file():
             done_before = rng.stop
             continue
-        _atomic_save(_build_shard(vae, dataset, rng, encoded, batch_size, dtype, report), path / name)
+        _atomic_save(_build_shard(vae, dataset, rng, encoded, batch_size, dtype, report, workers), path / name)
         report(rng.stop, force=True)
 
     # "none": the latent of an all-zero conditioning video, the same for every clip
@@ -240,20 +251,40 @@ def latent_object_mask(mask: Tensor, temporal: int, spatial: int, dilate: int = 
     return m[:, 0] > 0
 
 
-def build_object_masks(dataset: Dataset, path: str | Path, temporal: int, spatial: int, dilate: int = 1) -> Path:
-    """Write ``objects.pt`` into the finished latent cache at ``path``: for each cached clip (index i of
-    ``dataset``, which must have ``scene(i)``) its shapes' latent cells (``latent_object_mask``)."""
-    from ..data.synthetic import object_mask
+class _ObjectMasks(Dataset):
+    """Item i: the latent object mask of clip i of ``data`` (a dataset, so that workers can render them)."""
 
+    def __init__(self, data: Dataset, n: int, temporal: int, spatial: int, dilate: int) -> None:
+        self.data, self.n, self.temporal, self.spatial, self.dilate = data, n, temporal, spatial, dilate
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Tensor:
+        from ..data.synthetic import object_mask
+
+        mask = torch.from_numpy(object_mask(self.data.scene(i)))  # type: ignore[attr-defined]
+        return latent_object_mask(mask, self.temporal, self.spatial, self.dilate)
+
+
+def build_object_masks(
+    dataset: Dataset, path: str | Path, temporal: int, spatial: int, dilate: int = 1, workers: int = 0
+) -> Path:
+    """Write ``objects.pt`` into the finished latent cache at ``path``: for each cached clip (index i of
+    ``dataset``, which must have ``scene(i)``) its shapes' latent cells (``latent_object_mask``), rendered
+    in ``workers`` processes when > 0 (the same masks)."""
     path = Path(path)
     if not (path / "meta.pt").is_file():
         raise InputError(f"no finished latent cache at {path} (meta.pt is missing)")
     if not hasattr(dataset, "scene"):
         raise InputError(f"object masks need a dataset with scene(i) (procedural clips), not {type(dataset).__name__}")
     n = json.loads((path / "config.json").read_text())["n_clips"]
-    masks = [latent_object_mask(torch.from_numpy(object_mask(dataset.scene(i))), temporal, spatial, dilate)
-             for i in range(n)]  # fmt: skip
-    _atomic_save({"dilate": dilate, "objects": torch.stack(masks)}, path / "objects.pt")
+    items = _ObjectMasks(dataset, n, temporal, spatial, dilate)
+    if workers > 0:
+        masks = torch.cat(list(DataLoader(items, batch_size=256, num_workers=workers)))
+    else:
+        masks = torch.stack([items[i] for i in range(n)])
+    _atomic_save({"dilate": dilate, "objects": masks}, path / "objects.pt")
     return path
 
 
