@@ -167,3 +167,35 @@ def test_oracle_inbetween_redraws_only_what_the_inputs_do_not_show(tmp_path, cap
     with pytest.raises(SystemExit):
         oracle.main(["--clips", "4", "--eval", str(scores)])
     assert "scores clips [0, 1, 2], not all of 0..3" in capsys.readouterr().err
+
+
+def test_gpu_continue_runs_a_budgeted_continuation_and_brings_the_bundle_back_in_parts(tmp_path, capsys):
+    import json
+
+    import gpu_continue
+    import pytest
+
+    from segue.cli import main
+
+    base = tmp_path / "base"
+    assert main(["-q", "train", "--preset", "smoke", "--out", str(base)]) == 0
+    out, run = tmp_path / "OUT", tmp_path / "run"
+    args = ["--out", str(out), "--bundle", str(base / "model.safetensors"), "--continuation", "smoke", "--device",
+            "cpu", "--workers", "1", "--run", str(run), "--budget", "600", "--part-bytes", "200000"]  # fmt: skip
+    assert gpu_continue.main(args) == 0
+    names = sorted(p.name for p in out.iterdir())
+    parts = [n for n in names if n.startswith("model.part-")]
+    whole = (run / "model.safetensors").read_bytes()
+    assert len(parts) == -(-len(whole) // 200000) > 1
+    assert {"train.log", "budget.json", "continuation.json", "log.jsonl", "model.sha256"} <= set(names)
+    budget = json.loads((out / "budget.json").read_text())
+    assert budget["steps"] == budget["of"] == 2  # the smoke stage's 2 steps fit 600 s
+    log = (out / "train.log").read_text()
+    assert "torch " in log and "time budget:" in log and "segue train exited 0" in log
+    joined = tmp_path / "back" / "model.safetensors"
+    assert gpu_continue.main(["--join", str(out), "--to", str(joined)]) == 0
+    assert joined.read_bytes() == whole
+    (out / parts[-1]).write_bytes(b"x")  # a part that came back cut
+    with pytest.raises(SystemExit, match="do not give the sha256"):
+        gpu_continue.main(["--join", str(out), "--to", str(tmp_path / "bad.safetensors")])
+    assert not (tmp_path / "bad.safetensors").exists() and not list(tmp_path.glob("bad*"))

@@ -548,7 +548,7 @@ def test_a_time_budget_picks_the_steps_that_fit_and_a_resume_keeps_them(base, tm
     assert all(torch.equal(before[p][k], after[p][k]) for p in before for k in before[p])
 
 
-def test_the_step_probe_leaves_the_models_and_random_state_as_they_were(base):
+def test_the_step_probe_leaves_the_models_and_random_state_as_they_were(base, monkeypatch):
     from segue.train.latents import CachedFLF2VObjective
     from segue.train.recipe import stage_train_config
 
@@ -564,6 +564,12 @@ def test_the_step_probe_leaves_the_models_and_random_state_as_they_were(base):
                                              cache, cfg, steps=4)  # fmt: skip
     assert per_step > 0 and torch.equal(torch.rand(3), expected)
     assert all(torch.equal(v, before[k]) for k, v in model.dit.state_dict().items())
+    # collating in workers: a step takes the longer of its training and its share of the collating
+    monkeypatch.setattr(continuation.Trainer, "time_steps", lambda self, n: [(9.0, 9.0)] + [(0.4, 0.1)] * (n - 1))
+    loss = CachedFLF2VObjective(shift=3.0, modes={"first_last": 1.0})
+    m = continuation.WORKER_MARGIN
+    got = [continuation.seconds_per_step(parts, loss, cache, replace(cfg, num_workers=w), steps=4) for w in (0, 2, 8)]
+    assert got == pytest.approx([0.5, 0.2 * m, 0.1 * m])
 
 
 def _smoke_cache(base: Path) -> Path:

@@ -551,27 +551,28 @@ def _generated_clips(
 
 PROBE_STEPS = 8  # steps timed on copies of the models before a time-budgeted stage picks its length
 BUDGET_RESERVE = 0.1  # share of the time left kept back for checkpoints, the EMA and the bundle
+WORKER_MARGIN = 1.25  # batches from worker processes: their passing between processes, the workers' start
 
 
 def seconds_per_step(parts: Mapping[str, torch.nn.Module], loss_fn: LossFn, data: Dataset, cfg: TrainConfig,
                      steps: int = PROBE_STEPS) -> float:  # fmt: skip
-    """Median wall time of the last half of ``steps`` training steps of ``cfg`` on copies of ``parts`` (the
-    first steps pay for warm-up: allocations, kernel choice, worker start). The models, their optimiser and
-    torch's random state are left as they were."""
+    """Seconds a step of ``cfg`` will take, from ``steps`` steps on copies of ``parts`` (the median of the last
+    half: the first ones pay for allocations and kernel choice). The batches are collated in this process and
+    timed apart from the training: with ``cfg.num_workers`` processes collating, a step takes the longer of
+    its training and its share of the collating; without, both. The models and torch's random state are
+    left as they were."""
     rng = _rng_state()
     with tempfile.TemporaryDirectory() as tmp:
         copies = {k: copy.deepcopy(m) for k, m in parts.items()}
-        short = replace(cfg, steps=steps + 1, schedule="constant", warmup=0, cooldown=0, out_dir=tmp,
-                        resume=False, log_every=steps + 1, ckpt_every=steps + 1)  # fmt: skip
-        probe = Trainer(copies, loss_fn, data, short)
-        times = []
-        for k in range(1, steps + 1):
-            t0 = time.perf_counter()
-            probe.run(stop_at=k)  # returns the step's loss as a float: the device has finished the step
-            times.append(time.perf_counter() - t0)
-        probe.close()
+        short = replace(cfg, steps=steps, schedule="constant", warmup=0, cooldown=0, out_dir=tmp, resume=False,
+                        num_workers=0)  # fmt: skip
+        times = Trainer(copies, loss_fn, data, short).time_steps(steps)[steps // 2 :]
     _set_rng_state(rng)
-    return statistics.median(times[steps // 2 :])
+    data_s = statistics.median(t for t, _ in times)
+    train_s = statistics.median(t for _, t in times)
+    if cfg.num_workers == 0:
+        return data_s + train_s
+    return max(train_s, data_s / cfg.num_workers) * WORKER_MARGIN
 
 
 def budget_steps(seconds_left: float, per_step: float, most: int) -> int:

@@ -455,6 +455,19 @@ class Trainer:
                 _atomic_save(ema, self.out_dir / "ema.pt")
         return losses
 
+    def time_steps(self, n: int) -> list[tuple[float, float]]:
+        """Take ``n`` steps as ``run`` does, without logging or saving; for each, the seconds spent getting its
+        batch and the seconds training on it (``train_step`` returns floats: the device has finished)."""
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            batch = self._next_batch()
+            t1 = time.perf_counter()
+            self.train_step(batch)
+            self.step += 1
+            times.append((t1 - t0, time.perf_counter() - t1))
+        return times
+
     def close(self) -> None:
         """Stop the data pipeline (DataLoader workers); a later ``run`` restarts it at the current step."""
         if self._iter is not None:
