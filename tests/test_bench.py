@@ -147,11 +147,14 @@ def test_oracle_inbetween_redraws_only_what_the_inputs_do_not_show(tmp_path, cap
         assert np.abs(frames[[0, -1]] - truth[[0, -1]]).max() <= 0.5
         assert (a.main.p0, a.main.p1, a.main.radius, a.main.path) == (arc.main.p0, arc.main.p1, arc.main.radius,
                                                                       "arc_over")  # fmt: skip
-    mean, kept = oracle.posterior_mean(arc, 16, rng)
+    mean, kept, draw = oracle.posterior_mean(arc, 16, rng)
     assert kept == 16 and video_psnr(oracle.to_uint8(mean), oracle.to_uint8(truth), 1, -1) > 25
+    # one draw is another arc through the same keyframes, not the true one
+    assert np.abs(draw[[0, -1]] - truth[[0, -1]]).max() <= 0.5 and not np.array_equal(draw, truth)
     still = dataclasses.replace(arc, main=dataclasses.replace(arc.main, path="still", p1=arc.main.p0))
-    mean, kept = oracle.posterior_mean(still, 4, rng)  # nothing unseen moves a shape that stays: one video
+    mean, kept, draw = oracle.posterior_mean(still, 4, rng)  # nothing unseen moves a shape that stays: one video
     assert kept == 4 and np.array_equal(oracle.to_uint8(mean), oracle.to_uint8(oracle.render_frames(still)))
+    assert np.array_equal(oracle.to_uint8(draw), oracle.to_uint8(oracle.render_frames(still)))
     scores = tmp_path / "eval.json"  # a segue eval.json's per-clip in-between PSNRs
     scores.write_text(json.dumps({"clips": [{"index": i, "model": {"psnr": 20.0 + i}} for i in range(3)]}))
     assert oracle.main(["--clips", "3", "--samples", "4", "--split", "val", "--eval", str(scores)]) == 0
@@ -161,7 +164,8 @@ def test_oracle_inbetween_redraws_only_what_the_inputs_do_not_show(tmp_path, cap
     total = rows[-1]
     assert total[1].strip() == "all" and total[2].strip() == "3" and sum(int(r[2]) for r in rows[:-1]) == 3
     assert float(total[3]) + 2 < float(total[4]) <= oracle.CAP  # the posterior mean beats the crossfade
-    assert float(total[6]) == 21.0  # the model's mean over the same clips
+    assert "| gain | one posterior draw (dB) |" in out[0] and 0 < float(total[6]) <= oracle.CAP
+    assert float(total[7]) == 21.0  # the model's mean over the same clips
     with pytest.raises(SystemExit):
         oracle.main(["--samples", "0"])
     with pytest.raises(SystemExit):
