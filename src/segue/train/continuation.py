@@ -453,6 +453,23 @@ CONTINUATIONS: dict[str, Continuation] = {
         loops="inward",
         sampling=SAMPLING_S8,
     ),
+    # Next on top of default-r18 (started at the end of session 19, resumable): the same recipe on the window
+    # after default-g1's (52002-54001), so that a GPU run of g1 and this CPU run never share clips.
+    "default-r19": Continuation(
+        "default-r19",
+        Stage("stage2-flf-r19", steps=1800, lr=2e-4, modes=FLF, warmup=100, cooldown=700),
+        cache_start=52002,
+        cache_clips=2000,
+        ambiguous_fraction=0.5,
+        loop_groups=0.6,
+        paired_groups=True,
+        text_dropout=0.0,
+        sigma_min=0.5,
+        object_weights=((0, 2.0),),
+        object_dilate=0,
+        loops="inward",
+        sampling=SAMPLING_S8,
+    ),
     # the same path in seconds, for tests
     "smoke": Continuation(
         "smoke",
