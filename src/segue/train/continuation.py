@@ -165,6 +165,35 @@ def with_sampling(config: ModelConfig, sampling: tuple[tuple[str, float | int | 
 SAMPLING_S8 = (("steps", 3), ("guidance", 1.0), ("shift", 3.0))
 
 
+# Session 18 on top of default-r13: r16 on its own clips (24000-25999; its latent cache can be reused) with the
+# noise levels cut below 0.5, where the shipped 3-step sampler never asks the model (it evaluates it at 1.0,
+# 0.857 and 0.600; 4 steps go down to 0.500). With shift 3 a quarter of every batch was drawn below 0.5, where
+# the velocity target is mostly the unpredictable noise. The A/B test against r16.
+_R17 = Continuation(
+    "default-r17",
+    Stage("stage2-flf-r17", steps=1800, lr=2e-4, modes=FLF, warmup=100, cooldown=700),
+    cache_start=24000,
+    cache_clips=2000,
+    ambiguous_fraction=0.5,
+    loop_groups=0.6,
+    paired_groups=True,
+    text_dropout=0.0,
+    sigma_min=0.5,
+    object_weights=((0, 2.0),),
+    object_dilate=0,
+    loops="inward",
+    sampling=SAMPLING_S8,
+)
+
+
+def _again_r17(name: str, cache_start: int, cache_clips: int = 2000, **stage: float | int) -> Continuation:
+    """r17's recipe under ``name`` on another window of fresh clips; ``stage`` changes its DiT stage's numbers
+    (steps, lr, batch_size, warmup, cooldown)."""
+    stage_name = "stage2-flf-" + name.removeprefix("default-")
+    return replace(_R17, name=name, stage=replace(_R17.stage, name=stage_name, **stage),  # type: ignore[arg-type]
+                   cache_start=cache_start, cache_clips=cache_clips)  # fmt: skip
+
+
 CONTINUATIONS: dict[str, Continuation] = {
     # Session 5 on top of the second whole run of the default preset: first-last specialisation goes on
     # (its flow loss was still falling) on 2000 clips it has not seen; fresh AdamW, so a short warmup.
@@ -398,78 +427,27 @@ CONTINUATIONS: dict[str, Continuation] = {
         loops="inward",
         sampling=SAMPLING_S8,
     ),
-    # Session 18 on top of default-r13: r16 on its own clips (24000-25999; its latent cache can be reused) with
-    # the noise levels cut below 0.5, where the shipped 3-step sampler never asks the model (it evaluates it at
-    # 1.0, 0.857 and 0.600; 4 steps go down to 0.500). With shift 3 a quarter of every batch was drawn below
-    # 0.5, where the velocity target is mostly the unpredictable noise. The A/B test against r16.
-    "default-r17": Continuation(
-        "default-r17",
-        Stage("stage2-flf-r17", steps=1800, lr=2e-4, modes=FLF, warmup=100, cooldown=700),
-        cache_start=24000,
-        cache_clips=2000,
-        ambiguous_fraction=0.5,
-        loop_groups=0.6,
-        paired_groups=True,
-        text_dropout=0.0,
-        sigma_min=0.5,
-        object_weights=((0, 2.0),),
-        object_dilate=0,
-        loops="inward",
-        sampling=SAMPLING_S8,
-    ),
-    # Session 19 on top of default-r17: its recipe again on the next fresh window (26001-28000, on a
-    # 3-clip chunk boundary): more steps on new clips for the run trained at the sampler's noise levels only.
-    "default-r18": Continuation(
-        "default-r18",
-        Stage("stage2-flf-r18", steps=1800, lr=2e-4, modes=FLF, warmup=100, cooldown=700),
-        cache_start=26001,
-        cache_clips=2000,
-        ambiguous_fraction=0.5,
-        loop_groups=0.6,
-        paired_groups=True,
-        text_dropout=0.0,
-        sigma_min=0.5,
-        object_weights=((0, 2.0),),
-        object_dilate=0,
-        loops="inward",
-        sampling=SAMPLING_S8,
-    ),
-    # For a lent GPU (docs/training.md, "A GPU run, prepared"): r17's recipe on the shipped default-r13 with a
-    # batch 8 times as large and a 24000-clip window of fresh clips (28002-52001), for as many steps as a time
-    # budget allows (`--time-budget`; 20000 is the most, the cooldown is 30% of what runs). The lr is twice
-    # that of the batch-16 runs (less than linear scaling: AdamW, and the run starts from trained weights).
-    "default-g1": Continuation(
+    "default-r17": _R17,
+    # Session 19 on top of default-r17: its recipe again on the next fresh window (26001-28000, on a 3-clip chunk
+    # boundary): more steps on new clips for the run trained at the sampler's noise levels only.
+    "default-r18": _again_r17("default-r18", cache_start=26001),
+    # For a lent GPU (docs/training.md, session 19): r17's recipe on the shipped default-r13 with a batch 8 times
+    # as large and a 24000-clip window of fresh clips (28002-52001), for as many steps as a time budget allows
+    # (`--time-budget`; 20000 is the most, the cooldown is 30% of what runs). The lr is twice that of the
+    # batch-16 runs (less than linear scaling: AdamW, and the run starts from trained weights).
+    "default-g1": _again_r17(
         "default-g1",
-        Stage("stage2-flf-g1", steps=20000, lr=4e-4, modes=FLF, batch_size=128, warmup=200, cooldown=6000),
         cache_start=28002,
         cache_clips=24000,
-        ambiguous_fraction=0.5,
-        loop_groups=0.6,
-        paired_groups=True,
-        text_dropout=0.0,
-        sigma_min=0.5,
-        object_weights=((0, 2.0),),
-        object_dilate=0,
-        loops="inward",
-        sampling=SAMPLING_S8,
-    ),
+        steps=20000,
+        lr=4e-4,
+        batch_size=128,
+        warmup=200,
+        cooldown=6000,
+    ),  # fmt: skip
     # Next on top of default-r18 (started at the end of session 19, resumable): the same recipe on the window
     # after default-g1's (52002-54001), so that a GPU run of g1 and this CPU run never share clips.
-    "default-r19": Continuation(
-        "default-r19",
-        Stage("stage2-flf-r19", steps=1800, lr=2e-4, modes=FLF, warmup=100, cooldown=700),
-        cache_start=52002,
-        cache_clips=2000,
-        ambiguous_fraction=0.5,
-        loop_groups=0.6,
-        paired_groups=True,
-        text_dropout=0.0,
-        sigma_min=0.5,
-        object_weights=((0, 2.0),),
-        object_dilate=0,
-        loops="inward",
-        sampling=SAMPLING_S8,
-    ),
+    "default-r19": _again_r17("default-r19", cache_start=52002),
     # the same path in seconds, for tests
     "smoke": Continuation(
         "smoke",
@@ -704,7 +682,11 @@ def continue_from_bundle(
         if any(w != 1.0 for _, w in segments) and not (cache_dir / "objects.pt").is_file():
             build_object_masks(window, cache_dir, vae.cfg.temporal_factor, vae.cfg.spatial_factor, c.object_dilate,
                                workers)  # fmt: skip
-        tc = replace(stage_train_config(c.stage, steps, c.seed, run), num_workers=workers)
+
+        def train_config(steps: int) -> TrainConfig:
+            # paired groups: the cache starts on a chunk boundary (checked), so its 3-item blocks are chunks
+            return replace(stage_train_config(c.stage, steps, c.seed, run), num_workers=workers,
+                           keep_together=GROUP_SIZE if c.paired_groups else 1)  # fmt: skip
 
         def objective(weight: float) -> CachedFLF2VObjective:
             return CachedFLF2VObjective(shift=c.shift, modes=c.stage.modes, caption_dropout=c.stage.caption_dropout,
@@ -712,9 +694,9 @@ def continue_from_bundle(
                                         sigma_min=c.sigma_min)  # fmt: skip
 
         clips: Dataset = CachedClips(cache_dir, temporal=vae.cfg.temporal_factor)
-        if c.paired_groups:  # the cache starts on a chunk boundary (checked), so its 3-item blocks are chunks
+        if c.paired_groups:
             clips = GroupedClips(clips, [data.group_of(c.cache_start + i) for i in range(c.cache_clips)])
-            tc = replace(tc, keep_together=GROUP_SIZE)
+        tc = train_config(steps)
         if time_budget is not None and not budget_file.is_file():
             per_step = seconds_per_step(parts, objective(segments[0][1]), clips, tc)
             left = time_budget - (time.monotonic() - started)
@@ -724,8 +706,7 @@ def continue_from_bundle(
             _atomic_write_text(json.dumps(info, indent=2), budget_file)
             print(f"time budget: {left:.0f} s left at {per_step:.3f} s/step: {steps} of {tc.steps} steps",
                   file=sys.stderr, flush=True)  # fmt: skip
-            tc = replace(stage_train_config(c.stage, steps, c.seed, run), num_workers=tc.num_workers,
-                         keep_together=tc.keep_together)  # fmt: skip
+            tc = train_config(steps)
             record["steps"] = phase_steps["dit"] = steps
             _atomic_write_text(json.dumps(record, indent=2), out / "continuation.json")
         trainer = Trainer(parts, objective(segments[0][1]), clips, tc)

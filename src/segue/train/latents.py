@@ -39,7 +39,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,11 +121,7 @@ def _build_shard(
     batches = [
         list(range(s, min(s + batch_size, indices.stop))) for s in range(indices.start, indices.stop, batch_size)
     ]
-    rendered: Iterable[list[dict]] = (
-        DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=list)  # type: ignore[arg-type]
-        if workers > 0
-        else ([dataset[i] for i in idx] for idx in batches)
-    )
+    rendered = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=list)  # 0: in-process
     for idx, items in zip(batches, rendered):
         videos = torch.stack([it["video"] for it in items]).float()  # [b, 3, F, H, W]
         z = _encode_batch(vae, videos, modes, idx)
@@ -280,10 +276,7 @@ def build_object_masks(
         raise InputError(f"object masks need a dataset with scene(i) (procedural clips), not {type(dataset).__name__}")
     n = json.loads((path / "config.json").read_text())["n_clips"]
     items = _ObjectMasks(dataset, n, temporal, spatial, dilate)
-    if workers > 0:
-        masks = torch.cat(list(DataLoader(items, batch_size=256, num_workers=workers)))
-    else:
-        masks = torch.stack([items[i] for i in range(n)])
+    masks = torch.cat(list(DataLoader(items, batch_size=256, num_workers=workers)))  # workers 0: in-process
     _atomic_save({"dilate": dilate, "objects": masks}, path / "objects.pt")
     return path
 

@@ -438,11 +438,8 @@ class Trainer:
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         while self.step < end:
-            t0 = time.perf_counter()
-            batch = self._next_batch()
-            loss, grad_norm, lr = self.train_step(batch)
-            seconds = time.perf_counter() - t0
-            self.step += 1
+            batch_s, train_s, loss, grad_norm, lr = self._take_step()
+            seconds = batch_s + train_s
             losses.append(loss)
             self.history.append(loss)
             self._log(loss, lr, grad_norm, seconds)
@@ -455,18 +452,20 @@ class Trainer:
                 _atomic_save(ema, self.out_dir / "ema.pt")
         return losses
 
+    def _take_step(self) -> tuple[float, float, float, float, float]:
+        """The next step of the stream: (seconds getting its batch, seconds training on it, loss, grad norm, lr).
+        ``train_step`` returns floats, so the device has finished when the clock is read."""
+        t0 = time.perf_counter()
+        batch = self._next_batch()
+        t1 = time.perf_counter()
+        loss, grad_norm, lr = self.train_step(batch)
+        self.step += 1
+        return t1 - t0, time.perf_counter() - t1, loss, grad_norm, lr
+
     def time_steps(self, n: int) -> list[tuple[float, float]]:
         """Take ``n`` steps as ``run`` does, without logging or saving; for each, the seconds spent getting its
-        batch and the seconds training on it (``train_step`` returns floats: the device has finished)."""
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            batch = self._next_batch()
-            t1 = time.perf_counter()
-            self.train_step(batch)
-            self.step += 1
-            times.append((t1 - t0, time.perf_counter() - t1))
-        return times
+        batch and the seconds training on it."""
+        return [self._take_step()[:2] for _ in range(n)]
 
     def close(self) -> None:
         """Stop the data pipeline (DataLoader workers); a later ``run`` restarts it at the current step."""
