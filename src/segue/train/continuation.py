@@ -165,20 +165,27 @@ def with_sampling(config: ModelConfig, sampling: tuple[tuple[str, float | int | 
 SAMPLING_S8 = (("steps", 3), ("guidance", 1.0), ("shift", 3.0))
 
 
-# Session 18 on top of default-r13: r16 on its own clips (24000-25999; its latent cache can be reused) with the
-# noise levels cut below 0.5, where the shipped 3-step sampler never asks the model (it evaluates it at 1.0,
-# 0.857 and 0.600; 4 steps go down to 0.500). With shift 3 a quarter of every batch was drawn below 0.5, where
-# the velocity target is mostly the unpredictable noise. The A/B test against r16.
-_R17 = Continuation(
-    "default-r17",
-    Stage("stage2-flf-r17", steps=1800, lr=2e-4, modes=FLF, warmup=100, cooldown=700),
-    cache_start=24000,
+def _again(
+    base: Continuation, name: str, stage: Mapping[str, float | int] | None = None, **fields: object
+) -> Continuation:
+    """``base``'s recipe under ``name`` (its DiT stage renamed to match) with ``fields`` changed; ``stage`` changes
+    the stage's numbers (steps, lr, batch_size, warmup, cooldown)."""
+    stage_name = "stage2-flf-" + name.removeprefix("default-")
+    return replace(base, name=name, stage=replace(base.stage, name=stage_name, **(stage or {})), **fields)
+
+
+# Session 14 on top of default-r11 (not r12: its decoder blurred the shapes): the 12-block DiT trains on
+# fresh clips 19000-20999 (after r12's generated window) whose circles lie inward (their centre toward the
+# frame's centre, so the first frame shows which way "clockwise" goes; before, the centre lay in any
+# direction and the two captions of a circle asked for the same distribution of positions), as in
+# session 12 otherwise: shapes at weight 2, 1800 steps with a 700-step cooldown to fit one session at about
+# 2.7 s/step. No decoder phase: the DiT does not move the latent space, so r11's widened decoder stays.
+_R13 = Continuation(
+    "default-r13",
+    Stage("stage2-flf-r13", steps=1800, lr=2e-4, modes=FLF, warmup=100, cooldown=700),
+    cache_start=19000,
     cache_clips=2000,
     ambiguous_fraction=0.5,
-    loop_groups=0.6,
-    paired_groups=True,
-    text_dropout=0.0,
-    sigma_min=0.5,
     object_weights=((0, 2.0),),
     object_dilate=0,
     loops="inward",
@@ -186,12 +193,33 @@ _R17 = Continuation(
 )
 
 
-def _again_r17(name: str, cache_start: int, cache_clips: int = 2000, **stage: float | int) -> Continuation:
-    """r17's recipe under ``name`` on another window of fresh clips; ``stage`` changes its DiT stage's numbers
-    (steps, lr, batch_size, warmup, cooldown)."""
-    stage_name = "stage2-flf-" + name.removeprefix("default-")
-    return replace(_R17, name=name, stage=replace(_R17.stage, name=stage_name, **stage),  # type: ignore[arg-type]
-                   cache_start=cache_start, cache_clips=cache_clips)  # fmt: skip
+# Session 15 on top of default-r13: the captions it missed were mostly circle_ccw (5 of 6 test clips went
+# clockwise), so more of the same on fresh clips 21000-22999 with twice the loop groups (0.6 of the
+# ambiguous groups: circle_cw, circle_ccw and still from the same keyframes, so only the caption tells them
+# apart), shapes at weight 2, 1800 steps with a 700-step cooldown, as r13.
+_R14 = _again(_R13, "default-r14", cache_start=21000, loop_groups=0.6)
+
+
+# Session 16 on top of default-r13: r14 on the same clips (21000-22999, loop groups 0.6; its latent cache
+# can be reused) with paired groups: a group's clips share a batch and their noise, sigma and mode, so that
+# the two senses of a circle, given the same keyframes and noise, differ only in the caption and the
+# target. r14 left the model making the same video for "clockwise" and "counterclockwise"; this is the
+# A/B test of whether the pairing teaches the word (it did not: docs/training.md, session 16).
+_R15 = _again(_R14, "default-r15", paired_groups=True)
+
+
+# Session 17 on top of default-r13: r15's recipe (paired groups, loop groups 0.6) on fresh clips 24000-25999
+# with the text encoder's dropout off (the A/B test against r15). Trained on one loop group alone, r13 learns
+# the circle's sense within 100-200 steps, with or without the dropout (docs/training.md, session 17).
+# 1800 steps with a 700-step cooldown, as r13 to r15.
+_R16 = _again(_R15, "default-r16", cache_start=24000, text_dropout=0.0)
+
+
+# Session 18 on top of default-r13: r16 on its own clips (24000-25999; its latent cache can be reused) with the
+# noise levels cut below 0.5, where the shipped 3-step sampler never asks the model (it evaluates it at 1.0,
+# 0.857 and 0.600; 4 steps go down to 0.500). With shift 3 a quarter of every batch was drawn below 0.5, where
+# the velocity target is mostly the unpredictable noise. The A/B test against r16.
+_R17 = _again(_R16, "default-r17", sigma_min=0.5)
 
 
 CONTINUATIONS: dict[str, Continuation] = {
@@ -358,99 +386,31 @@ CONTINUATIONS: dict[str, Continuation] = {
         generated_start=18000,
         sampling=SAMPLING_S8,
     ),
-    # Session 14 on top of default-r11 (not r12: its decoder blurred the shapes): the 12-block DiT trains on
-    # fresh clips 19000-20999 (after r12's generated window) whose circles lie inward (their centre toward the
-    # frame's centre, so the first frame shows which way "clockwise" goes; before, the centre lay in any
-    # direction and the two captions of a circle asked for the same distribution of positions), as in
-    # session 12 otherwise: shapes at weight 2, 1800 steps with a 700-step cooldown to fit one session at about
-    # 2.7 s/step. No decoder phase: the DiT does not move the latent space, so r11's widened decoder stays.
-    "default-r13": Continuation(
-        "default-r13",
-        Stage("stage2-flf-r13", steps=1800, lr=2e-4, modes=FLF, warmup=100, cooldown=700),
-        cache_start=19000,
-        cache_clips=2000,
-        ambiguous_fraction=0.5,
-        object_weights=((0, 2.0),),
-        object_dilate=0,
-        loops="inward",
-        sampling=SAMPLING_S8,
-    ),
-    # Session 15 on top of default-r13: the captions it missed were mostly circle_ccw (5 of 6 test clips went
-    # clockwise), so more of the same on fresh clips 21000-22999 with twice the loop groups (0.6 of the
-    # ambiguous groups: circle_cw, circle_ccw and still from the same keyframes, so only the caption tells them
-    # apart), shapes at weight 2, 1800 steps with a 700-step cooldown, as r13.
-    "default-r14": Continuation(
-        "default-r14",
-        Stage("stage2-flf-r14", steps=1800, lr=2e-4, modes=FLF, warmup=100, cooldown=700),
-        cache_start=21000,
-        cache_clips=2000,
-        ambiguous_fraction=0.5,
-        loop_groups=0.6,
-        object_weights=((0, 2.0),),
-        object_dilate=0,
-        loops="inward",
-        sampling=SAMPLING_S8,
-    ),
-    # Session 16 on top of default-r13: r14 on the same clips (21000-22999, loop groups 0.6; its latent cache
-    # can be reused) with paired groups: a group's clips share a batch and their noise, sigma and mode, so that
-    # the two senses of a circle, given the same keyframes and noise, differ only in the caption and the
-    # target. r14 left the model making the same video for "clockwise" and "counterclockwise"; this is the
-    # A/B test of whether the pairing teaches the word (it did not: docs/training.md, session 16).
-    "default-r15": Continuation(
-        "default-r15",
-        Stage("stage2-flf-r15", steps=1800, lr=2e-4, modes=FLF, warmup=100, cooldown=700),
-        cache_start=21000,
-        cache_clips=2000,
-        ambiguous_fraction=0.5,
-        loop_groups=0.6,
-        paired_groups=True,
-        object_weights=((0, 2.0),),
-        object_dilate=0,
-        loops="inward",
-        sampling=SAMPLING_S8,
-    ),
-    # Session 17 on top of default-r13: r15's recipe (paired groups, loop groups 0.6) on fresh clips 24000-25999
-    # with the text encoder's dropout off (the A/B test against r15). Trained on one loop group alone, r13 learns
-    # the circle's sense within 100-200 steps, with or without the dropout (docs/training.md, session 17).
-    # 1800 steps with a 700-step cooldown, as r13 to r15.
-    "default-r16": Continuation(
-        "default-r16",
-        Stage("stage2-flf-r16", steps=1800, lr=2e-4, modes=FLF, warmup=100, cooldown=700),
-        cache_start=24000,
-        cache_clips=2000,
-        ambiguous_fraction=0.5,
-        loop_groups=0.6,
-        paired_groups=True,
-        text_dropout=0.0,
-        object_weights=((0, 2.0),),
-        object_dilate=0,
-        loops="inward",
-        sampling=SAMPLING_S8,
-    ),
+    "default-r13": _R13,
+    "default-r14": _R14,
+    "default-r15": _R15,
+    "default-r16": _R16,
     "default-r17": _R17,
     # Session 19 on top of default-r17: its recipe again on the next fresh window (26001-28000, on a 3-clip chunk
     # boundary): more steps on new clips for the run trained at the sampler's noise levels only.
-    "default-r18": _again_r17("default-r18", cache_start=26001),
+    "default-r18": _again(_R17, "default-r18", cache_start=26001),
     # For a lent GPU (docs/training.md, session 19): r17's recipe on the shipped default-r13 with a batch 8 times
     # as large and a 24000-clip window of fresh clips (28002-52001), for as many steps as a time budget allows
     # (`--time-budget`; 20000 is the most, the cooldown is 30% of what runs). The lr is twice that of the
     # batch-16 runs (less than linear scaling: AdamW, and the run starts from trained weights).
-    "default-g1": _again_r17(
+    "default-g1": _again(
+        _R17,
         "default-g1",
+        {"steps": 20000, "lr": 4e-4, "batch_size": 128, "warmup": 200, "cooldown": 6000},
         cache_start=28002,
         cache_clips=24000,
-        steps=20000,
-        lr=4e-4,
-        batch_size=128,
-        warmup=200,
-        cooldown=6000,
-    ),  # fmt: skip
+    ),
     # Session 20 on top of default-r18 (measured, not shipped: val +0.16 dB in-between, test the same): the same
     # recipe on the window after default-g1's (52002-54001), so that a GPU run of g1 and this CPU run never share clips.
-    "default-r19": _again_r17("default-r19", cache_start=52002),
+    "default-r19": _again(_R17, "default-r19", cache_start=52002),
     # Next on top of default-r19 (session 20): the same recipe on the window after r19's (54003-56002, on a
     # 3-clip chunk boundary).
-    "default-r20": _again_r17("default-r20", cache_start=54003),
+    "default-r20": _again(_R17, "default-r20", cache_start=54003),
     # the same path in seconds, for tests
     "smoke": Continuation(
         "smoke",
