@@ -513,6 +513,62 @@ def test_the_decoder_can_train_on_the_latents_the_model_generates(base, tmp_path
         replace(gen, name="x", decoder_steps=0)
 
 
+def test_blend_states_lies_on_the_line_between_two_states():
+    a = {"w": torch.tensor([0.0, 2.0]), "n": torch.tensor([1])}
+    b = {"w": torch.tensor([4.0, -2.0]), "n": torch.tensor([7])}
+    mid = continuation.blend_states(a, b, 0.25)
+    assert torch.equal(mid["w"], torch.tensor([1.0, 1.0])) and torch.equal(mid["n"], b["n"])  # ints: END's
+    assert torch.equal(continuation.blend_states(a, b, 0.0)["w"], a["w"])
+    assert continuation.blend_states(a, b, 1.0)["w"] is b["w"]  # exactly the trained state
+    with pytest.raises(ValueError, match=r"different keys: \['v'\]"):
+        continuation.blend_states(a, {"w": b["w"], "n": b["n"], "v": b["w"]}, 0.5)
+    with pytest.raises(ValueError, match=r"cannot blend 'w': shapes \(2,\) and \(3,\)"):
+        continuation.blend_states(a, {"w": torch.zeros(3), "n": b["n"]}, 0.5)
+    with pytest.raises(ValueError, match=r"blend fraction must be in \[0, 1\], got 1.5"):
+        continuation.blend_states(a, b, 1.5)
+
+
+def test_a_continuation_ships_its_decoder_part_of_the_way_and_the_bench_blends_the_same(base, tmp_path, monkeypatch):
+    from segue.train.recipe import load_ema
+
+    c = CONTINUATIONS["smoke"]
+    whole = replace(c, name="whole", stage=replace(c.stage, steps=0), decoder_steps=2)
+    part = replace(whole, name="part", decoder_blend=0.25)
+    monkeypatch.setitem(CONTINUATIONS, "whole", whole)
+    monkeypatch.setitem(CONTINUATIONS, "part", part)
+    run = tmp_path / "run"
+    trained = read_bundle_weights(continue_from_bundle(base, "whole", run))["vae"]
+    (run / "model.safetensors").rename(tmp_path / "whole.safetensors")
+    blended = read_bundle_weights(continue_from_bundle(base, "part", run))["vae"]  # the same decoder phase, resumed
+    start, ema = read_bundle_weights(base)["vae"], load_ema(run / "vae-decoder", "vae")
+    assert any(not torch.equal(start[k], trained[k]) for k in start if k.startswith("decoder."))
+    for k in start:  # the bundle stores fp16: the blend of the fp32 states, rounded once
+        assert torch.equal(trained[k], ema[k].half().float()), k
+        assert torch.equal(blended[k], torch.lerp(start[k], ema[k], 0.25).half().float()), k
+    assert read_bundle_lineage(run / "model.safetensors")[-1]["continuation"]["decoder_blend"] == 0.25
+    # bench/blend_bundles.py from the two bundles: the same line, within fp16 rounding of the stored END
+    spec = importlib.util.spec_from_file_location("blend", Path(__file__).parents[1] / "bench" / "blend_bundles.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.safetensors"
+    argv = ["blend_bundles.py", str(base), str(tmp_path / "whole.safetensors"), "--t", "0.25", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    again = read_bundle_weights(out)
+    for k in start:
+        torch.testing.assert_close(again["vae"][k], blended[k], atol=2e-3, rtol=2e-3)
+    assert all(torch.equal(again["dit"][k], v) for k, v in read_bundle_weights(base)["dit"].items())
+    assert read_bundle_lineage(out)[-1]["blend"] == {"start": base.name, "end": "whole.safetensors", "t": 0.25,
+                                                     "parts": ["vae"]}  # fmt: skip
+    monkeypatch.setattr(sys, "argv", [*argv[:-2], "--parts", "vae,unet"])
+    with pytest.raises(SystemExit, match=r"--parts: \['unet'\]; allowed: dit, vae, text, image"):
+        bench.main()
+    with pytest.raises(ValueError, match=r"decoder_blend must be in \(0, 1\] and below 1 only with decoder_steps"):
+        replace(whole, name="x", decoder_blend=0.0)
+    with pytest.raises(ValueError, match=r"decoder_blend must be in \(0, 1\] and below 1 only with decoder_steps"):
+        replace(c, name="x", decoder_steps=0, decoder_blend=0.5)
+
+
 def test_a_time_budget_picks_the_steps_that_fit_and_a_resume_keeps_them(base, tmp_path, monkeypatch):
     c = CONTINUATIONS["smoke"]
     long = replace(c, name="long", stage=replace(c.stage, steps=400, warmup=2, cooldown=100), decoder_steps=0)

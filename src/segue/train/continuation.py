@@ -113,6 +113,10 @@ class Continuation:
     # the decoder widened to this base width before its phase (``grow.widen_decoder``: the same output at
     # first, more capacity); None keeps the bundle's
     decoder_dim: int | None = None
+    # the decoder shipped: this far along the line from the decoder the phase started with to the one it trained
+    # (``blend_states``; 1 ships the trained one). A decoder trained on generated latents decodes an uncertain
+    # shape as the mean of its likely places; part of the way keeps most of the PSNR and more of the shape.
+    decoder_blend: float = 1.0
     preset: str = "default"
     # generation defaults written into the new bundle (steps, guidance, shift, solver), chosen on the val split
     # with bench/sampling_sweep.py; empty keeps the source bundle's
@@ -144,6 +148,9 @@ class Continuation:
                              f">= 0, got {self.decoder_generated}")  # fmt: skip
         if self.decoder_dim is not None and self.decoder_steps <= 0:
             raise ValueError(f"continuation {self.name!r}: a widened decoder (decoder_dim) needs decoder_steps > 0")
+        if not 0.0 < self.decoder_blend <= 1.0 or (self.decoder_blend != 1.0 and self.decoder_steps <= 0):
+            raise ValueError(f"continuation {self.name!r}: decoder_blend must be in (0, 1] and below 1 only with "
+                             f"decoder_steps > 0, got {self.decoder_blend}")  # fmt: skip
         if not self.decoder_endpoint_weight > 0:
             raise ValueError(f"continuation {self.name!r}: decoder_endpoint_weight must be > 0, "
                              f"got {self.decoder_endpoint_weight}")  # fmt: skip
@@ -411,6 +418,22 @@ CONTINUATIONS: dict[str, Continuation] = {
     # Next on top of default-r19 (session 20): the same recipe on the window after r19's (54003-56002, on a
     # 3-clip chunk boundary).
     "default-r20": _again(_R17, "default-r20", cache_start=54003),
+    # Session 21 on top of default-r18: no DiT stage; r12's decoder phase (the decoder trained on the latents the
+    # model generates, against the true frames) with r18's DiT as the generator, on 1000 fresh clips of r17's
+    # distribution (56100-57099, after r20's window). r12 did this on r11, whose captions were weaker.
+    "default-r21": _again(
+        _R17,
+        "default-r21",
+        {"steps": 0, "warmup": 0, "cooldown": 0},
+        cache_clips=0,
+        decoder_steps=1200,
+        decoder_seed=12,
+        decoder_endpoint_weight=4.0,
+        decoder_cooldown=500,
+        decoder_generated=1000,
+        generated_start=56100,
+        object_weights=(),
+    ),
     # the same path in seconds, for tests
     "smoke": Continuation(
         "smoke",
@@ -469,6 +492,24 @@ def _train_vae(
     train_vae_run(p, cfg, state, run, steps=steps, lr=lr, seed=seed, decoder_only=decoder_only, device=dev,
                   endpoint_weight=ew, cooldown=cooldown, data=data)  # fmt: skip
     return load_ema(run, "vae")
+
+
+def blend_states(start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Tensor], t: float) -> dict[str, torch.Tensor]:
+    """``start + t * (end - start)`` for every floating tensor (weight-space interpolation of two states of one
+    model; other tensors are taken from ``end``). The keys and shapes must match."""
+    if start.keys() != end.keys():
+        raise ValueError(f"cannot blend states with different keys: {sorted(start.keys() ^ end.keys())[:5]}")
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"blend fraction must be in [0, 1], got {t}")
+    if t == 1.0:
+        return dict(end)  # exactly the trained state
+    out = {}
+    for k, b in end.items():
+        a = start[k]
+        if a.shape != b.shape:
+            raise ValueError(f"cannot blend {k!r}: shapes {tuple(a.shape)} and {tuple(b.shape)}")
+        out[k] = torch.lerp(a.to(b.dtype), b, t) if b.is_floating_point() else b
+    return out
 
 
 def stage_clips(c: Continuation) -> SyntheticVideos:
@@ -692,7 +733,7 @@ def continue_from_bundle(
             config = replace(config, vae=vae_cfg)
             vae = modules["vae"] = WanVAE(vae_cfg).to(dev).eval().requires_grad_(False)
         state = _train_vae(c, config.vae, vae_state, out, phase_steps["decoder"], dev, True, dec_data)
-        vae.load_state_dict(state)
+        vae.load_state_dict(blend_states(vae_state, state, c.decoder_blend))
     # Bundles written before train_preset recorded its own entry carry none: the only such bundle shipped
     # was run 2 of the default preset (docs/training.md); anything else is named as unknown.
     lineage = read_bundle_lineage(bundle) or [{"preset": None, "note": "no lineage recorded in " + bundle.name}]
