@@ -494,7 +494,9 @@ def _train_vae(
     return load_ema(run, "vae")
 
 
-def blend_states(start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Tensor], t: float) -> dict[str, torch.Tensor]:
+def blend_states(
+    start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Tensor], t: float
+) -> dict[str, torch.Tensor]:
     """``start + t * (end - start)`` for every floating tensor (weight-space interpolation of two states of one
     model; other tensors are taken from ``end``). The keys and shapes must match."""
     if start.keys() != end.keys():
