@@ -513,6 +513,47 @@ def test_the_decoder_can_train_on_the_latents_the_model_generates(base, tmp_path
         replace(gen, name="x", decoder_steps=0)
 
 
+def test_a_decoder_on_generated_latents_can_keep_the_shapes_as_it_rendered_them(base, tmp_path, monkeypatch):
+    from segue.data.synthetic import object_mask, render_frames
+    from segue.train.generated import GeneratedClips
+    from segue.train.vae_loss import DecoderObjective
+
+    c = CONTINUATIONS["smoke"]
+    keep = replace(c, name="keep", stage=replace(c.stage, steps=0), decoder_steps=2, decoder_generated=2,
+                   generated_start=5, generated_repeat=1, decoder_keep_shapes=True)  # fmt: skip
+    monkeypatch.setitem(CONTINUATIONS, "keep", keep)
+    seen = []
+    call = DecoderObjective.__call__
+
+    def spy(self, parts, batch):
+        seen.append((self.anchor, sorted(batch)))
+        return call(self, parts, batch)
+
+    monkeypatch.setattr(DecoderObjective, "__call__", spy)
+    continue_from_bundle(base, "keep", tmp_path / "run")
+    start = read_bundle_weights(base)["vae"]
+    for anchor, keys in seen:  # every step: the decoder as it started, and the clip's scenery and shapes
+        assert keys == ["backdrop", "latent", "objects", "seed", "video"]  # seed: the trainer adds it
+        assert all(torch.equal(v, start[k]) for k, v in anchor.state_dict().items())
+        assert not any(p.requires_grad for p in anchor.parameters())
+    # the items: the scenery without its shapes and the shapes' pixels, cropped with the frames
+    data = SyntheticVideos("train", length=c.data_length, frames=c.stage.frames, size=c.stage.size)
+    sf = segue.load(base).config.vae.spatial_factor
+    gen_dir = tmp_path / "run" / "generated"
+    whole = GeneratedClips(data, 5, 2, gen_dir, sf, backdrop=True)[1]
+    scene = data.scene(6)
+    scenery = torch.from_numpy(render_frames(scene, with_objects=False)).permute(3, 0, 1, 2)  # [3, F, H, W]
+    torch.testing.assert_close(whole["backdrop"] * 127.5 + 127.5, scenery)
+    assert torch.equal(whole["objects"], torch.from_numpy(object_mask(scene))) and whole["objects"].any()
+    crop = GeneratedClips(data, 5, 2, gen_dir, sf, crop=(2, 3), seed=1, backdrop=True)[1]
+    r, q = next((r, q) for r in range(8) for q in range(8)
+                if torch.equal(whole["latent"][:, :, r : r + 2, q : q + 3], crop["latent"]))  # fmt: skip
+    for k in ("video", "backdrop", "objects"):
+        assert torch.equal(crop[k], whole[k][..., sf * r : sf * (r + 2), sf * q : sf * (q + 3)]), k
+    with pytest.raises(ValueError, match=r"continuation 'x': decoder_keep_shapes needs decoder_generated > 0"):
+        replace(keep, name="x", decoder_generated=0)
+
+
 def test_blend_states_lies_on_the_line_between_two_states():
     a = {"w": torch.tensor([0.0, 2.0]), "n": torch.tensor([1])}
     b = {"w": torch.tensor([4.0, -2.0]), "n": torch.tensor([7])}

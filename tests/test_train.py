@@ -602,6 +602,41 @@ def test_decoder_endpoint_weight_is_a_weighted_mean_over_frames():
         DecoderObjective(endpoint_weight=0.0)
 
 
+def test_the_decoder_keeps_the_anchors_shapes_and_learns_the_scenery_from_the_true_frames():
+    vae, _ = _tiny_vae_and_waves()
+    anchor = WanVAE(vae.cfg)
+    anchor.load_state_dict(vae.state_dict())
+    anchor.eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(2)
+    latent = torch.randn(1, 4, 2, 2, 2, generator=g)  # a generated latent, DiT-normalised
+    with torch.no_grad():
+        kept = anchor.decode(latent, clamp=False)  # [1, 3, 5, 16, 16]
+    video = kept + 0.05 * torch.randn(kept.shape, generator=g)  # the true frames: near the anchor's scenery
+    backdrop = kept.clone()  # the true scenery: what the anchor shows, but for one shape it adds at (2, 3..4, 5..6)
+    backdrop[:, :, 2, 3:5, 5:7] -= 0.6
+    objects = torch.zeros(1, 5, 16, 16, dtype=torch.bool)  # and one true shape the anchor does not show
+    objects[0, 4, 10, 12] = True
+    batch = {"latent": latent, "video": video, "backdrop": backdrop, "objects": objects}
+    obj = DecoderObjective(endpoint_weight=2.0, anchor=anchor, anchor_threshold=0.25)
+    target = obj.target(latent, video, backdrop, objects)
+    shape = torch.zeros(5, 16, 16, dtype=torch.bool)
+    shape[2, 2:6, 4:8] = True  # the anchor's shape and the pixel around it
+    shape[4, 10, 12] = True
+    assert torch.equal(target[0][:, shape], kept[0][:, shape])
+    assert torch.equal(target[0][:, ~shape], video[0][:, ~shape])
+    with torch.no_grad():
+        # the decoder as it starts: no error on the shapes, the true frames' error on the scenery
+        w = torch.tensor([2.0, 1.0, 1.0, 1.0, 2.0])
+        scenery = torch.where(shape, 0.0, (kept - video).square()[0]).mean(dim=(0, 2, 3))  # [5]
+        torch.testing.assert_close(obj({"vae": vae}, batch), (w * scenery).sum() / w.sum())
+        # without the backdrop (or the anchor) it is the plain loss against the true frames
+        plain = DecoderObjective(endpoint_weight=2.0)({"vae": vae}, batch)
+        assert torch.equal(obj({"vae": vae}, {"latent": latent, "video": video}), plain)
+        assert plain > obj({"vae": vae}, batch)
+    with pytest.raises(ValueError, match="anchor_threshold must be > 0, got 0"):
+        DecoderObjective(anchor_threshold=0.0)
+
+
 def test_narrow_posterior_sets_the_log_variance_and_keeps_the_mean():
     cfg = VAEConfig(dim=4, z_dim=4, latent_mean=(0.0,) * 4, latent_std=(1.0,) * 4)
     torch.manual_seed(0)

@@ -110,6 +110,10 @@ class Continuation:
     decoder_generated: int = 0
     generated_start: int = 0
     generated_repeat: int = 16
+    # the decoder on generated latents learns the scenery from the true frames and keeps the shapes as it
+    # rendered them at the start (``DecoderObjective.anchor``): a decoder trained on the true shapes fades a
+    # shape whose place the DiT is unsure of, which loses the captions (docs/training.md, sessions 13 and 21)
+    decoder_keep_shapes: bool = False
     # the decoder widened to this base width before its phase (``grow.widen_decoder``: the same output at
     # first, more capacity); None keeps the bundle's
     decoder_dim: int | None = None
@@ -148,6 +152,8 @@ class Continuation:
                              f">= 0, got {self.decoder_generated}")  # fmt: skip
         if self.decoder_dim is not None and self.decoder_steps <= 0:
             raise ValueError(f"continuation {self.name!r}: a widened decoder (decoder_dim) needs decoder_steps > 0")
+        if self.decoder_keep_shapes and not self.decoder_generated:
+            raise ValueError(f"continuation {self.name!r}: decoder_keep_shapes needs decoder_generated > 0")
         if not 0.0 < self.decoder_blend <= 1.0 or (self.decoder_blend != 1.0 and self.decoder_steps <= 0):
             raise ValueError(f"continuation {self.name!r}: decoder_blend must be in (0, 1] and below 1 only with "
                              f"decoder_steps > 0, got {self.decoder_blend}")  # fmt: skip
@@ -434,6 +440,22 @@ CONTINUATIONS: dict[str, Continuation] = {
         generated_start=56100,
         object_weights=(),
     ),
+    # Session 21 on top of default-r18: r21 with the shapes kept as r18's decoder renders them; the decoder learns
+    # the scenery of r18's generated latents from the true frames (r21's generated latents can be reused).
+    "default-r22": _again(
+        _R17,
+        "default-r22",
+        {"steps": 0, "warmup": 0, "cooldown": 0},
+        cache_clips=0,
+        decoder_steps=1200,
+        decoder_seed=12,
+        decoder_endpoint_weight=4.0,
+        decoder_cooldown=500,
+        decoder_generated=1000,
+        generated_start=56100,
+        object_weights=(),
+        decoder_keep_shapes=True,
+    ),
     # the same path in seconds, for tests
     "smoke": Continuation(
         "smoke",
@@ -490,7 +512,8 @@ def _train_vae(
     ew = c.decoder_endpoint_weight if decoder_only else 1.0
     cooldown = round(c.decoder_cooldown * steps / c.decoder_steps) if decoder_only and c.decoder_cooldown else 0
     train_vae_run(p, cfg, state, run, steps=steps, lr=lr, seed=seed, decoder_only=decoder_only, device=dev,
-                  endpoint_weight=ew, cooldown=cooldown, data=data)  # fmt: skip
+                  endpoint_weight=ew, cooldown=cooldown, data=data,
+                  keep_shapes=decoder_only and c.decoder_keep_shapes)  # fmt: skip
     return load_ema(run, "vae")
 
 
@@ -547,7 +570,7 @@ def _generated_clips(
     p, sf = PRESETS[c.preset], config.vae.spatial_factor
     crop = None if p.vae_crop is None else (p.vae_crop[0] // sf, p.vae_crop[1] // sf)
     return GeneratedClips(data, c.generated_start, c.decoder_generated, gen_dir, sf, crop, c.decoder_seed,
-                          c.generated_repeat)  # fmt: skip
+                          c.generated_repeat, backdrop=c.decoder_keep_shapes)  # fmt: skip
 
 
 PROBE_STEPS = 8  # steps timed on copies of the models before a time-budgeted stage picks its length

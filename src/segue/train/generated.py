@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..data.synthetic import SyntheticVideos
+from ..data.synthetic import SyntheticVideos, object_mask, render_frames
 from ..errors import InputError
 from .latents import _fmt_seconds
 from .recipe import crop_origin
@@ -73,11 +73,12 @@ class GeneratedClips(Dataset):
     """Item i: ``{"latent": [z, T, h, w], "video": [3, F, H, W]}``, the generated latent of clip
     ``start + i % count`` and its true frames, cropped to ``crop`` latent cells (and their pixels) at a place
     drawn from (seed, i); ``crop`` None keeps the whole frame. ``repeat`` > 1 serves every clip that many
-    times (at other crops)."""
+    times (at other crops). ``backdrop``: also ``"backdrop"`` [3, F, H, W], the clip's scenery rendered
+    without its shapes, and ``"objects"`` bool [F, H, W], the pixels its shapes change (``object_mask``)."""
 
     def __init__(
         self, data: SyntheticVideos, start: int, count: int, latents_dir: str | Path, spatial: int,
-        crop: tuple[int, int] | None = None, seed: int = 0, repeat: int = 1,
+        crop: tuple[int, int] | None = None, seed: int = 0, repeat: int = 1, backdrop: bool = False,
     ) -> None:  # fmt: skip
         parts = sorted(Path(latents_dir).glob("part-*.pt"))
         if not parts:
@@ -91,7 +92,7 @@ class GeneratedClips(Dataset):
         if repeat < 1:
             raise InputError(f"repeat must be >= 1, got {repeat}")
         self.data, self.start, self.spatial, self.crop, self.seed = data, start, spatial, crop, seed
-        self.repeat = repeat
+        self.repeat, self.backdrop = repeat, backdrop
 
     def __len__(self) -> int:
         return len(self.latents) * self.repeat
@@ -101,13 +102,20 @@ class GeneratedClips(Dataset):
             raise IndexError(index)
         clip = index % len(self.latents)
         latent = self.latents[clip].float()  # [z, T, h, w]
-        video = self.data[self.start + clip]["video"]  # [3, F, H, W]
+        item = {"latent": latent, "video": self.data[self.start + clip]["video"]}  # video [3, F, H, W]
+        if self.backdrop:
+            scene = self.data.scene(self.start + clip)
+            backdrop = torch.from_numpy(render_frames(scene, with_objects=False)).permute(3, 0, 1, 2)  # [3, F, H, W]
+            item["backdrop"] = backdrop / 127.5 - 1.0
+            item["objects"] = torch.from_numpy(object_mask(scene))  # [F, H, W]
         if self.crop is None:
-            return {"latent": latent, "video": video}
+            return item
         room = (latent.shape[2] - self.crop[0] + 1, latent.shape[3] - self.crop[1] + 1)
         top, left = crop_origin(self.seed, index, room)  # the place Crops would draw, in latent cells
-        s = self.spatial
-        return {
-            "latent": latent[:, :, top : top + self.crop[0], left : left + self.crop[1]],
-            "video": video[:, :, s * top : s * (top + self.crop[0]), s * left : s * (left + self.crop[1])],
-        }
+        s, (ch, cw) = self.spatial, self.crop
+        rows, cols = slice(s * top, s * (top + ch)), slice(s * left, s * (left + cw))
+        out = {"latent": latent[:, :, top : top + ch, left : left + cw]}
+        for k, v in item.items():
+            if k != "latent":
+                out[k] = v[..., rows, cols]  # the pixels of those cells
+        return out

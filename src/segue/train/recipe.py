@@ -264,12 +264,15 @@ def train_vae_run(
     endpoint_weight: float = 1.0,
     cooldown: int = 0,
     data: torch.utils.data.Dataset | None = None,
+    keep_shapes: bool = False,
 ) -> Path:
     """Train the VAE ``state`` further into ``run`` (resumes; skipped when done) on ``p``'s VAE clips drawn
     with ``seed``: the whole VAE, or (``decoder_only``) its decoder on the frozen encoder, the first and last
     frames' error counted ``endpoint_weight`` times (``DecoderObjective``); ``cooldown`` > 0: the lr falls
     linearly to 0 over the last ``cooldown`` steps (else it stays constant after the warmup). ``data``
-    replaces the VAE clips (e.g. ``generated.GeneratedClips`` for the decoder)."""
+    replaces the VAE clips (e.g. ``generated.GeneratedClips`` for the decoder). ``keep_shapes`` (the decoder on
+    generated latents with their backdrops): shapes are kept as the decoder renders them at the start
+    (``DecoderObjective.anchor``), so it learns the scenery from the true frames only."""
     if not is_done(run):
         vae = WanVAE(cfg)
         vae.load_state_dict(state)
@@ -282,7 +285,12 @@ def train_vae_run(
                          out_dir=str(run), ckpt_every=250, schedule="wsd" if cooldown > 0 else "constant",
                          cooldown=cooldown)  # fmt: skip
         if decoder_only:
-            objective: DecoderObjective | VAEObjective = DecoderObjective(p.vae_recon, endpoint_weight)
+            anchor = None
+            if keep_shapes:  # the decoder as it starts, frozen
+                anchor = WanVAE(cfg)
+                anchor.load_state_dict(state)
+                anchor.to(device).eval().requires_grad_(False)
+            objective: DecoderObjective | VAEObjective = DecoderObjective(p.vae_recon, endpoint_weight, anchor)
         else:
             objective = VAEObjective(kl_weight=p.kl_weight, recon=p.vae_recon)
         Trainer({"vae": vae}, objective, vae_data(p, seed) if data is None else data, tc).run()

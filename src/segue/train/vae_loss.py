@@ -116,23 +116,49 @@ class DecoderObjective:
 
     recon: str = "mse"
     endpoint_weight: float = 1.0
+    # Shapes kept as ``anchor`` (the decoder as it started, frozen) renders them, for generated latents whose
+    # batch has ``backdrop`` (the true scenery without its shapes) and ``objects`` (the true shapes' pixels):
+    # where the true clip has a shape, or the anchor's decode differs from the true scenery by more than
+    # ``anchor_threshold`` (a shape the DiT put somewhere, or an error too large to be the scenery's), the
+    # target is the anchor's decode; elsewhere the true frame. The decoder then corrects the DiT's scenery and
+    # does not learn to fade a shape whose place is uncertain (docs/training.md, session 21).
+    anchor: nn.Module | None = None
+    anchor_threshold: float = 0.25
 
     def __post_init__(self) -> None:
         if self.recon not in ("l1", "mse"):
             raise ValueError(f"recon must be 'l1' or 'mse', got {self.recon!r}")
         if not self.endpoint_weight > 0:
             raise ValueError(f"endpoint_weight must be > 0, got {self.endpoint_weight}")
+        if not self.anchor_threshold > 0:
+            raise ValueError(f"anchor_threshold must be > 0, got {self.anchor_threshold}")
+
+    def target(self, latent: Tensor, video: Tensor, backdrop: Tensor, objects: Tensor) -> Tensor:
+        """The frames a generated ``latent`` [B, z, T, h, w] should decode to: ``video`` [B, 3, F, H, W] on the
+        scenery, the anchor's decode on the shapes (true ones in ``objects`` [B, F, H, W], or where the anchor
+        shows something ``backdrop`` [B, 3, F, H, W] lacks)."""
+        with torch.no_grad():
+            kept = self.anchor.decode(latent, clamp=False).float()  # [B, 3, F, H, W]
+        seen = (kept - backdrop).abs().amax(dim=1) > self.anchor_threshold  # [B, F, H, W]
+        # one pixel around it: a shape's soft edge lies under the threshold
+        seen = F.max_pool3d(seen[:, None].float(), (1, 3, 3), stride=1, padding=(0, 1, 1))[:, 0] > 0
+        shape = (seen | objects.bool())[:, None]  # [B, 1, F, H, W]
+        return torch.where(shape, kept, video)
 
     def __call__(self, parts: Mapping[str, nn.Module], batch: Mapping[str, Any]) -> Tensor:
         vae = parts["vae"]
-        video = batch["video"].to(vae.conv1.weight.device)
+        video = batch["video"].to(vae.conv1.weight.device).float()
         if "latent" in batch:
-            out = vae.decode(batch["latent"].to(video.device), clamp=False)  # [B, 3, F, H, W]
+            latent = batch["latent"].to(video.device)
+            out = vae.decode(latent, clamp=False)  # [B, 3, F, H, W]
+            if self.anchor is not None and "backdrop" in batch:
+                backdrop, objects = batch["backdrop"].to(video.device), batch["objects"].to(video.device)
+                video = self.target(latent, video, backdrop, objects)
         else:
             with torch.no_grad():
                 mu = vae.encode(video, normalize=False)  # [B, z, T, h, w]
             out = vae.decode(mu, normalized=False, clamp=False)  # [B, 3, F, H, W]
-        err = out - video.float()
+        err = out - video
         err = err.abs() if self.recon == "l1" else err.square()
         per_frame = err.mean(dim=(0, 1, 3, 4))  # [F]
         w = torch.ones_like(per_frame)
