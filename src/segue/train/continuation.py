@@ -235,6 +235,26 @@ _R16 = _again(_R15, "default-r16", cache_start=24000, text_dropout=0.0)
 _R17 = _again(_R16, "default-r17", sigma_min=0.5)
 
 
+# Session 21 on top of default-r18: no DiT stage; r12's decoder phase (the decoder trained on the latents the
+# model generates, against the true frames) with r18's DiT as the generator, on 1000 fresh clips of r17's
+# distribution (56100-57099, after r20's window). r12 did this on r11, whose captions were weaker. r22 is the
+# same with the shapes kept as r18's decoder renders them: the decoder learns only the scenery of the generated
+# latents from the true frames (r21's generated latents can be reused).
+_R21 = _again(
+    _R17,
+    "default-r21",
+    {"steps": 0, "warmup": 0, "cooldown": 0},
+    cache_clips=0,
+    object_weights=(),
+    decoder_steps=1200,
+    decoder_seed=12,
+    decoder_endpoint_weight=4.0,
+    decoder_cooldown=500,
+    decoder_generated=1000,
+    generated_start=56100,
+)
+
+
 CONTINUATIONS: dict[str, Continuation] = {
     # Session 5 on top of the second whole run of the default preset: first-last specialisation goes on
     # (its flow loss was still falling) on 2000 clips it has not seen; fresh AdamW, so a short warmup.
@@ -424,38 +444,9 @@ CONTINUATIONS: dict[str, Continuation] = {
     # Next on top of default-r19 (session 20): the same recipe on the window after r19's (54003-56002, on a
     # 3-clip chunk boundary).
     "default-r20": _again(_R17, "default-r20", cache_start=54003),
-    # Session 21 on top of default-r18: no DiT stage; r12's decoder phase (the decoder trained on the latents the
-    # model generates, against the true frames) with r18's DiT as the generator, on 1000 fresh clips of r17's
-    # distribution (56100-57099, after r20's window). r12 did this on r11, whose captions were weaker.
-    "default-r21": _again(
-        _R17,
-        "default-r21",
-        {"steps": 0, "warmup": 0, "cooldown": 0},
-        cache_clips=0,
-        decoder_steps=1200,
-        decoder_seed=12,
-        decoder_endpoint_weight=4.0,
-        decoder_cooldown=500,
-        decoder_generated=1000,
-        generated_start=56100,
-        object_weights=(),
-    ),
-    # Session 21 on top of default-r18: r21 with the shapes kept as r18's decoder renders them; the decoder learns
-    # the scenery of r18's generated latents from the true frames (r21's generated latents can be reused).
-    "default-r22": _again(
-        _R17,
-        "default-r22",
-        {"steps": 0, "warmup": 0, "cooldown": 0},
-        cache_clips=0,
-        decoder_steps=1200,
-        decoder_seed=12,
-        decoder_endpoint_weight=4.0,
-        decoder_cooldown=500,
-        decoder_generated=1000,
-        generated_start=56100,
-        object_weights=(),
-        decoder_keep_shapes=True,
-    ),
+    # Session 21 on top of default-r18 (both measured, not shipped: docs/training.md, session 21).
+    "default-r21": _R21,
+    "default-r22": _again(_R21, "default-r22", decoder_keep_shapes=True),
     # the same path in seconds, for tests
     "smoke": Continuation(
         "smoke",
