@@ -28,7 +28,6 @@ from segue.bundle import (
 from segue.models.dit import WanDiT
 from segue.models.encoders import ImageEncoder, TextEncoder
 from segue.models.vae import WanVAE
-from segue.tokenizer import load_tokenizer
 from segue.train.continuation import blend_states
 
 
@@ -52,12 +51,11 @@ def main() -> None:
         states = {p: blend_states(a[p], b[p], args.t) if p in parts else b[p] for p in PARTS}
     except ValueError as e:
         sys.exit(str(e))
-    tok_dir = materialize_tokenizer(tok_files)
-    tokenizer = load_tokenizer(tok_dir)
+    tok_dir = materialize_tokenizer(tok_files)  # only written into the new bundle
     modules = {
         "dit": WanDiT(config.dit),
         "vae": WanVAE(config.vae),
-        "text": TextEncoder(config.text, tokenizer).model,
+        "text": TextEncoder(config.text, tokenizer=None).model,
         "image": ImageEncoder(config.image).model,
     }
     for part, module in modules.items():

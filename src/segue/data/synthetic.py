@@ -289,9 +289,12 @@ def render_frames(scene: Scene, with_objects: bool = True) -> np.ndarray:
     return img
 
 
-def object_mask(scene: Scene) -> np.ndarray:
-    """Bool [F, H, W]: the pixels the scene's shapes change (their anti-aliased edges included)."""
-    return np.abs(render_frames(scene) - render_frames(scene, with_objects=False)).max(axis=-1) > 0.5
+def object_mask(scene: Scene, scenery: np.ndarray | None = None) -> np.ndarray:
+    """Bool [F, H, W]: the pixels the scene's shapes change (their anti-aliased edges included). ``scenery``:
+    ``render_frames(scene, with_objects=False)`` when the caller has it already."""
+    if scenery is None:
+        scenery = render_frames(scene, with_objects=False)
+    return np.abs(render_frames(scene) - scenery).max(axis=-1) > 0.5
 
 
 def _fits(scene: Scene, paths: tuple[str, ...]) -> bool:

@@ -105,9 +105,9 @@ class GeneratedClips(Dataset):
         item = {"latent": latent, "video": self.data[self.start + clip]["video"]}  # video [3, F, H, W]
         if self.backdrop:
             scene = self.data.scene(self.start + clip)
-            backdrop = torch.from_numpy(render_frames(scene, with_objects=False)).permute(3, 0, 1, 2)  # [3, F, H, W]
-            item["backdrop"] = backdrop / 127.5 - 1.0
-            item["objects"] = torch.from_numpy(object_mask(scene))  # [F, H, W]
+            scenery = render_frames(scene, with_objects=False)  # [F, H, W, 3]
+            item["backdrop"] = torch.from_numpy(scenery).permute(3, 0, 1, 2) / 127.5 - 1.0  # [3, F, H, W]
+            item["objects"] = torch.from_numpy(object_mask(scene, scenery))  # [F, H, W]
         if self.crop is None:
             return item
         room = (latent.shape[2] - self.crop[0] + 1, latent.shape[3] - self.crop[1] + 1)

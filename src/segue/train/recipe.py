@@ -7,6 +7,7 @@ See docs/training.md for the schedule and the reasons behind it.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import asdict, dataclass, field, replace
@@ -285,11 +286,7 @@ def train_vae_run(
                          out_dir=str(run), ckpt_every=250, schedule="wsd" if cooldown > 0 else "constant",
                          cooldown=cooldown)  # fmt: skip
         if decoder_only:
-            anchor = None
-            if keep_shapes:  # the decoder as it starts, frozen
-                anchor = WanVAE(cfg)
-                anchor.load_state_dict(state)
-                anchor.to(device).eval().requires_grad_(False)
+            anchor = copy.deepcopy(vae).eval().requires_grad_(False) if keep_shapes else None  # as it starts
             objective: DecoderObjective | VAEObjective = DecoderObjective(p.vae_recon, endpoint_weight, anchor)
         else:
             objective = VAEObjective(kl_weight=p.kl_weight, recon=p.vae_recon)
