@@ -611,6 +611,29 @@ def test_a_continuation_ships_its_decoder_part_of_the_way_and_the_bench_blends_t
         replace(c, name="x", decoder_steps=0, decoder_blend=0.5)
 
 
+def test_a_continuation_ships_its_trained_parts_part_of_the_way(base, tmp_path, monkeypatch):
+    c = CONTINUATIONS["smoke"]
+    whole = replace(c, name="whole", decoder_steps=0)
+    part = replace(whole, name="part", stage_blend=0.25)  # the same stage (name and run): resumed, then blended
+    monkeypatch.setitem(CONTINUATIONS, "whole", whole)
+    monkeypatch.setitem(CONTINUATIONS, "part", part)
+    run = tmp_path / "run"
+    trained = read_bundle_weights(continue_from_bundle(base, "whole", run))
+    blended = read_bundle_weights(continue_from_bundle(base, "part", run))
+    start = read_bundle_weights(base)
+    for p in ("dit", "text", "image"):
+        assert any(not torch.equal(start[p][k], trained[p][k]) for k in start[p]), p  # the stage moved it
+        for k in start[p]:  # the blend of the stored (fp16) states, within one more fp16 rounding
+            want = torch.lerp(start[p][k], trained[p][k], 0.25)
+            torch.testing.assert_close(blended[p][k], want, atol=2e-3, rtol=2e-3, msg=f"{p}.{k}")
+    assert all(torch.equal(blended["vae"][k], v) for k, v in start["vae"].items())  # no decoder phase
+    assert read_bundle_lineage(run / "model.safetensors")[-1]["continuation"]["stage_blend"] == 0.25
+    with pytest.raises(ValueError, match=r"stage_blend must be in \(0, 1\] and below 1 only with a DiT stage"):
+        replace(whole, name="x", stage_blend=1.5)
+    with pytest.raises(ValueError, match=r"stage_blend must be in \(0, 1\] and below 1 only with a DiT stage"):
+        replace(whole, name="x", stage=replace(c.stage, steps=0), stage_blend=0.5)
+
+
 def test_a_time_budget_picks_the_steps_that_fit_and_a_resume_keeps_them(base, tmp_path, monkeypatch):
     c = CONTINUATIONS["smoke"]
     long = replace(c, name="long", stage=replace(c.stage, steps=400, warmup=2, cooldown=100), decoder_steps=0)

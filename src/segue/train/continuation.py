@@ -121,6 +121,10 @@ class Continuation:
     # (``blend_states``; 1 ships the trained one). A decoder trained on generated latents decodes an uncertain
     # shape as the mean of its likely places; part of the way keeps most of the PSNR and more of the shape.
     decoder_blend: float = 1.0
+    # the parts the DiT stage trains (the DiT and the text and image encoders) shipped this far along the line
+    # from the bundle's to the stage's EMA (``blend_states``; 1 ships the trained ones): the mean of two runs'
+    # weights, a longer average than the EMA's (docs/training.md, session 22)
+    stage_blend: float = 1.0
     preset: str = "default"
     # generation defaults written into the new bundle (steps, guidance, shift, solver), chosen on the val split
     # with bench/sampling_sweep.py; empty keeps the source bundle's
@@ -157,6 +161,9 @@ class Continuation:
         if not 0.0 < self.decoder_blend <= 1.0 or (self.decoder_blend != 1.0 and self.decoder_steps <= 0):
             raise ValueError(f"continuation {self.name!r}: decoder_blend must be in (0, 1] and below 1 only with "
                              f"decoder_steps > 0, got {self.decoder_blend}")  # fmt: skip
+        if not 0.0 < self.stage_blend <= 1.0 or (self.stage_blend != 1.0 and self.stage.steps <= 0):
+            raise ValueError(f"continuation {self.name!r}: stage_blend must be in (0, 1] and below 1 only with a "
+                             f"DiT stage (steps > 0), got {self.stage_blend}")  # fmt: skip
         if not self.decoder_endpoint_weight > 0:
             raise ValueError(f"continuation {self.name!r}: decoder_endpoint_weight must be > 0, "
                              f"got {self.decoder_endpoint_weight}")  # fmt: skip
@@ -740,6 +747,8 @@ def continue_from_bundle(
     if steps:
         for part, module in parts.items():  # the EMA holds the wrappers' names (text.model.*, image.model.*)
             module.load_state_dict(load_ema(run, part))
+            if c.stage_blend != 1.0:
+                targets[part].load_state_dict(blend_states(weights[part], targets[part].state_dict(), c.stage_blend))
     modules = {"dit": parts["dit"], "vae": vae, "text": targets["text"], "image": targets["image"]}
     config = with_sampling(config, c.sampling)
     if c.decoder_steps > 0:
