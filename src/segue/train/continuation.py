@@ -451,6 +451,9 @@ CONTINUATIONS: dict[str, Continuation] = {
     # Next on top of default-r19 (session 20): the same recipe on the window after r19's (54003-56002, on a
     # 3-clip chunk boundary).
     "default-r20": _again(_R17, "default-r20", cache_start=54003),
+    # Session 22: r20 with its trained parts shipped half-way from r19's (the mean of the two runs' weights; the
+    # same stage, so r20's run folder is reused as it is: `--continuation default-r20h --out R20`)
+    "default-r20h": replace(_again(_R17, "default-r20", cache_start=54003), name="default-r20h", stage_blend=0.5),
     # Session 21 on top of default-r18 (both measured, not shipped: docs/training.md, session 21).
     "default-r21": _R21,
     "default-r22": _again(_R21, "default-r22", decoder_keep_shapes=True),
