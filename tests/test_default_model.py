@@ -23,8 +23,8 @@ from segue.media import read_video
 # "Session 14"); the session-7 model at its 25 steps and guidance 4 scored 20.57 dB on frames 1-15, below the
 # crossfade's 20.81; the models since are above it, and the test says so.
 # (clip 0 is a circle, so it changed with the inward circles of session 14; r11 scores 28.65, 29.07, 23.02 on it)
-ENDPOINT_DB = 25.5  # measured 28.61 (first), 29.68 (last)
-MIDDLE_DB = 21.0  # measured 24.37 (frames 1-15; the crossfade scores 20.68)
+ENDPOINT_DB = 25.5  # measured 28.52 (first), 29.68 (last) with r20h (r18: 28.61, 29.68)
+MIDDLE_DB = 21.0  # measured 24.32 with r20h, 24.37 with r18 (frames 1-15; the crossfade scores 20.68)
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +46,11 @@ def test_the_file_ships_within_the_size_limit_with_its_config():
     config = json.loads(meta["segue_config"])
     assert config["name"] == "segue-default"
     # its lineage: the default preset's run 2, then the default-r3 to -r13 continuations on top of it (r12 was
-    # measured and not shipped: r13 continued from r11), then r17 and r18 (r14 to r16 were measured and not
-    # shipped; r17 continued from r13, r18 from r17)
+    # measured and not shipped: r13 continued from r11), then r17 to r20 (r14 to r16 were measured and
+    # not shipped; r17 continued from r13, r18 from r17, r19 from r18, r20 from r19)
     lineage = json.loads(meta["segue_lineage"])
     assert lineage[0]["preset"] == "default"
-    names = [f"default-r{k}" for k in (*range(3, 12), 13, 17, 18)]
+    names = [f"default-r{k}" for k in (*range(3, 12), 13, 17, 18, 19, "20h")]
     assert [e["continuation"]["name"] for e in lineage[1:]] == names
     assert lineage[2]["continuation"]["vae_steps"] == 4000 and lineage[2]["steps"] == 3000
     assert lineage[3]["phase_steps"] == {"vae": 0, "dit": 5000, "decoder": 1000}
@@ -84,17 +84,19 @@ def test_the_file_ships_within_the_size_limit_with_its_config():
     # a cooldown over the last 700; no decoder phase (r11's decoder as it is)
     assert lineage[10]["phase_steps"] == {"vae": 0, "dit": 1800, "decoder": 0}
     assert lineage[10]["continuation"]["loops"] == "inward" and lineage[10]["continuation"]["stage"]["cooldown"] == 700
-    # r17 and r18: the DiT trained only at noise levels >= 0.5 (where the 3-step sampler asks it), each on its own
+    # r17 to r20: the DiT trained only at noise levels >= 0.5 (where the 3-step sampler asks it), each on its own
     # window of fresh clips, 1800 steps with a cooldown over the last 700
-    for entry, start in zip(lineage[11:13], (24000, 26001)):
+    for entry, start in zip(lineage[11:15], (24000, 26001, 52002, 54003), strict=True):
         assert entry["phase_steps"] == {"vae": 0, "dit": 1800, "decoder": 0}
         assert entry["continuation"]["sigma_min"] == 0.5 and entry["continuation"]["cache_start"] == start
+    # r20h: r20's stage, its trained parts shipped half-way from r19's (the mean of the two runs' weights)
+    assert [e["continuation"].get("stage_blend", 1.0) for e in lineage[13:15]] == [1.0, 0.5]  # r19: before the field
 
 
 def test_defaults_are_the_native_clip(pipe):
     d = pipe.config.defaults
     assert (d.frames, d.max_area, d.fps) == (17, 64 * 64, 8)
-    # the sampling chosen on the val split (bench/sampling_sweep.py), written by the default-r6 to -r18 continuations
+    # the sampling chosen on the val split (bench/sampling_sweep.py), written by the default-r6 to -r20 continuations
     assert (d.steps, d.guidance, d.shift, d.solver, d.guidance_steps) == (3, 1.0, 3.0, "unipc", None)
 
 
