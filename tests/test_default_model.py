@@ -46,8 +46,8 @@ def test_the_file_ships_within_the_size_limit_with_its_config():
     config = json.loads(meta["segue_config"])
     assert config["name"] == "segue-default"
     # its lineage: the default preset's run 2, then the default-r3 to -r13 continuations on top of it (r12 was
-    # measured and not shipped: r13 continued from r11), then r17 to r20 (r14 to r16 were measured and
-    # not shipped; r17 continued from r13, r18 from r17, r19 from r18, r20 from r19)
+    # measured and not shipped: r13 continued from r11), then r17 to r19 and r20h (r14 to r16 were
+    # measured and not shipped; r17 continued from r13, r18 from r17, r19 from r18, r20h from r19)
     lineage = json.loads(meta["segue_lineage"])
     assert lineage[0]["preset"] == "default"
     names = [f"default-r{k}" for k in (*range(3, 12), 13, 17, 18, 19, "20h")]

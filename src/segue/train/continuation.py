@@ -242,6 +242,11 @@ _R16 = _again(_R15, "default-r16", cache_start=24000, text_dropout=0.0)
 _R17 = _again(_R16, "default-r17", sigma_min=0.5)
 
 
+# r17's recipe on default-r19, on the window after r19's (54003-56002); registered below as default-r20 and, with
+# its trained parts shipped half-way from r19's, default-r20h (the same stage and run folder)
+_R20 = _again(_R17, "default-r20", cache_start=54003)
+
+
 # Session 21 on top of default-r18: no DiT stage; r12's decoder phase (the decoder trained on the latents the
 # model generates, against the true frames) with r18's DiT as the generator, on 1000 fresh clips of r17's
 # distribution (56100-57099, after r20's window). r12 did this on r11, whose captions were weaker. r22 is the
@@ -450,10 +455,10 @@ CONTINUATIONS: dict[str, Continuation] = {
     "default-r19": _again(_R17, "default-r19", cache_start=52002),
     # Next on top of default-r19 (session 20): the same recipe on the window after r19's (54003-56002, on a
     # 3-clip chunk boundary).
-    "default-r20": _again(_R17, "default-r20", cache_start=54003),
+    "default-r20": _R20,
     # Session 22: r20 with its trained parts shipped half-way from r19's (the mean of the two runs' weights; the
     # same stage, so r20's run folder is reused as it is: `--continuation default-r20h --out R20`)
-    "default-r20h": replace(_again(_R17, "default-r20", cache_start=54003), name="default-r20h", stage_blend=0.5),
+    "default-r20h": replace(_R20, name="default-r20h", stage_blend=0.5),
     # Session 21 on top of default-r18 (both measured, not shipped: docs/training.md, session 21).
     "default-r21": _R21,
     "default-r22": _again(_R21, "default-r22", decoder_keep_shapes=True),
