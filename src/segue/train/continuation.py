@@ -462,6 +462,9 @@ CONTINUATIONS: dict[str, Continuation] = {
     # Session 21 on top of default-r18 (both measured, not shipped: docs/training.md, session 21).
     "default-r21": _R21,
     "default-r22": _again(_R21, "default-r22", decoder_keep_shapes=True),
+    # Next on top of default-r20h (session 22): r17's recipe again on the window after r21's generated clips
+    # (57102-59101, on a 3-clip chunk boundary)
+    "default-r23": _again(_R17, "default-r23", cache_start=57102),
     # the same path in seconds, for tests
     "smoke": Continuation(
         "smoke",
