@@ -159,6 +159,31 @@ def test_causality(pair) -> None:
     torch.testing.assert_close(short, full[:, :, :5], rtol=1e-6, atol=1e-6)
 
 
+def test_shared_prefixes_encode_once_with_the_same_latents(pair) -> None:
+    """The latent cache's batch: two clips, each with its first-last and first-only conditioning videos
+    (zeros between), and a repeat. Frames equal up to a chunk's end are encoded once up to there."""
+    ours, _ = pair
+    clips = torch.cat([video(9, seed=2), video(9, seed=3)])  # [2, 3, 9, H, W]
+    first_last, first = clips.clone(), clips.clone()
+    first_last[:, :, 1:-1] = 0
+    first[:, :, 1:] = 0
+    batch = torch.cat([clips, first_last, first, clips[:1]])  # [7, 3, 9, H, W]
+    rows: list[int] = []
+    hook = ours.encoder.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            plain = ours.encode(batch)
+            n_plain = len(rows)
+            shared = ours.encode(batch, share_prefixes=True)
+    finally:
+        hook.remove()
+    # chunks of 1, 4, 4 frames: 7 rows each plainly; shared, the two first frames, then the two clips and
+    # the two zero continuations, then all but the repeat
+    assert rows[:n_plain] == [7, 7, 7] and rows[n_plain:] == [2, 4, 6]
+    assert rel_err(shared, plain) < 1e-5
+    assert torch.equal(shared[6], shared[0])
+
+
 def test_repeat_calls_and_progress(pair) -> None:
     ours, _ = pair
     x = video(5)

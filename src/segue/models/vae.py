@@ -69,6 +69,11 @@ class FeatureCache:
         self._frames[i] = kept.clone()
         return past
 
+    def select(self, rows: Tensor) -> None:
+        """Keep the history of batch rows ``rows`` (int64 [B'], repeats allowed), in that order: the
+        batch of the next chunk is made of those rows' continuations."""
+        self._frames = [None if f is None else f.index_select(0, rows.to(f.device)) for f in self._frames]
+
     def skip_first(self, x: Tensor) -> bool:
         """For the time upsampler: True on its first chunk, which is not upsampled in time.
 
@@ -296,6 +301,23 @@ class Decoder(nn.Module):
         return conv(act(norm(x)), cache)
 
 
+def _shared_rows(chunk: Tensor, cls: Tensor) -> tuple[Tensor, Tensor]:
+    """The classes of videos with the same history (``cls`` [B]) and the same ``chunk`` [B, ...]: one
+    representative row per class (int64 [U], in order of first appearance) and each video's class [B]."""
+    reps: list[int] = []
+    new = torch.empty_like(cls)
+    parent = cls.tolist()
+    for v in range(chunk.shape[0]):
+        for j, r in enumerate(reps):
+            if parent[r] == parent[v] and torch.equal(chunk[r], chunk[v]):
+                new[v] = j
+                break
+        else:
+            new[v] = len(reps)
+            reps.append(v)
+    return torch.tensor(reps, dtype=torch.long), new
+
+
 class WanVAE(nn.Module):
     """The Wan2.1 VAE: ``encode`` video [B, 3, F, H, W] in [-1, 1] to latents, ``decode`` back."""
 
@@ -326,27 +348,42 @@ class WanVAE(nn.Module):
         if h % sf or w % sf:
             raise InputError(f"video size {h}x{w} (HxW) must be divisible by {sf}")
 
-    def encode(self, video: Tensor, normalize: bool = True) -> Tensor:
+    def encode(self, video: Tensor, normalize: bool = True, share_prefixes: bool = False) -> Tensor:
         """[B, 3, F, H, W] in [-1, 1], F = 4n+1 -> latent mean [B, z, (F-1)/4+1, H/8, W/8] (float32
-        when normalised). No sampling: the reference conditions on the mean."""
-        mu = self.encode_moments(video)[:, : self.cfg.z_dim]  # [B, z, T, h, w]
+        when normalised). No sampling: the reference conditions on the mean. ``share_prefixes``: see
+        ``encode_moments``."""
+        mu = self.encode_moments(video, share_prefixes)[:, : self.cfg.z_dim]  # [B, z, T, h, w]
         if not normalize:
             return mu
         mean, inv_std = self._latent_stats(mu.device)
         return (mu - mean) * inv_std
 
-    def encode_moments(self, video: Tensor) -> Tensor:
-        """[B, 3, F, H, W] -> unnormalised [B, 2z, T, h, w]: mean then log-variance (for training)."""
+    def encode_moments(self, video: Tensor, share_prefixes: bool = False) -> Tensor:
+        """[B, 3, F, H, W] -> unnormalised [B, 2z, T, h, w]: mean then log-variance (for training).
+
+        ``share_prefixes``: videos of the batch whose frames agree up to the end of a time chunk are
+        encoded once up to there (the encoder is causal, so their latents agree up to there too). The
+        latent cache encodes each clip beside its conditioning videos (the first frame, then zeros), which
+        share the first chunk with the clip and all but the last chunk with each other."""
         self._check_video(video)
         x = video.to(self.conv1.weight.dtype)
         tf = self.cfg.temporal_factor
         cache = FeatureCache()
         outs = []
+        # share_prefixes: videos of one class have the same frames so far; the cache's row j is class j's
+        cls = torch.zeros(x.shape[0], dtype=torch.long)  # [B]
         for start in range(0, x.shape[2], tf):
             cache.start_chunk()
             # chunks of 1, 4, 4, ... frames: the first frame alone
             chunk = x[:, :, :1] if start == 0 else x[:, :, start - tf + 1 : start + 1]
-            outs.append(self.encoder(chunk, cache))
+            if not share_prefixes:
+                outs.append(self.encoder(chunk, cache))
+                continue
+            reps, new_cls = _shared_rows(chunk, cls)  # [U], [B]
+            if not torch.equal(cls[reps], torch.arange(len(reps))):
+                cache.select(cls[reps])  # each new class continues its parent class's history
+            outs.append(self.encoder(chunk[reps], cache)[new_cls])  # [B, C, t, h', w']
+            cls = new_cls
         cache.reset()
         return self.conv1(torch.cat(outs, dim=2))  # [B, 2z, T, h, w]
 

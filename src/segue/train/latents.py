@@ -98,7 +98,9 @@ def _encode_batch(vae: nn.Module, videos: Tensor, modes: Sequence[str], indices:
         keep = torch.stack([_given(mode, i, frames) for i in indices])[:, None, :, None, None]  # [b, 1, F, 1, 1]
         inputs.append(torch.where(keep, videos, torch.zeros((), dtype=videos.dtype)))
     with torch.no_grad():  # on the VAE's device; the cache lives on the CPU
-        latents = vae.encode(torch.cat(inputs).to(vae.conv1.weight.device)).float().cpu()  # [(1 + M) b, z, T, h, w]
+        # the conditioning videos share the clip's first frame and each other's zeros: encoded once
+        batch = torch.cat(inputs).to(vae.conv1.weight.device)
+        latents = vae.encode(batch, share_prefixes=True).float().cpu()  # [(1 + M) b, z, T, h, w]
     parts = latents.split(b)
     return {"x0": parts[0], **{mode: z for mode, z in zip(modes, parts[1:])}}
 
