@@ -470,8 +470,12 @@ CONTINUATIONS: dict[str, Continuation] = {
     "default-r22": _again(_R21, "default-r22", decoder_keep_shapes=True),
     # Session 23 on top of default-r20h: r17's recipe on 4000 fresh clips (57102-61101), 1500 steps
     "default-r23": _R23,
-    # r23 with its trained parts shipped half-way from r20h's (the same stage and run folder, as r20h)
+    # r23 with its trained parts shipped half-way from r20h's (the same stage and run folder, as r20h); both
+    # measured, not shipped (docs/training.md, session 23)
     "default-r23h": replace(_R23, name="default-r23h", stage_blend=0.5),
+    # Next on top of default-r23h (the lowest flow loss on unseen clips so far): r23's recipe on 6000 fresh clips
+    # (61104-67103, on a 3-clip chunk boundary; about 24 min of cache since session 23), 4 passes
+    "default-r24": _again(_R23, "default-r24", cache_start=61104, cache_clips=6000),
     # the same path in seconds, for tests
     "smoke": Continuation(
         "smoke",
