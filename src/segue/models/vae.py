@@ -304,17 +304,21 @@ class Decoder(nn.Module):
 def _shared_rows(chunk: Tensor, cls: Tensor) -> tuple[Tensor, Tensor]:
     """The classes of videos with the same history (``cls`` [B]) and the same ``chunk`` [B, ...]: one
     representative row per class (int64 [U], in order of first appearance) and each video's class [B]."""
+    flat = chunk.flatten(1)  # [B, N]
+    # one weighted sum per row picks the candidates in one pass on the device; torch.equal decides
+    ramp = torch.linspace(1.0, 2.0, flat.shape[1], device=flat.device, dtype=flat.dtype)
+    sig, parent = (flat * ramp).sum(1).tolist(), cls.tolist()
     reps: list[int] = []
+    candidates: dict[tuple[int, float], list[int]] = {}
     new = torch.empty_like(cls)
-    parent = cls.tolist()
-    for v in range(chunk.shape[0]):
-        for j, r in enumerate(reps):
-            if parent[r] == parent[v] and torch.equal(chunk[r], chunk[v]):
-                new[v] = j
-                break
-        else:
-            new[v] = len(reps)
+    for v in range(flat.shape[0]):
+        same = candidates.setdefault((parent[v], sig[v]), [])
+        j = next((j for j in same if torch.equal(flat[reps[j]], flat[v])), None)
+        if j is None:
+            j = len(reps)
+            same.append(j)
             reps.append(v)
+        new[v] = j
     return torch.tensor(reps, dtype=torch.long), new
 
 
