@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 
 
@@ -203,3 +205,53 @@ def test_gpu_continue_runs_a_budgeted_continuation_and_brings_the_bundle_back_in
     with pytest.raises(SystemExit, match="do not give the sha256"):
         gpu_continue.main(["--join", str(out), "--to", str(tmp_path / "bad.safetensors")])
     assert not (tmp_path / "bad.safetensors").exists() and not list(tmp_path.glob("bad*"))
+
+
+def test_flow_loss_scores_bundles_on_the_same_draws_and_refuses_another_vaes_cache(tmp_path, capsys):
+    import flow_loss
+    import pytest
+
+    import segue
+    from segue.bundle import save_bundle
+    from segue.data.synthetic import SyntheticVideos
+    from segue.models.dit import WanDiT
+    from segue.models.encoders import ImageEncoder, TextEncoder
+    from segue.models.vae import WanVAE
+    from segue.testing import randomize_
+    from segue.tokenizer import load_tokenizer, save_tiny_tokenizer
+    from segue.train.latents import build_latent_cache
+    from segue.train.recipe import PRESETS
+
+    cfg = PRESETS["smoke"].model
+    save_tiny_tokenizer(tmp_path / "tok", cfg.text.vocab_size)
+    tok = load_tokenizer(tmp_path / "tok")
+    modules = {
+        "dit": randomize_(WanDiT(cfg.dit), 1),
+        "vae": randomize_(WanVAE(cfg.vae), 2),
+        "text": randomize_(TextEncoder(cfg.text, tok).model, 3),
+        "image": randomize_(ImageEncoder(cfg.image).model, 4),
+    }
+    a = save_bundle(tmp_path / "a.safetensors", cfg, modules, tmp_path / "tok", torch.float32)
+    modules["dit"] = randomize_(WanDiT(cfg.dit), 5)  # another DiT on the same VAE and encoders
+    b = save_bundle(tmp_path / "b.safetensors", cfg, modules, tmp_path / "tok", torch.float32)
+    data = SyntheticVideos("train", length=8, frames=5, size=(16, 16))
+    cache = build_latent_cache(segue.load(a).vae, data, 4, tmp_path / "run" / "latents", ["first_last"], progress=False)
+
+    def table(*args: str) -> dict[str, list[str]]:
+        assert flow_loss.main([*args, "--cache", str(cache), "--clips", "3"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == "| bundle | run | vs first |"
+        return {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in lines[2:]}
+
+    rows = table(str(a), str(b))
+    assert rows["a"][1] == "+0.0%" and rows["a"][0] != rows["b"][0] and rows["b"][1] != "+0.0%"
+    assert table(str(b))["b"][0] == rows["b"][0]  # the same clips and draws, whichever bundles share the run
+    assert table(str(a), "--sigma-min", "0")["a"][0] != rows["a"][0]  # the noise levels are the option's
+    another_vae = randomize_(WanVAE(cfg.vae), 9)
+    other = build_latent_cache(another_vae, data, 4, tmp_path / "other", ["first_last"], progress=False)
+    with pytest.raises(SystemExit, match="other was built by another VAE than .*a.safetensors's"):
+        flow_loss.main([str(a), "--cache", str(other), "--clips", "3"])
+    with pytest.raises(SystemExit, match="holds 4 clips, --clips asks for 5"):
+        flow_loss.main([str(a), "--cache", str(cache), "--clips", "5"])
+    with pytest.raises(SystemExit, match="has no 'first' latents"):
+        flow_loss.main([str(a), "--cache", str(cache), "--clips", "3", "--mode", "first"])

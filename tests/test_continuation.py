@@ -261,7 +261,7 @@ def test_window_and_bad_arguments_are_clear_errors(tmp_path, capsys):
         match="unknown continuation 'nope'; known: default-r3, default-r4, default-r5, default-r6, default-r7, "
         "default-r8, default-r9, default-r10, default-r11, default-r12, default-r13, "
         "default-r14, default-r15, default-r16, default-r17, default-r18, default-g1, default-r19, default-r20, "
-        "default-r20h, default-r21, default-r22, default-r23, default-r23h, default-r24, smoke",
+        "default-r20h, default-r21, default-r22, default-r23, default-r23h, default-r24, default-r24h, smoke",
     ):
         continue_from_bundle(tmp_path / "x.safetensors", "nope", tmp_path / "run")
     missing = tmp_path / "missing.safetensors"

@@ -252,6 +252,10 @@ _R20 = _again(_R17, "default-r20", cache_start=54003)
 # default-r23 and, shipped half-way from r20h's weights, default-r23h.
 _R23 = _again(_R17, "default-r23", {"steps": 1500, "cooldown": 600}, cache_start=57102, cache_clips=4000)
 
+# r23's recipe on default-r23h (the lowest flow loss on unseen clips after session 23) on 6000 fresh clips
+# (61104-67103, on a 3-clip chunk boundary; about 28 min of cache), 4 passes; default-r24h below
+_R24 = _again(_R23, "default-r24", cache_start=61104, cache_clips=6000)
+
 
 # Session 21 on top of default-r18: no DiT stage; r12's decoder phase (the decoder trained on the latents the
 # model generates, against the true frames) with r18's DiT as the generator, on 1000 fresh clips of r17's
@@ -473,9 +477,10 @@ CONTINUATIONS: dict[str, Continuation] = {
     # r23 with its trained parts shipped half-way from r20h's (the same stage and run folder, as r20h); both
     # measured, not shipped (docs/training.md, session 23)
     "default-r23h": replace(_R23, name="default-r23h", stage_blend=0.5),
-    # Next on top of default-r23h (the lowest flow loss on unseen clips so far): r23's recipe on 6000 fresh clips
-    # (61104-67103, on a 3-clip chunk boundary; about 24 min of cache since session 23), 4 passes
-    "default-r24": _again(_R23, "default-r24", cache_start=61104, cache_clips=6000),
+    # Session 24 on top of default-r23h: r23's recipe on 6000 fresh clips (61104-67103)
+    "default-r24": _R24,
+    # r24 with its trained parts shipped half-way from r23h's (the same stage and run folder, as r20h and r23h)
+    "default-r24h": replace(_R24, name="default-r24h", stage_blend=0.5),
     # the same path in seconds, for tests
     "smoke": Continuation(
         "smoke",
