@@ -261,7 +261,8 @@ def test_window_and_bad_arguments_are_clear_errors(tmp_path, capsys):
         match="unknown continuation 'nope'; known: default-r3, default-r4, default-r5, default-r6, default-r7, "
         "default-r8, default-r9, default-r10, default-r11, default-r12, default-r13, "
         "default-r14, default-r15, default-r16, default-r17, default-r18, default-g1, default-r19, default-r20, "
-        "default-r20h, default-r21, default-r22, default-r23, default-r23h, default-r24, default-r24h, smoke",
+        "default-r20h, default-r21, default-r22, default-r23, default-r23h, default-r24, default-r24h, default-r25, "
+        "smoke",
     ):
         continue_from_bundle(tmp_path / "x.safetensors", "nope", tmp_path / "run")
     missing = tmp_path / "missing.safetensors"
@@ -307,9 +308,9 @@ def test_the_default_continuations_cache_clips_and_crops_earlier_runs_did_not_se
     # r3 to r13 each ran on the one before; r14 and r15 are two tries on r13 with one window of fresh clips,
     # r16 and r17 two more on another; r18 runs on r17 with the next window, g1 (a GPU run) with the one after,
     # r19 (on r18) and r20 (on r19) with the ones after that; r21's generated clips (on r18; r22 reuses them),
-    # r23 (on r20h; r23h is the same stage) and r24 (on r23h) after those
+    # r23 (on r20h; r23h is the same stage), r24 (on r23h) and r25's generated clips (on r20h) after those
     names = [f"default-r{k}" for k in range(3, 19)] + ["default-g1", "default-r19", "default-r20", "default-r21",
-                                                       "default-r23", "default-r24"]  # fmt: skip
+                                                       "default-r23", "default-r24", "default-r25"]  # fmt: skip
     for name in names:
         c = continuation.CONTINUATIONS[name]
         if name in ("default-r15", "default-r17"):  # the window before, which r13 had not seen

@@ -276,6 +276,14 @@ _R21 = _again(
     generated_start=56100,
 )
 
+# Session 24 on top of default-r20h: r21's decoder phase on the latents r20h generates at guidance 2 (fresh clips
+# 67104-68103, after r24's window), shipped half-way from the starting decoder, with guidance 2 as the bundle's
+# default. On val, guidance 2 gave r20h six captions more at seed 0 for 0.04 dB of in-between frames, and r21's
+# decoder half-way gave 0.5 dB in-between frames at the cost of captions: the two together kept both
+# (docs/training.md, session 24).
+SAMPLING_S24 = (("steps", 3), ("guidance", 2.0), ("shift", 3.0))
+_R25 = _again(_R21, "default-r25", generated_start=67104, decoder_seed=25, decoder_blend=0.5, sampling=SAMPLING_S24)
+
 
 CONTINUATIONS: dict[str, Continuation] = {
     # Session 5 on top of the second whole run of the default preset: first-last specialisation goes on
@@ -481,6 +489,7 @@ CONTINUATIONS: dict[str, Continuation] = {
     "default-r24": _R24,
     # r24 with its trained parts shipped half-way from r23h's (the same stage and run folder, as r20h and r23h)
     "default-r24h": replace(_R24, name="default-r24h", stage_blend=0.5),
+    "default-r25": _R25,
     # the same path in seconds, for tests
     "smoke": Continuation(
         "smoke",
