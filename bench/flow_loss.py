@@ -31,6 +31,7 @@ from segue.train.latents import CachedClips, CachedFLF2VObjective, vae_fingerpri
 BATCH = 16
 
 
+@torch.no_grad()
 def bundle_loss(parts: dict[str, torch.nn.Module], data: CachedClips, clips: int, objective, seed: int) -> float:
     """Mean flow loss over clips 0..clips-1 of ``data``; clip i's draws come from seed + i."""
     total = 0.0
@@ -53,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.clips < 1 or not 0 <= args.sigma_min < 1:
         ap.error(f"need --clips >= 1 and 0 <= --sigma-min < 1, got {args.clips} and {args.sigma_min}")
-    torch.set_grad_enabled(False)
     try:
         caches = {c: CachedClips(c) for c in args.cache}
     except InputError as e:

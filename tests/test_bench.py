@@ -246,6 +246,7 @@ def test_flow_loss_scores_bundles_on_the_same_draws_and_refuses_another_vaes_cac
     rows = table(str(a), str(b))
     assert rows["a"][1] == "+0.0%" and rows["a"][0] != rows["b"][0] and rows["b"][1] != "+0.0%"
     assert table(str(b))["b"][0] == rows["b"][0]  # the same clips and draws, whichever bundles share the run
+    assert torch.is_grad_enabled()  # scored without gradients, and the caller's mode left as it was
     assert table(str(a), "--sigma-min", "0")["a"][0] != rows["a"][0]  # the noise levels are the option's
     another_vae = randomize_(WanVAE(cfg.vae), 9)
     other = build_latent_cache(another_vae, data, 4, tmp_path / "other", ["first_last"], progress=False)

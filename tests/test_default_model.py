@@ -19,12 +19,12 @@ from segue.evaluate import crossfade, psnr, video_psnr
 from segue.loader import DEFAULT_MODEL
 from segue.media import read_video
 
-# measured on held-out clip 0 with seed 0 at the bundle's defaults (3 steps, guidance 1; docs/training.md,
+# measured on held-out clip 0 with seed 0 at the bundle's defaults (3 steps, guidance 2 since r25; docs/training.md,
 # "Session 14"); the session-7 model at its 25 steps and guidance 4 scored 20.57 dB on frames 1-15, below the
 # crossfade's 20.81; the models since are above it, and the test says so.
 # (clip 0 is a circle, so it changed with the inward circles of session 14; r11 scores 28.65, 29.07, 23.02 on it)
-ENDPOINT_DB = 25.5  # measured 28.52 (first), 29.68 (last) with r20h (r18: 28.61, 29.68)
-MIDDLE_DB = 21.0  # measured 24.32 with r20h, 24.37 with r18 (frames 1-15; the crossfade scores 20.68)
+ENDPOINT_DB = 25.5  # measured 28.40 (first), 29.52 (last) with r25 (r20h: 28.52, 29.68)
+MIDDLE_DB = 21.0  # measured 24.40 with r25, 24.32 with r20h (frames 1-15; the crossfade scores 20.68)
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +47,10 @@ def test_the_file_ships_within_the_size_limit_with_its_config():
     assert config["name"] == "segue-default"
     # its lineage: the default preset's run 2, then the default-r3 to -r13 continuations on top of it (r12 was
     # measured and not shipped: r13 continued from r11), then r17 to r19 and r20h (r14 to r16 were
-    # measured and not shipped; r17 continued from r13, r18 from r17, r19 from r18, r20h from r19)
+    # measured and not shipped; r17 continued from r13, r18 from r17, r19 from r18, r20h from r19), then r25 on r20h
     lineage = json.loads(meta["segue_lineage"])
     assert lineage[0]["preset"] == "default"
-    names = [f"default-r{k}" for k in (*range(3, 12), 13, 17, 18, 19, "20h")]
+    names = [f"default-r{k}" for k in (*range(3, 12), 13, 17, 18, 19, "20h", 25)]
     assert [e["continuation"]["name"] for e in lineage[1:]] == names
     assert lineage[2]["continuation"]["vae_steps"] == 4000 and lineage[2]["steps"] == 3000
     assert lineage[3]["phase_steps"] == {"vae": 0, "dit": 5000, "decoder": 1000}
@@ -91,13 +91,20 @@ def test_the_file_ships_within_the_size_limit_with_its_config():
         assert entry["continuation"]["sigma_min"] == 0.5 and entry["continuation"]["cache_start"] == start
     # r20h: r20's stage, its trained parts shipped half-way from r19's (the mean of the two runs' weights)
     assert [e["continuation"].get("stage_blend", 1.0) for e in lineage[13:15]] == [1.0, 0.5]  # r19: before the field
+    # r25: no DiT stage; the decoder trained on the latents r20h generates at guidance 2 (fresh clips from 67104),
+    # shipped half-way from r20h's decoder, and guidance 2 as the sampling default
+    r25 = lineage[15]["continuation"]
+    assert lineage[15]["phase_steps"] == {"vae": 0, "dit": 0, "decoder": 1200}
+    assert (r25["decoder_generated"], r25["generated_start"], r25["decoder_blend"]) == (1000, 67104, 0.5)
+    assert r25["sampling"] == [["steps", 3], ["guidance", 2.0], ["shift", 3.0]]
 
 
 def test_defaults_are_the_native_clip(pipe):
     d = pipe.config.defaults
     assert (d.frames, d.max_area, d.fps) == (17, 64 * 64, 8)
-    # the sampling chosen on the val split (bench/sampling_sweep.py), written by the default-r6 to -r20 continuations
-    assert (d.steps, d.guidance, d.shift, d.solver, d.guidance_steps) == (3, 1.0, 3.0, "unipc", None)
+    # the sampling chosen on the val split (bench/sampling_sweep.py, segue eval --guidance), written by the
+    # default-r6 to -r20h continuations and, with guidance 2, by default-r25
+    assert (d.steps, d.guidance, d.shift, d.solver, d.guidance_steps) == (3, 2.0, 3.0, "unipc", None)
 
 
 @pytest.fixture(scope="module")
