@@ -1,7 +1,7 @@
 """CPU benchmark at small sizes: DiT CFG step per speed option and VAE decode, time and peak RSS, vs diffusers.
 
-    python bench/cpu.py                 # both tables (a few minutes on 2 cores)
-    python bench/cpu.py --part dit      # or --part vae
+    python -m bench.cpu                 # both tables (a few minutes on 2 cores)
+    python -m bench.cpu --part dit      # or --part vae
 
 Every measurement runs in its own spawned process, so its peak resident memory (ru_maxrss) is its own
 (the import baseline of a bare process is printed too). DiT: a reduced-width FLF2V DiT (dim 512, 4 blocks,
@@ -24,8 +24,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
 DIT_OPTIONS = ["plain", "fused", "cfg-batch", "compile", "lossless", "fp8", "diffusers"]
 VAE_OPTIONS = ["segue", "segue-tiled", "diffusers", "diffusers-tiled"]
 
@@ -35,9 +33,8 @@ def _rss_mb() -> float:
 
 
 def _dit_child(option: str, dtype_name: str, iters: int, out_path: str, q) -> None:
-    from gpu import OPTIONS
-    from stepbench import Case, build_dit, diffusers_from, diffusers_step, make_inputs, segue_step, time_fn
-
+    from bench.gpu import OPTIONS
+    from bench.stepbench import Case, build_dit, diffusers_from, diffusers_step, make_inputs, segue_step, time_fn
     from segue.config import get_config
     from segue.pipeline import Pipeline
 

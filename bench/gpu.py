@@ -1,8 +1,8 @@
 """Full-size FLF2V-14B DiT (random weights) on one GPU: one CFG sampling step per speed option, 480p and 720p.
 
-    python bench/gpu.py                      # 480p and 720p, 81 frames, every option, diffusers alongside
-    python bench/gpu.py --cases 720p --options plain,lossless,diffusers
-    python bench/gpu.py --small              # the same code on a small config (runs on CPU too)
+    python -m bench.gpu                      # 480p and 720p, 81 frames, every option, diffusers alongside
+    python -m bench.gpu --cases 720p --options plain,lossless,diffusers
+    python -m bench.gpu --small              # the same code on a small config (runs on CPU too)
 
 Prints, per option: seconds per CFG step (two DiT forwards, or one batch of two), achieved TFLOP/s from
 the closed-form FLOP count (segue.parallel.cost.dit_flops: Linear layers + self-attention), that as a
@@ -18,7 +18,8 @@ import sys
 from collections.abc import Callable
 
 import torch
-from stepbench import (
+
+from bench.stepbench import (
     Case,
     Row,
     build_dit,
@@ -33,7 +34,6 @@ from stepbench import (
     table,
     time_fn,
 )
-
 from segue.config import ModelConfig, get_config
 from segue.pipeline import Pipeline
 

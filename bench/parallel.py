@@ -1,7 +1,7 @@
 """Parallel generation: formulas for the 14B model, and a measurement on CPU (gloo) per layout.
 
-    python bench/parallel.py               # both parts
-    python bench/parallel.py --formulas    # only the 14B tables (instant)
+    python -m bench.parallel               # both parts
+    python -m bench.parallel --formulas    # only the 14B tables (instant)
 
 Part 1 prints, for FLF2V-14B at 720p and 480p (81 frames), memory per GPU and bytes sent per
 sampling step for N = 1, 2, 4, 8, 16 GPUs (segue.parallel.cost), next to the reference's layout.

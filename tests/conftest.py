@@ -44,3 +44,15 @@ def frames_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _frame(80, 64, 2).save(d / "last.png")
     _frame(48, 96, 3).save(d / "tall.png")
     return d
+
+
+TINY_RECIPE = Path(__file__).parent / "data" / "tiny.toml"
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundle the tiny recipe's first stage trains from scratch (seconds; barely trained)."""
+    from segue.train.recipe import load_recipe
+    from segue.train.scratch import train_scratch
+
+    return train_scratch(load_recipe(TINY_RECIPE), tmp_path_factory.mktemp("tiny-base"))

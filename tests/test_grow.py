@@ -76,9 +76,9 @@ def test_bad_insertions_are_clear_errors(source):
 
 
 def _vae_cfg():
-    from segue.train.recipe import PRESETS
+    from segue.train.recipe import load_recipe
 
-    return PRESETS["default"].model.vae  # base width 16, 4x time and space
+    return load_recipe("default").model.config().vae  # base width 16, 4x time and space
 
 
 def test_a_widened_decoder_decodes_what_the_narrow_one_did():

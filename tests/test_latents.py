@@ -29,9 +29,9 @@ from segue.train.latents import (
     latent_object_mask,
     shared_seeds,
 )
-from segue.train.recipe import PRESETS
+from segue.train.recipe import load_recipe
 
-CFG = PRESETS["smoke"].model  # tiny VAE (dim 4), DiT, text and image encoders
+CFG = load_recipe(Path(__file__).parent / "data" / "tiny.toml").model.config()  # tiny VAE (dim 4), DiT, encoders
 N_CLIPS = 5
 MODES = ("first_last", "first", "random_subset")
 

@@ -243,15 +243,17 @@ def test_wsd_schedule_holds_then_cools_down_linearly():
 
 
 def test_stage_train_config_scales_the_cooldown_inside_the_run(tmp_path: Path):
-    from segue.train.recipe import FLF, Stage, stage_train_config
+    from segue.train.phases import stage_train_config
+    from segue.train.recipe import Stage
 
-    stage = Stage("s", steps=4000, lr=2e-4, modes=FLF, warmup=100, cooldown=1000, min_lr_ratio=0.1)
+    flf = {"first_last": 0.9, "first": 0.1}
+    stage = Stage(name="s", steps=4000, lr=2e-4, modes=flf, warmup=100, cooldown=1000, min_lr_ratio=0.1)
     tc = stage_train_config(stage, 4000, 7, tmp_path)
     assert (tc.schedule, tc.cooldown, tc.min_lr_ratio, tc.warmup, tc.seed) == ("wsd", 1000, 0.1, 100, 7)
     assert stage_train_config(stage, 2000, 7, tmp_path).cooldown == 500  # --steps-scale 0.5
     assert stage_train_config(stage, 104, 7, tmp_path).cooldown == 4  # never into the warmup
     assert stage_train_config(stage, 100, 7, tmp_path).schedule == "constant"  # all warmup: nothing to cool
-    plain = Stage("p", steps=500, lr=1e-3, modes=FLF)
+    plain = Stage(name="p", steps=500, lr=1e-3, modes=flf)
     assert stage_train_config(plain, 500, 0, tmp_path).schedule == "constant"
 
 

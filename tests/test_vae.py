@@ -87,9 +87,9 @@ def test_parity_with_diffusers(pair, frames: int, monkeypatch) -> None:
 
 def test_parity_of_the_default_models_vae_shape() -> None:
     """The built-in model's 4x-space VAE (two downsamples, both temporal) is the same architecture."""
-    from segue.train.recipe import PRESETS
+    from segue.train.recipe import load_recipe
 
-    cfg = PRESETS["default"].model.vae
+    cfg = load_recipe("default").model.config().vae
     assert cfg.spatial_factor == 4 and cfg.temporal_factor == 4
     torch.manual_seed(0)
     ours = WanVAE(cfg).eval()

@@ -103,6 +103,20 @@ def read_bundle_weights(path: Path, dtype: torch.dtype = torch.float32) -> dict[
     return out
 
 
+def build_modules(config: ModelConfig, weights: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.nn.Module]:
+    """The modules a bundle stores (the DiT, the VAE, the text and image encoders' models), built from
+    ``config`` with ``weights`` (``read_bundle_weights``) loaded: what ``save_bundle`` takes."""
+    from .models.dit import WanDiT
+    from .models.encoders import ImageEncoder, TextEncoder
+    from .models.vae import WanVAE
+
+    modules = {"dit": WanDiT(config.dit), "vae": WanVAE(config.vae), "text": TextEncoder(config.text, None).model,
+               "image": ImageEncoder(config.image).model}  # fmt: skip
+    for part, module in modules.items():
+        module.load_state_dict(weights[part])
+    return modules
+
+
 def materialize_tokenizer(files: dict[str, str], cache: Path | None = None) -> Path:
     """Write a bundle's tokenizer files into a folder that ``segue.tokenizer.load_tokenizer`` reads."""
     if not files:

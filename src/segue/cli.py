@@ -1,4 +1,5 @@
-"""Command line: ``segue generate``, ``segue info``, ``segue make-tiny``. Also runs as ``python -m segue``.
+"""Command line: ``segue generate``, ``info``, ``train``, ``eval``, ``sweep``, ``calibrate-cache``, ``make-tiny``.
+Also runs as ``python -m segue``.
 
 Logs and progress go to stderr; errors the user can fix are one line (``error: ...``, exit code 2).
 """
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--step-cache", choices=("teacache", "magcache"), help="reuse DiT residuals across steps (lossy)")
     sp.add_argument("--cache-threshold", type=float, help="higher skips more steps")
-    sp.add_argument("--cache-calibration", help="calibration JSON from bench/calibrate_cache.py")
+    sp.add_argument("--cache-calibration", help="calibration JSON from segue calibrate-cache")
     sp.add_argument(
         "--lora",
         action="append",
@@ -109,17 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a checkpoint folder: layout, components, sizes, what is missing")
     i.add_argument("ckpt_dir", type=Path)
 
-    tr = sub.add_parser("train", help="train a model with a preset recipe (resumes where it stopped)")
-    tr.add_argument("--preset", default="default", help="default (the built-in model) or smoke (seconds)")
-    tr.add_argument("--out", type=Path, default=Path("runs/default"), help="run folder (checkpoints, logs)")
-    tr.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count")
-    tr.add_argument("--install", action="store_true", help="copy the result into the package as the default")
+    tr = sub.add_parser("train", help="run a training recipe: a chain of stages, resumable (docs/training.md)")
+    tr.add_argument("--recipe", required=True, help="a shipped recipe's name (default, gpu) or a recipe file (TOML)")
+    tr.add_argument("--out", type=Path, required=True, help="run folder (one folder per stage, checkpoints, logs)")
+    tr.add_argument("--from", dest="start", type=Path, default=None, metavar="BUNDLE",
+                    help="the bundle a recipe without [scratch] continues (default: the recipe's `from`)")  # fmt: skip
+    tr.add_argument("--steps-scale", type=float, default=1.0, help="multiply every phase's steps and clips")
+    tr.add_argument("--install", action="store_true", help="copy the result into the package as the built-in model")
     tr.add_argument("--device", default="cpu", help="where the models train: cpu, cuda, cuda:1, ...")
-    tr.add_argument("--continue-from", type=Path, default=None, metavar="BUNDLE",
-                    help="start from this bundle's weights and run --continuation instead of the preset")  # fmt: skip
-    tr.add_argument("--continuation", default="default-r3", help="named continuation schedule (with --continue-from)")
     tr.add_argument("--time-budget", default=None, metavar="DURATION",
-                    help="with --continue-from: the DiT stage runs the steps that fit (420, 7m, 1.5h)")  # fmt: skip
+                    help="each DiT stage of a continuation runs the steps that fit (420, 7m, 1.5h)")  # fmt: skip
     tr.add_argument("--workers", type=int, default=0,
                     help="processes that render clips and collate batches (for a GPU)")  # fmt: skip
 
@@ -135,6 +135,36 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--split", choices=("test", "val"), default="test",
                     help="clips to score: test (reported numbers) or val (for tuning settings)")  # fmt: skip
+
+    sw = sub.add_parser("sweep", help="score a grid of sampling settings on held-out val clips (one table row each)")
+    sw.add_argument("--ckpt", type=Path, default=None, help="model (default: the built-in one)")
+    sw.add_argument("--steps", default="4,25", help="sampling step counts, comma-separated")
+    sw.add_argument("--guidance", default="1,4", help="guidance scales, comma-separated")
+    sw.add_argument("--guidance-steps", default="all", help="guided steps from the first: all, or counts (all,1,2)")
+    sw.add_argument("--shift", default="3", help="timestep shifts, comma-separated")
+    sw.add_argument("--clips", type=int, default=8, help="held-out clips")
+    sw.add_argument("--groups", type=int, default=8, help="ambiguous groups")
+    sw.add_argument("--split", choices=("val", "test"), default="val")
+    sw.add_argument("--seed", type=int, default=0)
+
+    cc = sub.add_parser("calibrate-cache", help="calibrate --step-cache for a model and measure its fidelity")
+    ccs = cc.add_mutually_exclusive_group()
+    ccs.add_argument("--ckpt", type=Path, help="checkpoint folder or bundle (default: the built-in model)")
+    ccs.add_argument("--tiny", action="store_true", help="a tiny random-weight model (no download, CPU)")
+    cc.add_argument("--first", type=Path, help="first frame (required unless --tiny)")
+    cc.add_argument("--last", type=Path)
+    cc.add_argument("--prompt", default="a red fox runs through fresh snow, cinematic")
+    cc.add_argument("--steps", type=int, help="sampling steps (default: the model's, 20 with --tiny)")
+    cc.add_argument("--frames", type=int)
+    cc.add_argument("--max-area", type=int)
+    cc.add_argument("--seed", type=int, default=0)
+    cc.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    cc.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU)")
+    cc.add_argument("--teacache", default="0.05,0.1,0.2,0.3", help="TeaCache thresholds, comma-separated")
+    cc.add_argument("--magcache", default="0.06,0.12,0.24", help="MagCache thresholds, comma-separated")
+    cc.add_argument("--warmup", type=int, default=2, help="calls per branch always computed at the start")
+    cc.add_argument("--out", type=Path, default=Path("cache_calibration.json"), help="calibration JSON")
+    cc.add_argument("--fp8", action="store_true", help="also measure one-step fp8 errors")
 
     t = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint (for tests and demos)")
     t.add_argument("dest", type=Path)
@@ -259,34 +289,21 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import shutil
+    from .train.chain import command
 
-    from .loader import DEFAULT_MODEL
-    from .train.recipe import PRESETS, train_preset
+    return command(args)
 
-    if args.preset not in PRESETS:
-        raise InputError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
-    if args.steps_scale <= 0:
-        raise InputError(f"--steps-scale must be positive, got {args.steps_scale}")
-    if args.workers < 0:
-        raise InputError(f"--workers must be >= 0, got {args.workers}")
-    if args.continue_from is None and (args.time_budget is not None or args.workers):
-        raise InputError("--time-budget and --workers need --continue-from (a preset runs in-process, its stages "
-                         "at fixed lengths)")  # fmt: skip
-    if args.continue_from is not None:
-        from .train.continuation import continue_from_bundle, parse_duration
 
-        budget = None if args.time_budget is None else parse_duration(args.time_budget)
-        path = continue_from_bundle(args.continue_from, args.continuation, args.out, args.device, args.steps_scale,
-                                    time_budget=budget, workers=args.workers)  # fmt: skip
-    else:
-        path = train_preset(args.preset, args.out, device=args.device, steps_scale=args.steps_scale)
-    if args.install:
-        DEFAULT_MODEL.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, DEFAULT_MODEL)
-        log.info("installed %s as the built-in model (%s)", path, DEFAULT_MODEL)
-    print(path)
-    return 0
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .tools.sweep import run
+
+    return run(args)
+
+
+def cmd_calibrate_cache(args: argparse.Namespace) -> int:
+    from .tools.calibrate_cache import run
+
+    return run(args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -316,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     commands = {"generate": cmd_generate, "info": cmd_info, "make-tiny": cmd_make_tiny, "train": cmd_train,
-                "eval": cmd_eval}  # fmt: skip
+                "eval": cmd_eval, "sweep": cmd_sweep, "calibrate-cache": cmd_calibrate_cache}  # fmt: skip
     ok = False
     try:
         rc = commands[args.command](args)

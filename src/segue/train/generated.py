@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from ..data.synthetic import SyntheticVideos, object_mask, render_frames
 from ..errors import InputError
 from .latents import _fmt_seconds
-from .recipe import crop_origin
+from .phases import crop_origin
 
 PART = 64  # clips per stored part: an interrupted run loses at most one part's work
 
