@@ -183,7 +183,7 @@ def test_text_dropout_is_set_on_the_jointly_trained_text_encoder(base, tmp_path,
         return call(self, parts, batch)
 
     monkeypatch.setattr(CachedFLF2VObjective, "__call__", spy)
-    for rate, expect in ((None, [0.1]), (0.0, [0.0])):  # None: umT5's own rate, as every run before r16
+    for rate, expect in ((None, [0.1]), (0.0, [0.0])):  # None: umT5's own rate
         name = f"drop-{rate}"
         seen.clear()
         run(base, replace(c, name=name, text_dropout=rate, decoder_steps=0), tmp_path / name)

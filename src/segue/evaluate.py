@@ -305,7 +305,7 @@ def _group_clips(group: Any) -> list[Any]:
 
 def held_out_set(defaults: Any, clips: int, groups: int, split: str = "test") -> tuple[list[Any], list[Any]]:
     """``clips`` procedural clips and ``groups`` ambiguous groups of ``split`` at a model's native frame count and
-    size (its ``GenerationDefaults``): what ``segue eval`` and ``bench/sampling_sweep.py`` score."""
+    size (its ``GenerationDefaults``): what ``segue eval`` and ``segue sweep`` score."""
     from .data.synthetic import SyntheticVideos, ambiguous_groups
 
     side = int(round(defaults.max_area**0.5))

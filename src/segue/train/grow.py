@@ -1,4 +1,4 @@
-"""Growing trained models without changing what they compute: the built-in model grows between sessions.
+"""Growing trained models without changing what they compute: a recipe grows the model between its stages.
 
 Deeper DiT. A Wan block adds three residual branches to its input: gated self-attention, cross-attention and a gated
 FFN. With the last linear layer of each branch (``self_attn.o``, ``cross_attn.o``, ``ffn.2``) at zero the

@@ -299,38 +299,51 @@ def _describe(hint: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
 
 
-def _typed(value: Any, hint: Any, key: str, where: str) -> Any:  # noqa: C901 (one case per TOML type)
+def _typed(value: Any, hint: Any, key: str, where: str) -> Any:
     """``value`` (from TOML) as ``hint`` wants it, checked; an InputError names ``where + key`` otherwise."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    origin = typing.get_origin(hint)
     wrong = InputError(f"{where}{key}: expected {_describe(hint)}, got {value!r}")
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise wrong
         return build(hint, value, f"{where}{key}.")
     if origin in (typing.Union, types.UnionType):
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:  # an optional value (TOML has no null: absent means unset)
-            return _typed(value, options[0], key, where)
-        exact = [o for o in options if type(value) is o]  # an int stays an int where int is allowed
-        for option in exact + options:
-            try:
-                return _typed(value, option, key, where)
-            except InputError:
-                continue
-        raise wrong
+        return _union(value, typing.get_args(hint), key, where, wrong)
     if origin is tuple:
-        if isinstance(value, dict) and len(args) == 2 and args[1] is Ellipsis:  # a table as (key, value) pairs
-            value = [[k, v] for k, v in value.items()]
-        if not isinstance(value, list):
-            raise wrong
-        hints = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
-        if len(hints) != len(value):
-            raise wrong
-        return tuple(_typed(v, h, key, where) for v, h in zip(value, hints))
+        return _array(value, typing.get_args(hint), key, where, wrong)
     if origin is dict:
         if not isinstance(value, dict):
             raise wrong
-        return {k: _typed(v, args[1], f"{key}.{k}", where) for k, v in value.items()}
+        return {k: _typed(v, typing.get_args(hint)[1], f"{key}.{k}", where) for k, v in value.items()}
+    return _scalar(value, hint, key, where, wrong)
+
+
+def _union(value: Any, args: tuple, key: str, where: str, wrong: InputError) -> Any:
+    options = [a for a in args if a is not type(None)]
+    if len(options) == 1:  # an optional value (TOML has no null: absent means unset)
+        return _typed(value, options[0], key, where)
+    exact = [o for o in options if type(value) is o]  # an int stays an int where int is allowed
+    for option in exact + options:
+        try:
+            return _typed(value, option, key, where)
+        except InputError:
+            continue
+    raise wrong
+
+
+def _array(value: Any, args: tuple, key: str, where: str, wrong: InputError) -> tuple:
+    repeated = len(args) == 2 and args[1] is Ellipsis
+    if isinstance(value, dict) and repeated:  # a table as (key, value) pairs
+        value = [[k, v] for k, v in value.items()]
+    if not isinstance(value, list):
+        raise wrong
+    hints = [args[0]] * len(value) if repeated else list(args)
+    if len(hints) != len(value):
+        raise wrong
+    return tuple(_typed(v, h, key, where) for v, h in zip(value, hints))
+
+
+def _scalar(value: Any, hint: type, key: str, where: str, wrong: InputError) -> Any:
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         value = float(value)
     elif hint is int and isinstance(value, bool):

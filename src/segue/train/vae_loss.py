@@ -121,7 +121,7 @@ class DecoderObjective:
     # where the true clip has a shape, or the anchor's decode differs from the true scenery by more than
     # ``anchor_threshold`` (a shape the DiT put somewhere, or an error too large to be the scenery's), the
     # target is the anchor's decode; elsewhere the true frame. The decoder then corrects the DiT's scenery and
-    # does not learn to fade a shape whose place is uncertain (docs/training.md, session 21).
+    # does not learn to fade a shape whose place is uncertain (docs/training.md).
     anchor: nn.Module | None = None
     anchor_threshold: float = 0.25
 
