@@ -53,7 +53,7 @@ def test_a_continuation_at_a_vanishing_lr_gives_back_the_bundle(base, tmp_path, 
     # lineage: the stage from scratch that made the base bundle (its own entry), then this continuation
     assert read_bundle_lineage(base) == [{"recipe": "tiny", "scratch": "base", "steps_scale": 1.0, "seed": 0}]
     lineage = read_bundle_lineage(new)
-    assert len(lineage) == 2 and lineage[0] == read_bundle_lineage(base)
+    assert len(lineage) == 2 and lineage[0] == read_bundle_lineage(base)[0]
     assert lineage[1]["continuation"]["name"] == "still" and lineage[1]["steps"] == c.stage.steps
     assert lineage[1]["phase_steps"] == {"vae": 0, "dit": c.stage.steps, "decoder": 0}
 
@@ -164,7 +164,7 @@ def test_paired_groups_put_a_groups_clips_in_one_batch_with_one_draw(base, tmp_p
         assert share and sorted(index) in ([0, 1, 2], [3, 4, 5])  # a whole chunk, in any order of chunks
         assert group == [data.group_of(9 + i) for i in index] and len(set(group)) == 1
         assert len(set(seeds.tolist())) == 1  # one draw for the group
-    with pytest.raises(ValueError, match="paired_groups needs cache_start on a 3-clip chunk boundary .* got 8"):
+    with pytest.raises(ValueError, match="paired_groups needs cache_start on a 3-clip chunk boundary, got 8"):
         replace(c, name="x", paired_groups=True)
 
 
@@ -443,16 +443,16 @@ def test_a_time_budget_picks_the_steps_that_fit_and_a_resume_keeps_them(base, tm
 
     def spy(*a, **kw):
         timed.append(probe(*a, **kw))
-        return 100.0 * timed[-1]  # as if the steps were 100 times slower: the budget then cuts the stage
+        return 1000.0 * timed[-1]  # as if the steps were 1000 times slower: the budget then cuts the stage
 
     monkeypatch.setattr(continuation, "seconds_per_step", spy)
     out = tmp_path / "run"
-    # 20 s: the cache and the probe fit it with room on a loaded machine (2 s did not, beside another test run)
-    new = run(base, long, out, deadline=time.monotonic() + 20.0)
+    # 600 s: the cache and the probe fit it with room on a loaded machine
+    new = run(base, long, out, deadline=time.monotonic() + 600.0)
     info = json.loads((out / "budget.json").read_text())
-    assert len(timed) == 1 and info["seconds_per_step"] == round(100.0 * timed[0], 4)
-    assert 0 < info["seconds_left"] < 20.0 and info["of"] == 400
-    assert info["steps"] == budget.budget_steps(info["seconds_left"], 100.0 * timed[0], 400) < 400
+    assert len(timed) == 1 and info["seconds_per_step"] == round(1000.0 * timed[0], 4)
+    assert 0 < info["seconds_left"] < 600.0 and info["of"] == 400
+    assert info["steps"] == budget.budget_steps(info["seconds_left"], 1000.0 * timed[0], 400) < 400
     steps = info["steps"]
     log = [json.loads(line) for line in (out / long.stage.name / "log.jsonl").read_text().splitlines()]
     assert len(log) == steps and json.loads((out / long.stage.name / "done").read_text())["steps"] == steps

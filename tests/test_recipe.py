@@ -130,6 +130,8 @@ def test_toml_syntax_errors_give_the_line_and_column():
         ("cache_clips = 4\n", "cache_clips = 4\nsampling = { fps = 4 }\n",
          r"continuation 'next': sampling keys \['fps'\] not all among"),
         ('name = "next"', 'name = "base"', "stage names must differ .* repeated: base"),
+        ('name = "next"', 'name = "../next"', r"continuation name '../next' must be letters, digits, .*folder"),
+        ('name = "stage2-flf"', 'name = "a/b"', r"stage name 'a/b' must be letters"),
         ('name = "tiny"', 'name = "tiny"\nfrom = "builtin"', "a recipe with \\[scratch\\] starts from scratch"),
         ('name = "tiny"', 'name = "tiny"\nfrom = "/etc/x"', r"from: '/etc/x'; allowed: \"builtin\""),
     ],

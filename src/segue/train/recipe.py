@@ -29,6 +29,16 @@ from ..errors import InputError
 from .flow import MODES
 
 DTYPES = ("float16", "bfloat16", "float32")
+# a stage's name is its folder in the run: one plain path component
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_name(name: str, what: str) -> None:
+    """ValueError unless ``name`` can name a run folder (letters, digits, '.', '_', '-'; no path)."""
+    if not NAME.fullmatch(name):
+        raise ValueError(f"{what} name {name!r} must be letters, digits, '.', '_' or '-' (it names a folder)")
+
+
 SAMPLING_KEYS = ("steps", "guidance", "shift", "solver", "guidance_steps")
 
 
@@ -106,6 +116,7 @@ class Stage:
     min_lr_ratio: float = 0.0
 
     def __post_init__(self) -> None:
+        check_name(self.name, "stage")
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes or min(self.modes.values()) < 0 or sum(self.modes.values()) <= 0:
             raise ValueError(f"stage {self.name!r}: modes must be non-negative weights of modes among {MODES}, "
@@ -135,6 +146,7 @@ class Scratch:
     loops: str = "any"
 
     def __post_init__(self) -> None:
+        check_name(self.name, "scratch")
         check_loops(self.loops, f"scratch {self.name!r}: ")
         if not self.stages:
             raise ValueError(f"scratch {self.name!r}: at least one DiT stage")
@@ -187,6 +199,7 @@ class Continuation:
 
     def __post_init__(self) -> None:
         where = f"continuation {self.name!r}: "
+        check_name(self.name, "continuation")
         check_loops(self.loops, where)
         check_loop_groups(self.loop_groups, where)
         problems = _continuation_problems(self)
@@ -430,7 +443,7 @@ def load_recipe(recipe: str | Path) -> Recipe:
             raise InputError(f"{path}: cannot read the recipe ({e})") from None
         return parse_recipe(text, str(path))
     name = str(recipe)
-    if re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name) and name in shipped_recipes():
+    if NAME.fullmatch(name) and name in shipped_recipes():
         text = (resources.files("segue") / "recipes" / f"{name}.toml").read_text()
         return parse_recipe(text, f"recipe {name!r}")
     raise InputError(f"--recipe {name}: no such file, and no shipped recipe of that name "
