@@ -20,7 +20,7 @@ from segue.errors import InputError
 from segue.train import continuation
 from segue.train.continuation import CONTINUATIONS, Window, continue_from_bundle
 from segue.train.latents import CachedClips
-from segue.train.trainer import latest_checkpoint_path
+from segue.train.trainer import latest_checkpoint_path, load_training_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def test_a_continuation_can_deepen_the_dit(base, tmp_path, monkeypatch):
     argv = ["ckpt_bundle.py", str(tmp_path / "run"), "--from-bundle", str(base), "--raw", "--vae-from", str(other)]
     monkeypatch.setattr(sys, "argv", [*argv, "--out", str(raw)])
     bench.main()
-    ck = torch.load(latest_checkpoint_path(tmp_path / "run" / c.stage.name / "ckpt"), weights_only=False)
+    ck = load_training_checkpoint(latest_checkpoint_path(tmp_path / "run" / c.stage.name / "ckpt"))
     got = read_bundle_weights(raw)
     assert all(torch.equal(got["dit"][k], ck["model"]["dit"][k].half().float()) for k in after)
     assert any(not torch.equal(got["dit"][k], after[k]) for k in after)  # the raw weights are not the EMA

@@ -51,7 +51,6 @@ def build_components(plan: CheckpointPlan, device: torch.device, dtype: torch.dt
     from .models.dit import WanDiT, dit_param_dtype
     from .models.encoders import load_image_encoder, load_text_encoder
     from .models.vae import WanVAE
-    from .tokenizer import load_tokenizer
 
     cfg = plan.config
     t0 = time.perf_counter()
@@ -65,7 +64,7 @@ def build_components(plan: CheckpointPlan, device: torch.device, dtype: torch.dt
     dit.eval().requires_grad_(False)
     vae.eval().requires_grad_(False)
 
-    tokenizer = load_tokenizer(plan.tokenizer_dir)
+    tokenizer = plan.load_tokenizer()
     text = load_text_encoder(cfg.text, plan.text.read("cpu", lambda n, t: None), tokenizer, device, dtype)
     image = None
     if plan.image is not None and cfg.image is not None:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -56,6 +57,7 @@ from .trainer import _atomic_save, _atomic_write_text, _fmt_seconds, sample_seed
 PROGRESS_EVERY_S = 30.0  # the cache's progress line between shards (a 1024-clip shard takes minutes on a CPU)
 
 CACHE_VERSION = 1
+SHARD_NAME = re.compile(r"shard-\d{5}\.pt")  # the names build_latent_cache writes into meta.pt
 ENCODED_MODES = ("first_last", "first", "random_subset")  # the modes with one conditioning encode per clip
 SUBSET_SEED = 0x5EB5E7  # mixed with the clip index: the fixed random subset of each clip
 # which two slots of the stored frames CLIP sees for each mode (first and last given frame)
@@ -294,6 +296,9 @@ class CachedClips(Dataset):
         if not (path / "meta.pt").is_file():
             raise InputError(f"no finished latent cache at {path} (meta.pt is missing)")
         meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+        bad = [n for n in meta["shards"] if not isinstance(n, str) or not SHARD_NAME.fullmatch(n)]
+        if bad:  # a name read from a file never leads out of the cache folder
+            raise InputError(f"{path / 'meta.pt'}: shard names {bad[:3]!r} are not shard-NNNNN.pt files of {path}")
         shards = [torch.load(path / n, map_location="cpu", weights_only=True) for n in meta["shards"]]
         self.config = meta["config"]
         self.modes = [*self.config["modes"], "none"]
