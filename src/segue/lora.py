@@ -151,9 +151,7 @@ def check_lora_file(path: str | os.PathLike[str]) -> list[str]:
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise InputError(f"LoRA file {p} is not a readable safetensors file ({e})") from None
     if 8 + n + end > size:
-        raise InputError(
-            f"LoRA file {p} is truncated: its header describes {8 + n + end} bytes, the file has {size}"
-        )
+        raise InputError(f"LoRA file {p} is truncated: its header describes {8 + n + end} bytes, the file has {size}")
     names = [k for k in header if k != "__metadata__"]
     if not names:
         raise InputError(f"LoRA file {p} holds no tensors")

@@ -1,8 +1,9 @@
 """Image input and video output.
 
-Inputs: paths or PIL images in any common mode (RGBA, grey, palette, 16-bit) become 8-bit RGB, with
-errors that name the file. Outputs: mp4 (H.264), webm (VP9), gif and PNG frame folders, always
-written under a temporary name and renamed when whole, so a crash never leaves half a file.
+Inputs: paths, PIL images or numpy uint8 [H, W, 3] arrays, in any common mode (RGBA, grey, palette, 16-bit),
+become upright (EXIF orientation) 8-bit RGB, with errors that name the file. Outputs: mp4 (H.264), webm (VP9),
+gif and PNG frame folders, always written under a temporary name and renamed when whole, so a crash never leaves
+half a file.
 """
 
 from __future__ import annotations
@@ -10,31 +11,51 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 
 VIDEO_FORMATS = {".mp4": ("mp4", "libx264"), ".webm": ("webm", "libvpx-vp9"), ".gif": ("gif", "gif")}
 
 
-def load_image(image: str | os.PathLike[str] | Image.Image, what: str = "image") -> Image.Image:
-    """Open ``image`` and return it as 8-bit RGB; ``what`` names it in errors ("first frame")."""
+def load_image(image: str | os.PathLike[str] | Image.Image | np.ndarray, what: str = "image") -> Image.Image:
+    """Open ``image`` (a file path, a PIL image or a numpy uint8 [H, W, 3] RGB array) and return it as 8-bit
+    RGB, turned upright by its EXIF orientation; ``what`` names it in errors ("first frame")."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise InputError(
+                f"{what}: a numpy image must be a uint8 [H, W, 3] RGB array, got {image.dtype} {list(image.shape)}"
+            )
+        return to_rgb(Image.fromarray(np.ascontiguousarray(image), "RGB"), what)
     if isinstance(image, Image.Image):
-        return to_rgb(image, what)
+        return to_rgb(ImageOps.exif_transpose(image), what)
+    if not isinstance(image, str | os.PathLike) or not str(image):
+        raise InputError(
+            f"{what} must be an image file path, a PIL image or a numpy uint8 [H, W, 3] array, got {image!r:.60}"
+        )
     path = Path(image)
     if not path.exists():
         raise InputError(f"{what}: file not found: {path}")
     if not path.is_file():
         raise InputError(f"{what}: not a file: {path}")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return to_rgb(im, f"{what} ({path})")
+        with warnings.catch_warnings():
+            # over Image.MAX_IMAGE_PIXELS: refused (PIL only warns up to twice the limit)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return to_rgb(ImageOps.exif_transpose(im), f"{what} ({path})")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(
+            f"{what}: {path} has more pixels than the {Image.MAX_IMAGE_PIXELS} allowed (a decompression bomb?); "
+            "scale it down first"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{what}: cannot read {path} as an image ({e})") from None
 

@@ -79,7 +79,7 @@ def parse_lora(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def build_pipeline(plan, device: torch.device, dtype: torch.dtype, speed: SpeedOptions):
+def build_pipeline(plan, device: torch.device, dtype: torch.dtype, speed: SpeedOptions, started: float | None = None):
     """A Pipeline from a checkpoint plan with ``speed`` applied (see the module docstring for the order)."""
     from ..loader import build_components
     from ..offload import apply_profile, choose_profile, pick_profile
@@ -91,7 +91,7 @@ def build_pipeline(plan, device: torch.device, dtype: torch.dtype, speed: SpeedO
         profile = pick_profile(plan.config, device, dtype) if cuda else "gpu"
     applied = [f"memory {profile}"]
     # Anything but "gpu" is read into CPU memory and moved by the profile (never whole onto the GPU).
-    pipe = build_components(plan, device if profile == "gpu" else torch.device("cpu"), dtype)
+    pipe = build_components(plan, device if profile == "gpu" else torch.device("cpu"), dtype, started)
 
     if speed.loras:
         from ..lora import load_lora
