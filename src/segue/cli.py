@@ -290,7 +290,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_model, held_out_set, pipeline_generate_fn
+    from .evaluate import evaluate_model, held_out_set, jsonable, pipeline_generate_fn
     from .loader import load
 
     if args.clips < 1 or args.groups < 0:
@@ -300,7 +300,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     generate = pipeline_generate_fn(pipe, steps=args.steps, guidance=args.guidance, shift=args.shift, seed=args.seed,
                                     guidance_steps=args.guidance_steps)  # fmt: skip
     summary = evaluate_model(generate, clips, groups, args.out)
-    print(json.dumps({"means": summary["means"], "pass": summary["pass"]}, indent=2, default=str))
+    print(json.dumps(jsonable({"means": summary["means"], "pass": summary["pass"]}), indent=2, allow_nan=False))
     return 0
 
 
