@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .media import atomic_path
+from .io import atomic_path
 
 FORMAT_VERSION = "1"
 PARTS = ("dit", "vae", "text", "image")

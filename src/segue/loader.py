@@ -76,6 +76,34 @@ def build_components(plan: CheckpointPlan, device: torch.device, dtype: torch.dt
     return Pipeline(cfg, dit, vae, text, image, device, source=str(plan.folder))
 
 
+def checkpoint_plan(path: str | Path | None = None) -> CheckpointPlan:
+    """What the checkpoint at ``path`` holds (layout, model config, tensor locations), read without its
+    weights; the built-in model when ``path`` is None. Cheap: the CLI checks settings against it first."""
+    if path is None:
+        if not DEFAULT_MODEL.is_file():
+            raise InputError(
+                "no checkpoint given and no built-in model is installed; pass the folder of "
+                "Wan2.1-FLF2V-14B-720P (official or -diffusers layout) or a segue .safetensors bundle"
+            )
+        path = DEFAULT_MODEL
+    return plan_checkpoint(path)
+
+
+def load_plan(
+    plan: CheckpointPlan,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    speed: SpeedOptions | None = None,
+) -> Pipeline:
+    """The Pipeline of an already planned checkpoint (see ``load``)."""
+    dev = resolve_device(device)
+    if speed is None:
+        return build_components(plan, dev, resolve_dtype(dtype, dev))
+    from .accel.options import build_pipeline
+
+    return build_pipeline(plan, dev, resolve_dtype(dtype, dev), speed)
+
+
 def load(
     path: str | Path | None = None,
     device: str | torch.device = "cpu",
@@ -85,16 +113,4 @@ def load(
     """Load a checkpoint (official or diffusers folder, or a segue .safetensors bundle; auto-detected)
     as a Pipeline. Without a path, the built-in default model. ``speed`` (segue.accel.options): memory
     profile, LoRAs, attention kernel, compile, step cache; None loads the plain reference path."""
-    if path is None:
-        if not DEFAULT_MODEL.is_file():
-            raise InputError(
-                "no checkpoint given and no built-in model is installed; pass the folder of "
-                "Wan2.1-FLF2V-14B-720P (official or -diffusers layout) or a segue .safetensors bundle"
-            )
-        path = DEFAULT_MODEL
-    dev = resolve_device(device)
-    if speed is None:
-        return build_components(plan_checkpoint(path), dev, resolve_dtype(dtype, dev))
-    from .accel.options import build_pipeline
-
-    return build_pipeline(plan_checkpoint(path), dev, resolve_dtype(dtype, dev), speed)
+    return load_plan(checkpoint_plan(path), device, dtype, speed)
