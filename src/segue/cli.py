@@ -333,10 +333,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_model, held_out_set, pipeline_generate_fn
-    from .loader import load
+    from .io import Protected, check_output_file
+    from .loader import DEFAULT_MODEL, load
+    from .settings import check_request
 
     if args.clips < 1 or args.groups < 0:
         raise InputError(f"--clips must be >= 1 and --groups >= 0, got {args.clips} and {args.groups}")
+    check_request(steps=args.steps, guidance=args.guidance, shift=args.shift, seed=args.seed,
+                  guidance_steps=args.guidance_steps, flags=True)  # fmt: skip
+    protected = Protected().add(args.ckpt if args.ckpt is not None else DEFAULT_MODEL, "checkpoint")
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out {args.out} is a file; give the folder for eval.json, eval.md, contact_sheet.png")
+    for name in ("eval.json", "eval.md", "contact_sheet.png"):
+        check_output_file(args.out / name, "report", protected)
     pipe = load(args.ckpt)
     clips, groups = held_out_set(pipe.config.defaults, args.clips, args.groups, args.split)
     generate = pipeline_generate_fn(pipe, steps=args.steps, guidance=args.guidance, shift=args.shift, seed=args.seed,
@@ -414,6 +423,8 @@ def _several_ranks() -> bool:
 def _leave_process_group(wait_for_peers: bool) -> None:
     """Leave a torchrun job's process groups. After a run that went well, every rank first waits for the
     others (rank 0 may still be writing the video), so no rank tears its connections down under a peer."""
+    if "torch" not in sys.modules:  # an argument error: torch was never imported, no group was joined
+        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -75,8 +75,10 @@ class Protected:
         root = folder.resolve()
         for p, what in [*self.files, *self.folders]:
             r = p.resolve()
-            if r == root or r.is_relative_to(root) or root.is_relative_to(r):
+            if r == root or r.is_relative_to(root):
                 return f"holds the {what} ({p})"
+            if root.is_relative_to(r):
+                return f"is inside the {what} folder ({p})"
         return None
 
 
