@@ -383,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = False
     try:
         rc = commands[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below, not at interpreter exit
         ok = True
         return rc
     except SegueError as e:
@@ -397,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # the reader of stdout went away (`segue info ... | head`): quiet the interpreter's final flush
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return _fail("error: standard output was closed before segue could write its result", 2)
+        return _fail("error: standard output was closed before segue printed its result", 2)
     except MemoryError:
         return _fail("error: out of memory; ask for fewer frames, a smaller size or a lighter --memory profile", 2)
     except OSError as e:  # a machine condition outside the writes that segue.io already reports

@@ -225,7 +225,9 @@ class Pipeline:
         overrides ``max_area``. ``guidance_steps`` limits guidance to the first that many steps (where the
         layout and the path are decided). Unset settings come from the model's defaults. ``decode=False``
         skips the VAE decode: the Video has no frames, only its ``latent``. In a parallel run (torchrun)
-        every rank calls this; rank 0 gets the Video, the others None."""
+        every rank calls this; rank 0 gets the Video, the others None. Every setting is checked first
+        (segue.settings: InputError naming the argument); ``progress(step, total)`` is called with 0 before
+        the first step and after each."""
         # every setting checked before any model work (segue.settings): one InputError naming the argument
         request = check_request(prompt, negative_prompt, frames, max_area, size, steps, shift, guidance, solver, seed,
                                 guidance_steps)  # fmt: skip
