@@ -174,8 +174,8 @@ def test_a_folder_segue_did_not_write_is_never_mixed_and_paths_are_checked_first
     _one_line(r, 2, "latent file", "is a folder")
     read_only = tmp_path / "ro"
     read_only.mkdir()
-    r = run_cli(work, tmp_path, *_generate(work, out, "--frames-dir", str(read_only / "png")),
-                fault=f"readonly:{read_only.resolve()}")  # fmt: skip
+    loud = _generate(work, out, "--frames-dir", str(read_only / "png"))[1:]  # without -q: logs show a load
+    r = run_cli(work, tmp_path, *loud, fault=f"readonly:{read_only.resolve()}")
     _one_line(r, 2, "frames folder", "not writable", "Read-only file system")
     assert "model ready" not in r.stderr  # found before the model loads, not after the generation
     assert _tree(user) == before and not out.exists()
