@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .media import atomic_path
+from .io import atomic_path
 from .tokenizer import TOKENIZER_FILES
 
 FORMAT_VERSION = "1"

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .errors import InputError
-from .media import atomic_path
+from .io import atomic_path
 
 GenerateFn = Callable[[np.ndarray, np.ndarray, str, int], np.ndarray]
 

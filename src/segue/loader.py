@@ -86,6 +86,49 @@ def build_components(
     return Pipeline(cfg, dit, vae, text, image, device, source=str(plan.folder))
 
 
+def checkpoint_plan(path: str | os.PathLike | None = None) -> CheckpointPlan:
+    """What the checkpoint at ``path`` holds (layout, model config, tensor locations), read without its
+    weights; the built-in model when ``path`` is None. Cheap: the CLI checks settings against it first."""
+    if path is not None and (not isinstance(path, str | os.PathLike) or not str(path)):
+        raise InputError(
+            f"path must be a checkpoint folder or a segue .safetensors bundle (str or Path), or None for the "
+            f"built-in model; got {path!r:.60}"
+        )
+    if path is None:
+        if not DEFAULT_MODEL.is_file():
+            raise InputError(
+                "no checkpoint given and no built-in model is installed; pass the folder of "
+                "Wan2.1-FLF2V-14B-720P (official or -diffusers layout) or a segue .safetensors bundle"
+            )
+        path = DEFAULT_MODEL
+    return plan_checkpoint(path)
+
+
+def load_plan(
+    plan: CheckpointPlan,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    speed: SpeedOptions | None = None,
+    started: float | None = None,
+) -> Pipeline:
+    """The Pipeline of an already planned checkpoint (see ``load``). ``started``: when the caller's load
+    began (``time.perf_counter()``), so the logged time includes imports and planning."""
+    started = time.perf_counter() if started is None else started
+    from .accel.options import SpeedOptions
+
+    if speed is not None and not isinstance(speed, SpeedOptions):
+        raise InputError(
+            f"speed must be a segue.accel.options.SpeedOptions (or None), got {speed!r:.60} ({type(speed).__name__})"
+        )
+    dev = resolve_device(device)
+    run_dtype = resolve_dtype(dtype, dev)
+    if speed is None:
+        return build_components(plan, dev, run_dtype, started)
+    from .accel.options import build_pipeline
+
+    return build_pipeline(plan, dev, run_dtype, speed, started)
+
+
 def load(
     path: str | Path | None = None,
     device: str | torch.device = "cpu",
@@ -108,17 +151,5 @@ def load(
         raise InputError(
             f"speed must be a segue.accel.options.SpeedOptions (or None), got {speed!r:.60} ({type(speed).__name__})"
         )
-    dev = resolve_device(device)
-    run_dtype = resolve_dtype(dtype, dev)
-    if path is None:
-        if not DEFAULT_MODEL.is_file():
-            raise InputError(
-                "no checkpoint given and no built-in model is installed; pass the folder of "
-                "Wan2.1-FLF2V-14B-720P (official or -diffusers layout) or a segue .safetensors bundle"
-            )
-        path = DEFAULT_MODEL
-    if speed is None:
-        return build_components(plan_checkpoint(path), dev, run_dtype, started)
-    from .accel.options import build_pipeline
-
-    return build_pipeline(plan_checkpoint(path), dev, run_dtype, speed, started)
+    resolve_dtype(dtype, resolve_device(device))  # device and dtype are checked before any file is read
+    return load_plan(checkpoint_plan(path), device, dtype, speed, started)

@@ -29,6 +29,7 @@ from ..bundle import materialize_tokenizer, read_bundle_lineage, read_bundle_met
 from ..config import ModelConfig, VAEConfig
 from ..data.synthetic import GROUP_SIZE, LOOP_GROUPS, Scene, SyntheticVideos, check_loop_groups, check_loops
 from ..errors import InputError
+from ..io import atomic_write_text
 from ..loader import load, resolve_device
 from ..models.dit import WanDiT
 from ..models.encoders import ImageEncoder, TextEncoder
@@ -49,7 +50,7 @@ from .recipe import (
     stage_train_config,
     train_vae_run,
 )
-from .trainer import LossFn, TrainConfig, Trainer, _atomic_write_text, _rng_state, _set_rng_state
+from .trainer import LossFn, TrainConfig, Trainer, _rng_state, _set_rng_state
 
 
 @dataclass(frozen=True)
@@ -705,7 +706,7 @@ def continue_from_bundle(
     phase_steps = {"vae": scaled(c.vae_steps) if c.vae_steps else 0, "dit": steps,
                    "decoder": scaled(c.decoder_steps) if c.decoder_steps else 0}  # fmt: skip
     record = {"continuation": asdict(c), "steps": steps, "phase_steps": phase_steps, "from": bundle.name}
-    (out / "continuation.json").write_text(json.dumps(record, indent=2))
+    atomic_write_text(out / "continuation.json", json.dumps(record, indent=2))
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         materialize_tokenizer(tok_files, tok_dir)
@@ -768,12 +769,12 @@ def continue_from_bundle(
             steps = budget_steps(left, per_step, steps)
             info = {"time_budget_s": time_budget, "seconds_left": round(left, 1),
                     "seconds_per_step": round(per_step, 4), "steps": steps, "of": tc.steps}  # fmt: skip
-            _atomic_write_text(json.dumps(info, indent=2), budget_file)
+            atomic_write_text(budget_file, json.dumps(info, indent=2))
             print(f"time budget: {left:.0f} s left at {per_step:.3f} s/step: {steps} of {tc.steps} steps",
                   file=sys.stderr, flush=True)  # fmt: skip
             tc = train_config(steps)
             record["steps"] = phase_steps["dit"] = steps
-            _atomic_write_text(json.dumps(record, indent=2), out / "continuation.json")
+            atomic_write_text(out / "continuation.json", json.dumps(record, indent=2))
         trainer = Trainer(parts, objective(segments[0][1]), clips, tc)
         # one run per weight segment; the first resumes from the latest checkpoint, which may lie past its end
         ends = [round(s * steps / c.stage.steps) for s, _ in segments[1:]] + [steps]

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
 
 from ..errors import CheckpointError, InputError
+from ..io import atomic_torch_save, atomic_write_text
 from ..parallel.mesh import ParallelConfig, ParallelState, init_parallel
 
 LossFn = Callable[[Mapping[str, nn.Module], Any], Tensor]
@@ -171,18 +172,6 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # The only names ``ckpt/latest`` may hold: a checkpoint this trainer wrote, straight inside ``ckpt/``.
@@ -485,7 +474,7 @@ class Trainer:
             self.close()
             ema = self.ema_state_dicts()
             if self.rank == 0:
-                _atomic_save(ema, self.out_dir / "ema.pt")
+                atomic_torch_save(self.out_dir / "ema.pt", ema)
         return losses
 
     def _take_step(self) -> tuple[float, float, float, float, float]:
@@ -574,8 +563,8 @@ class Trainer:
                 "world": self.world,
                 "config": asdict(self.cfg),
             }
-            _atomic_save(state, path)
-            _atomic_write_text(path.name, self.ckpt_dir / "latest")
+            atomic_torch_save(path, state)
+            atomic_write_text(self.ckpt_dir / "latest", path.name)
             old = sorted(self.ckpt_dir.glob("step-*.pt"))[: -self.cfg.keep_ckpts]
             for p in old:
                 p.unlink()
@@ -633,4 +622,4 @@ class Trainer:
         if self.rank != 0 or not log.exists():
             return
         keep = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-        _atomic_write_text("".join(ln + "\n" for ln in keep), log)
+        atomic_write_text(log, "".join(ln + "\n" for ln in keep))
