@@ -191,8 +191,6 @@ class _Progress:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .io import Protected
-    from .media import check_outputs, load_image
     from .settings import check_request, host_memory, resolve_settings
 
     # Everything that can be checked is checked before the model loads: first what needs no torch
@@ -203,6 +201,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              a.solver, a.seed, a.guidance_steps, flags=True)  # fmt: skip
 
     request()
+    from .io import Protected
+    from .media import check_outputs, load_image
+
     protected = Protected().add(args.first, "first frame").add(args.last, "last frame")
     protected.add(args.ckpt_dir, "checkpoint").add(args.cache_calibration, "cache calibration")
     check_outputs(args.out, args.frames_dir, args.save_latent, protected, args.overwrite)

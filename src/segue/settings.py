@@ -1,6 +1,6 @@
 """Generation settings: every setting of ``Pipeline.generate`` checked for type and range in one place.
 
-Pure (no torch, no weights): the CLI checks a command here before it imports torch or loads a model, and
+Pure (no torch, no numpy, no weights): the CLI checks a command here before it imports torch or loads a model, and
 ``Pipeline.generate`` calls the same functions before any model work, so the Python API and the CLI give the
 same one-line ``InputError`` naming the argument and what is allowed. Two stages:
 
@@ -18,8 +18,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from .errors import InputError
 
@@ -152,8 +150,8 @@ def check_size(width: int, height: int, multiple: int, flags: bool = False) -> t
 def fit_latent_size(height: int, width: int, max_area: int, stride: int = 8, patch: int = 2) -> tuple[int, int]:
     """Latent (h, w) of the reference: aspect of the first frame, area about max_area, patch-aligned."""
     ar = height / width
-    lat_h = round(np.sqrt(max_area * ar) // stride // patch * patch)
-    lat_w = round(np.sqrt(max_area / ar) // stride // patch * patch)
+    lat_h = round(math.sqrt(max_area * ar) // stride // patch * patch)  # IEEE sqrt: as numpy's, bit for bit
+    lat_w = round(math.sqrt(max_area / ar) // stride // patch * patch)
     if lat_h < patch or lat_w < patch:
         raise InputError(f"max area {max_area} is too small for a {width}x{height} frame")
     return int(lat_h), int(lat_w)
