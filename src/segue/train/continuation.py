@@ -49,7 +49,7 @@ from .recipe import (
     stage_train_config,
     train_vae_run,
 )
-from .trainer import LossFn, TrainConfig, Trainer, _atomic_write_text, rng_state, set_rng_state
+from .trainer import LossFn, TrainConfig, Trainer, atomic_write_text, rng_state, set_rng_state
 
 
 @dataclass(frozen=True)
@@ -766,12 +766,12 @@ def continue_from_bundle(
             steps = budget_steps(left, per_step, steps)
             info = {"time_budget_s": time_budget, "seconds_left": round(left, 1),
                     "seconds_per_step": round(per_step, 4), "steps": steps, "of": tc.steps}  # fmt: skip
-            _atomic_write_text(json.dumps(info, indent=2), budget_file)
+            atomic_write_text(json.dumps(info, indent=2), budget_file)
             print(f"time budget: {left:.0f} s left at {per_step:.3f} s/step: {steps} of {tc.steps} steps",
                   file=sys.stderr, flush=True)  # fmt: skip
             tc = train_config(steps)
             record["steps"] = phase_steps["dit"] = steps
-            _atomic_write_text(json.dumps(record, indent=2), out / "continuation.json")
+            atomic_write_text(json.dumps(record, indent=2), out / "continuation.json")
         trainer = Trainer(parts, objective(segments[0][1]), clips, tc)
         # one run per weight segment; the first resumes from the latest checkpoint, which may lie past its end
         ends = [round(s * steps / c.stage.steps) for s, _ in segments[1:]] + [steps]

@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.synthetic import LOOP_GROUPS
 from ..errors import InputError
 from .flow import MODES, FLF2VObjective, dit_loss, encode_clip_frames, fold_time, given_frames, mask_from_given
-from .trainer import _atomic_save, _atomic_write_text, fmt_seconds, sample_seed
+from .trainer import atomic_save, atomic_write_text, fmt_seconds, sample_seed
 
 PROGRESS_EVERY_S = 30.0  # the cache's progress line between shards (a 1024-clip shard takes minutes on a CPU)
 
@@ -201,7 +201,7 @@ def build_latent_cache(
             raise InputError(f"the latent cache at {path} was built with other settings ({', '.join(diff)}); remove it")
     else:
         path.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(json.dumps(config, indent=2), cfg_file)
+        atomic_write_text(json.dumps(config, indent=2), cfg_file)
     if (path / "meta.pt").is_file():
         return path
 
@@ -225,14 +225,14 @@ def build_latent_cache(
         if (path / name).is_file():
             done_before = rng.stop
             continue
-        _atomic_save(_build_shard(vae, dataset, rng, encoded, batch_size, dtype, report, workers), path / name)
+        atomic_save(_build_shard(vae, dataset, rng, encoded, batch_size, dtype, report, workers), path / name)
         report(rng.stop, force=True)
 
     # "none": the latent of an all-zero conditioning video, the same for every clip
     video = dataset[0]["video"]
     with torch.no_grad():
         zero = vae.encode(torch.zeros_like(video)[None].float().to(vae.conv1.weight.device))[0].to("cpu", dtype)
-    _atomic_save({"config": config, "shards": names, "none": zero}, path / "meta.pt")
+    atomic_save({"config": config, "shards": names, "none": zero}, path / "meta.pt")
     return path
 
 
@@ -279,7 +279,7 @@ def build_object_masks(
     n = json.loads((path / "config.json").read_text())["n_clips"]
     items = _ObjectMasks(dataset, n, temporal, spatial, dilate)
     masks = torch.cat(list(DataLoader(items, batch_size=256, num_workers=workers)))  # workers 0: in-process
-    _atomic_save({"dilate": dilate, "objects": masks}, path / "objects.pt")
+    atomic_save({"dilate": dilate, "objects": masks}, path / "objects.pt")
     return path
 
 

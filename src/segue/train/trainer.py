@@ -149,13 +149,13 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
+def atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
-def _atomic_write_text(text: str, path: Path) -> None:
+def atomic_write_text(text: str, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -431,7 +431,7 @@ class Trainer:
             self.close()
             ema = self.ema_state_dicts()
             if self.rank == 0:
-                _atomic_save(ema, self.out_dir / "ema.pt")
+                atomic_save(ema, self.out_dir / "ema.pt")
         return losses
 
     def _take_step(self) -> tuple[float, float, float, float, float]:
@@ -520,8 +520,8 @@ class Trainer:
                 "world": self.world,
                 "config": asdict(self.cfg),
             }
-            _atomic_save(state, path)
-            _atomic_write_text(path.name, self.ckpt_dir / "latest")
+            atomic_save(state, path)
+            atomic_write_text(path.name, self.ckpt_dir / "latest")
             old = sorted(self.ckpt_dir.glob("step-*.pt"))[: -self.cfg.keep_ckpts]
             for p in old:
                 p.unlink()
@@ -579,4 +579,4 @@ class Trainer:
         if self.rank != 0 or not log.exists():
             return
         keep = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-        _atomic_write_text("".join(ln + "\n" for ln in keep), log)
+        atomic_write_text("".join(ln + "\n" for ln in keep), log)
