@@ -18,6 +18,7 @@ Nothing below this module imports it.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,15 +40,17 @@ log = logging.getLogger("segue")
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default.safetensors"
 
 
-def build_components(plan: CheckpointPlan, device: torch.device, dtype: torch.dtype) -> Pipeline:
-    """Build each component on meta, check every key, then assign tensors read one at a time."""
+def build_components(
+    plan: CheckpointPlan, device: torch.device, dtype: torch.dtype, started: float | None = None
+) -> Pipeline:
+    """Build each component on meta, check every key, then assign tensors read one at a time. ``started``: the
+    ``time.perf_counter()`` of the load call, so the logged time includes everything (imports too)."""
+    t0 = time.perf_counter() if started is None else started
     from .models.dit import WanDiT, dit_param_dtype
     from .models.encoders import load_image_encoder, load_text_encoder
     from .models.vae import WanVAE
-    from .tokenizer import load_tokenizer
 
     cfg = plan.config
-    t0 = time.perf_counter()
     with torch.device("meta"):
         dit = WanDiT(cfg.dit)
         vae = WanVAE(cfg.vae)
@@ -58,7 +61,7 @@ def build_components(plan: CheckpointPlan, device: torch.device, dtype: torch.dt
     dit.eval().requires_grad_(False)
     vae.eval().requires_grad_(False)
 
-    tokenizer = load_tokenizer(plan.tokenizer_dir)
+    tokenizer = plan.load_tokenizer()
     text = load_text_encoder(cfg.text, plan.text.read("cpu", lambda n, t: None), tokenizer, device, dtype)
     image = None
     if plan.image is not None and cfg.image is not None:
@@ -69,6 +72,47 @@ def build_components(plan: CheckpointPlan, device: torch.device, dtype: torch.dt
     return Pipeline(cfg, dit, vae, text, image, device, source=str(plan.folder))
 
 
+def checkpoint_plan(path: str | os.PathLike | None = None) -> CheckpointPlan:
+    """What the checkpoint at ``path`` holds (layout, model config, tensor locations), read without its
+    weights; the built-in model when ``path`` is None. Cheap: the CLI checks settings against it first."""
+    if path is not None and (not isinstance(path, str | os.PathLike) or not str(path)):
+        raise InputError(
+            f"path must be a checkpoint folder or a segue .safetensors bundle (str or Path), or None for the "
+            f"built-in model; got {path!r:.60}"
+        )
+    if path is None:
+        if not DEFAULT_MODEL.is_file():
+            raise InputError(
+                "no checkpoint given and no built-in model is installed; pass the folder of "
+                "Wan2.1-FLF2V-14B-720P (official or -diffusers layout) or a segue .safetensors bundle"
+            )
+        path = DEFAULT_MODEL
+    return plan_checkpoint(path)
+
+
+def load_plan(
+    plan: CheckpointPlan,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    speed: SpeedOptions | None = None,
+    started: float | None = None,
+) -> Pipeline:
+    """The Pipeline of an already planned checkpoint (see ``load``). ``started``: when the caller's load
+    began (``time.perf_counter()``), so the logged time includes imports and planning."""
+    started = time.perf_counter() if started is None else started
+    from .accel.options import SpeedOptions
+
+    if speed is not None and not isinstance(speed, SpeedOptions):
+        raise InputError(
+            f"speed must be a segue.accel.options.SpeedOptions (or None), got {speed!r:.60} ({type(speed).__name__})"
+        )
+    dev = resolve_device(device)
+    run_dtype = resolve_dtype(dtype, dev)
+    if speed is None:
+        return build_components(plan, dev, run_dtype, started)
+    return build_pipeline(plan, dev, run_dtype, speed, started)
+
+
 def load(
     path: str | Path | None = None,
     device: str | torch.device = "cpu",
@@ -77,32 +121,39 @@ def load(
 ) -> Pipeline:
     """Load a checkpoint (official or diffusers folder, or a segue .safetensors bundle; auto-detected)
     as a Pipeline. Without a path, the built-in default model. ``speed`` (segue.accel.options): memory
-    profile, LoRAs, attention kernel, compile, step cache; None loads the plain reference path."""
-    if path is None:
-        if not DEFAULT_MODEL.is_file():
-            raise InputError(
-                "no checkpoint given and no built-in model is installed; pass the folder of "
-                "Wan2.1-FLF2V-14B-720P (official or -diffusers layout) or a segue .safetensors bundle"
-            )
-        path = DEFAULT_MODEL
-    dev = resolve_device(device)
-    if speed is None:
-        return build_components(plan_checkpoint(path), dev, resolve_dtype(dtype, dev))
-    return build_pipeline(plan_checkpoint(path), dev, resolve_dtype(dtype, dev), speed)
+    profile, LoRAs, attention kernel, compile, step cache; None loads the plain reference path.
+    Every argument is checked before any file is read: InputError names the argument and what is allowed."""
+    started = time.perf_counter()
+    from .accel.options import SpeedOptions
+
+    if path is not None and (not isinstance(path, str | os.PathLike) or not str(path)):
+        raise InputError(
+            f"path must be a checkpoint folder or a segue .safetensors bundle (str or Path), or None for the "
+            f"built-in model; got {path!r:.60}"
+        )
+    if speed is not None and not isinstance(speed, SpeedOptions):
+        raise InputError(
+            f"speed must be a segue.accel.options.SpeedOptions (or None), got {speed!r:.60} ({type(speed).__name__})"
+        )
+    resolve_dtype(dtype, resolve_device(device))  # device and dtype are checked before any file is read
+    return load_plan(checkpoint_plan(path), device, dtype, speed, started)
 
 
 # ---------------------------------------------------------------------------------------------
 # With speed options: decide the placement, build, then apply the transforms.
 
 
-def build_pipeline(plan: CheckpointPlan, device: torch.device, dtype: torch.dtype, speed: SpeedOptions) -> Pipeline:
-    """A Pipeline from a checkpoint plan with ``speed`` applied (see the module docstring for the order)."""
+def build_pipeline(
+    plan: CheckpointPlan, device: torch.device, dtype: torch.dtype, speed: SpeedOptions, started: float | None = None
+) -> Pipeline:
+    """A Pipeline from a checkpoint plan with ``speed`` applied (see the module docstring for the order).
+    ``started``: as for ``build_components``."""
     from .placement.apply import apply_profile
 
     lossless = device.type == "cuda" and not speed.exact  # the lossless GPU options are on by default
     profile = _decide_profile(speed, plan, device, dtype)
     # Anything but "gpu" is read into CPU memory and moved by the profile (never whole onto the GPU).
-    pipe = build_components(plan, device if profile == "gpu" else torch.device("cpu"), dtype)
+    pipe = build_components(plan, device if profile == "gpu" else torch.device("cpu"), dtype, started)
     applied = [f"memory {profile}"]
     applied += _merge_loras(pipe, speed.loras)
     if speed.fuse or (speed.fuse is None and lossless):

@@ -46,9 +46,11 @@ class SpeedOptions:
             raise InputError(f"cache threshold must be >= 0, got {self.cache_threshold}")
         if (self.cache_threshold is not None or self.cache_calibration) and self.step_cache is None:
             raise InputError("a cache threshold or calibration was given without a step cache (--step-cache)")
-        for path, _ in self.loras:
-            if not Path(path).is_file():
-                raise InputError(f"LoRA file {path} does not exist")
+        if self.loras:
+            from ..lora import check_lora_file
+
+            for path, _ in self.loras:
+                check_lora_file(path)  # whole and with LoRA names, from its header: before any model loads
         if self.cache_calibration is not None and not Path(self.cache_calibration).is_file():
             raise InputError(f"cache calibration file {self.cache_calibration} does not exist")
 

@@ -25,19 +25,23 @@ __all__ = [
     "weight_bytes",
 ]
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
-
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """A device name -> torch.device; CUDA only where PyTorch sees a GPU."""
+    allowed = "'cpu', 'cuda', 'cuda:N' or a torch.device"
+    if not isinstance(device, str | torch.device):
+        raise InputError(f"device must be {allowed}, got {device!r:.60} ({type(device).__name__})")
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise InputError(f"bad device {device!r}: {e}") from None
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"unknown device {device!r:.60}; allowed: {allowed}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {device!r} asked for, but no CUDA GPU is available to PyTorch")
     return dev
+
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -45,9 +49,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise InputError(f"dtype {dtype} is not a run dtype; choose one of: fp32, bf16, fp16 (or None)")
         return dtype
-    if dtype not in _DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}; choose one of: fp32, bf16, fp16")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise InputError(f"unknown dtype {dtype!r:.60}; choose one of: fp32, bf16, fp16 (or None)")
     return _DTYPES[dtype]
 
 
