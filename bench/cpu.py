@@ -88,7 +88,7 @@ def _vae_child(option: str, iters: int, out_path: str, q) -> None:
             def run() -> torch.Tensor:
                 return model.decode(z, return_dict=False)[0].clamp(-1, 1)
         elif option == "segue-tiled":
-            from segue.offload import tiled_decode
+            from segue.placement.tiled_vae import tiled_decode
 
             def run() -> torch.Tensor:
                 return tiled_decode(vae, z, band_rows=8, normalized=False)

@@ -125,8 +125,8 @@ class _TimedWork:
 def _worker(rank: int, world: int, port: int, layout: dict, out: str) -> None:
     rendezvous_env(rank, world, port)
     torch.set_num_threads(1)
+    from segue.dist import ParallelConfig, init_parallel
     from segue.models.dit import WanDiT
-    from segue.parallel.mesh import ParallelConfig, init_parallel
     from segue.parallel.sequence import apply_sequence_parallel, comm_stats, reset_comm_stats
     from segue.testing import randomize_
 

@@ -283,7 +283,7 @@ def _speed_options(args: argparse.Namespace):
 
 def _parallel_config(args: argparse.Namespace):
     """A ParallelConfig when a parallel flag is set or torchrun started several processes, else None."""
-    from .parallel.mesh import ParallelConfig
+    from .dist import ParallelConfig
 
     asked = args.ulysses > 1 or args.ring > 1 or args.cfg_parallel or args.fsdp
     if not asked and not _several_ranks():

@@ -1,4 +1,19 @@
-"""``segue.load``: a checkpoint folder in either layout -> a ready Pipeline on one device."""
+"""``segue.load``: a checkpoint folder in either layout -> a ready Pipeline on one device.
+
+With ``speed`` (``segue.accel.options.SpeedOptions``), ``build_pipeline`` reads top to bottom:
+
+1. decide the memory profile ("auto": the first whose estimate fits the free GPU memory) before any
+   weight is read, so a 14B checkpoint for a 24 GB GPU is read into CPU memory, never onto the GPU whole;
+2. build the components (on the device for "gpu", in CPU memory for every other profile);
+3. apply the transforms in the one order they compose: LoRAs merged into the weights (before anything
+   repacks them), fused QKV + fp32 RoPE (lossless; on by default on CUDA), the memory profile
+   (``segue.placement.apply``), the attention kernel ("auto": the fastest lossless one on this GPU; SDPA's
+   default on CPU), the CFG strategy (one batch of two on CUDA when the "gpu" profile still fits with it),
+   regional torch.compile, the step cache (lossy, opt-in).
+
+On CPU nothing changes by default: the run is the reference's arithmetic. ``exact=True`` keeps that on GPU too.
+Nothing below this module imports it.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +28,7 @@ import torch
 from .checkpoint import CheckpointPlan, plan_checkpoint
 from .errors import InputError
 from .pipeline import Pipeline
+from .placement.tensors import resolve_device, resolve_dtype
 from .weights import check_keys
 
 if TYPE_CHECKING:
@@ -22,36 +38,6 @@ log = logging.getLogger("segue")
 
 # The built-in default model (a segue bundle), shipped inside the package once trained.
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "default.safetensors"
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    allowed = "'cpu', 'cuda', 'cuda:N' or a torch.device"
-    if not isinstance(device, str | torch.device):
-        raise InputError(f"device must be {allowed}, got {device!r:.60} ({type(device).__name__})")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise InputError(f"unknown device {device!r:.60}; allowed: {allowed}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} asked for, but no CUDA GPU is available to PyTorch")
-    return dev
-
-
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}  # fmt: skip
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """Run dtype of the big DiT/T5 weights: bf16 on GPU, fp32 on CPU unless told."""
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise InputError(f"dtype {dtype} is not a run dtype; choose one of: fp32, bf16, fp16 (or None)")
-        return dtype
-    if not isinstance(dtype, str) or dtype not in _DTYPES:
-        raise InputError(f"unknown dtype {dtype!r:.60}; choose one of: fp32, bf16, fp16 (or None)")
-    return _DTYPES[dtype]
 
 
 def build_components(
@@ -124,8 +110,6 @@ def load_plan(
     run_dtype = resolve_dtype(dtype, dev)
     if speed is None:
         return build_components(plan, dev, run_dtype, started)
-    from .accel.options import build_pipeline
-
     return build_pipeline(plan, dev, run_dtype, speed, started)
 
 
@@ -153,3 +137,89 @@ def load(
         )
     resolve_dtype(dtype, resolve_device(device))  # device and dtype are checked before any file is read
     return load_plan(checkpoint_plan(path), device, dtype, speed, started)
+
+
+# ---------------------------------------------------------------------------------------------
+# With speed options: decide the placement, build, then apply the transforms.
+
+
+def build_pipeline(
+    plan: CheckpointPlan, device: torch.device, dtype: torch.dtype, speed: SpeedOptions, started: float | None = None
+) -> Pipeline:
+    """A Pipeline from a checkpoint plan with ``speed`` applied (see the module docstring for the order).
+    ``started``: as for ``build_components``."""
+    from .placement.apply import apply_profile
+
+    lossless = device.type == "cuda" and not speed.exact  # the lossless GPU options are on by default
+    profile = _decide_profile(speed, plan, device, dtype)
+    # Anything but "gpu" is read into CPU memory and moved by the profile (never whole onto the GPU).
+    pipe = build_components(plan, device if profile == "gpu" else torch.device("cpu"), dtype, started)
+    applied = [f"memory {profile}"]
+    applied += _merge_loras(pipe, speed.loras)
+    if speed.fuse or (speed.fuse is None and lossless):
+        applied.append(_fuse(pipe))
+    apply_profile(pipe, profile, device=device, text_encoder_on_cpu=speed.text_encoder_cpu or None)
+    applied.append(_set_attention(pipe, speed.attention, lossless, dtype))
+    pipe.cfg_batch = _cfg_batch(pipe, speed.cfg_batch, lossless and profile == "gpu")
+    if pipe.cfg_batch:
+        applied.append("CFG batch of two")
+    if speed.compile:
+        from .accel.compile import compile_blocks
+
+        compile_blocks(pipe.dit)
+        applied.append("regional compile")
+    if speed.step_cache is not None:
+        from .accel.cache import apply_step_cache
+
+        apply_step_cache(pipe, speed.step_cache, speed.cache_threshold, speed.cache_calibration)
+        applied.append(f"step cache {speed.step_cache}")
+    pipe.applied = applied
+    log.info("speed: %s", ", ".join(applied))
+    return pipe
+
+
+def _decide_profile(speed: SpeedOptions, plan: CheckpointPlan, device: torch.device, dtype: torch.dtype) -> str:
+    """The memory profile's name, before any weight is read: as asked, or "auto" from the free GPU memory."""
+    if speed.memory != "auto":
+        return speed.memory
+    if device.type != "cuda":
+        return "gpu"
+    from .placement.apply import pick_profile
+
+    return pick_profile(plan.config, device, dtype)
+
+
+def _merge_loras(pipe: Pipeline, loras: tuple[tuple[str, float], ...]) -> list[str]:
+    from .lora import load_lora
+
+    for path, scale in loras:
+        load_lora(pipe.dit, path, scale)
+    return [f"LoRA {Path(path).name} x{scale:g}" for path, scale in loras]
+
+
+def _fuse(pipe: Pipeline) -> str:
+    from .accel.fuse import fast_rope, fuse_qkv
+
+    fuse_qkv(pipe.dit)
+    fast_rope(pipe.dit)
+    return "fused QKV + fp32 RoPE"
+
+
+def _set_attention(pipe: Pipeline, backend: str, lossless: bool, dtype: torch.dtype) -> str:
+    from .accel.attention import best_backend, set_attention_backend
+
+    if backend == "auto":
+        backend = best_backend(pipe.device, dtype) if lossless else "sdpa"
+    set_attention_backend(pipe.dit, backend)
+    return f"attention {backend}"
+
+
+def _cfg_batch(pipe: Pipeline, asked: bool | None, may_default: bool) -> bool:
+    """CFG as one batch of two: as asked; by default only where the "gpu" profile still fits with it."""
+    if asked is not None:
+        return asked
+    if not may_default:
+        return False
+    from .placement.apply import choose_profile
+
+    return choose_profile(pipe, cfg_batch=True) == "gpu"

@@ -175,13 +175,6 @@ def read_lora_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         raise InputError(f"LoRA file {path} cannot be read ({e})") from None
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The DiT inside wrappers that hold it as ``.dit`` (e.g. segue.accel.cache.StepCache)."""
-    while "dit" in model._modules and "blocks" not in model._modules:
-        model = model._modules["dit"]  # type: ignore[assignment]
-    return model
-
-
 def _path_index(params: Mapping[str, Tensor]) -> dict[str, str]:
     """Every spelling of a module/parameter path -> its official path: official, diffusers, and both with
     underscores for kohya names."""
@@ -355,7 +348,7 @@ def load_lora(
     with ``strict=False`` they are skipped with a warning (listed in ``LoraInfo.skipped``). ``exact``: keep the
     original weights on the CPU so ``unload_lora`` restores them bit for bit (see the module docstring).
     """
-    model = _unwrap(dit)
+    model = dit
     if isinstance(path, Mapping):
         sd, source = dict(path), "<state dict>"
     else:
@@ -378,7 +371,7 @@ def load_lora(
 
 def unload_lora(dit: nn.Module, info: LoraInfo) -> None:
     """Undo ``load_lora``. LoRAs loaded after ``info`` stay merged (they are taken out and merged again)."""
-    model = _unwrap(dit)
+    model = dit
     stack = _lora_stack(model)
     if not any(i is info for i in stack):
         raise InputError(f"LoRA {info.source} is not loaded on this DiT")
@@ -395,4 +388,4 @@ def unload_lora(dit: nn.Module, info: LoraInfo) -> None:
 
 def loaded_loras(dit: nn.Module) -> list[LoraInfo]:
     """The LoRAs merged into ``dit``, in load order."""
-    return list(_lora_stack(_unwrap(dit)))
+    return list(_lora_stack(dit))

@@ -7,6 +7,7 @@ noise, classifier-free guidance and the solver live here. The same loop serves f
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from .config import ModelConfig
 from .errors import InputError
 from .io import Protected, atomic_folder, atomic_path
 from .media import check_outputs, load_image, write_png_frames, write_video_file
+from .sampling.guidance import Conditioning, Guidance, OneBatch, StepContext, TwoPasses, cond_velocity
 from .sampling.solvers import make_solver
 from .settings import GenerationSettings, check_progress, check_request, host_memory, resolve_settings
 
@@ -30,6 +32,9 @@ log = logging.getLogger("segue")
 
 ImageLike = str | Path | Image.Image
 Progress = Callable[[int, int], None]
+VideoDecoder = Callable[[torch.Tensor], "torch.Tensor | None"]  # [1, z, T, h, w] -> [1, 3, F, H, W] or None
+
+_RUNS = itertools.count()  # numbers the sampling loops (StepContext.run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,13 +161,23 @@ class Pipeline:
         self.text_encoder, self.image_encoder = text_encoder, image_encoder
         self.device = device
         self.source = source
-        # Set by segue.parallel.parallelize: which rank this is and the groups to talk over.
-        # What segue.accel.options applied (memory profile, kernels, LoRAs), for logs and Video.info.
+        # What segue.load applied (memory profile, kernels, LoRAs), for logs and Video.info.
         self.applied: list[str] = []
+        # Set by segue.parallel.parallelize: which rank this is and the groups to talk over.
         self.parallel: Any | None = None
-        # Classifier-free guidance as one DiT call on a batch of two (cond, uncond) instead of two
-        # calls: fewer, larger kernels for twice the activation memory. Ignored under CFG parallel.
-        self.cfg_batch: bool = False
+        # Classifier-free guidance (segue.sampling.guidance): chosen when the pipeline is built.
+        self.cfg_strategy: Guidance = TwoPasses()
+        # The VAE decode step; None: ``vae.decode`` on this process. A parallel run sets its split decode.
+        self.video_decoder: VideoDecoder | None = None
+
+    @property
+    def cfg_batch(self) -> bool:
+        """Whether CFG runs as one batch of two (``OneBatch``); setting it picks that or two passes."""
+        return isinstance(self.cfg_strategy, OneBatch)
+
+    @cfg_batch.setter
+    def cfg_batch(self, batch: bool) -> None:
+        self.cfg_strategy = OneBatch() if batch else TwoPasses()
 
     # -- settings ------------------------------------------------------------------------------
     def resolve(
@@ -258,7 +273,7 @@ class Pipeline:
             y = torch.cat([mask.to(self.device), cond_latent.float()])[None]  # [1, 4 + z, T, h, w]
         t_cond = time.perf_counter() - t0
 
-        latent = self.denoise(noise, context, context_neg, clip, y, s, progress)
+        latent = self.denoise(noise, Conditioning(context, context_neg, clip, y), s, progress)
         t1 = time.perf_counter()
         video = self.decode(latent) if decode else None  # [3, F, H, W] in [-1, 1], None on ranks other than 0
         t_decode = time.perf_counter() - t1
@@ -276,78 +291,32 @@ class Pipeline:
         return Video(to_uint8(video), cfg.defaults.fps, latent.cpu(), info, inputs)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor | None:
-        """VAE-decode [z, T, h, w]; in a parallel run split over the ranks, the video lands on rank 0."""
-        ps = self.parallel
-        if ps is None or ps.world_size == 1:
-            return self.vae.decode(latent[None])[0]
-        if ps.config.vae:
-            from .parallel.vae import parallel_decode
-
-            out = parallel_decode(self.vae, latent[None], ps.world_group, dst=0)
-            return None if out is None else out[0]
-        return self.vae.decode(latent[None])[0] if ps.is_main else None
+        """VAE-decode [z, T, h, w] -> [3, F, H, W]; None where a parallel run's decoder leaves no video."""
+        decode = self.vae.decode if self.video_decoder is None else self.video_decoder
+        out = decode(latent[None])
+        return None if out is None else out[0]
 
     def denoise(
-        self,
-        noise: torch.Tensor,
-        context: torch.Tensor,
-        context_neg: torch.Tensor,
-        clip: torch.Tensor | None,
-        y: torch.Tensor | None,
-        s: GenerationSettings,
-        progress: Progress | None = None,
+        self, noise: torch.Tensor, cond: Conditioning, s: GenerationSettings, progress: Progress | None = None
     ) -> torch.Tensor:
-        """The sampling loop: velocity with classifier-free guidance, one solver step per timestep."""
+        """The sampling loop: one step context, one guided velocity and one solver step per timestep."""
         solver = make_solver(s.solver, s.steps, s.shift, self.device, seed=s.seed)
         latent = noise
         n = len(solver.timesteps)
+        run = next(_RUNS)
         if progress is not None:
             progress(0, n)  # before the first step, so a bar's clock covers every step
         for i, t in enumerate(solver.timesteps):
-            timestep = t[None].to(self.device)  # [1]; the solver's timestep (integer-valued except lcm's)
-            v = self.velocity(latent, timestep, context, context_neg, clip, y, s.guidance_at(i))
-            latent = solver.step(v, latent)
+            # the solver's timestep [1] (integer-valued except lcm's)
+            step = StepContext(index=i, total=n, timestep=t[None].to(self.device), run=run)
+            latent = solver.step(self.velocity(latent, cond, step, s.guidance_at(i)), latent)
             if progress is not None:
                 progress(i + 1, n)
         return latent
 
-    def velocity(
-        self,
-        latent: torch.Tensor,
-        timestep: torch.Tensor,
-        context: torch.Tensor,
-        context_neg: torch.Tensor,
-        clip: torch.Tensor | None,
-        y: torch.Tensor | None,
-        guidance: float,
-    ) -> torch.Tensor:
-        """Guided velocity ``v_u + g * (v_c - v_u)``. With CFG parallel each half of the ranks runs one
-        of the two passes and they swap results; the arithmetic is the same, so the same latent.
-        With ``cfg_batch`` both passes run as one batch of two (equal within fp rounding)."""
-        ps = self.parallel
-        if guidance == 1.0:  # the conditional velocity alone: skip the second pass
-            return self.dit(latent[None], timestep, context[None], clip, y)[0]
-        if ps is not None and ps.config.cfg:
-            import torch.distributed as dist
-
-            mine = self.dit(latent[None], timestep, (context if ps.cfg_rank == 0 else context_neg)[None], clip, y)
-            both = [torch.empty_like(mine) for _ in range(2)]
-            dist.all_gather(both, mine.contiguous(), group=ps.cfg_group)
-            v, v_neg = both[0][0], both[1][0]
-        elif self.cfg_batch:
-            # One batch of two, cond first. The DiT zero-pads text to text_len itself: pad both here
-            # so prompts of different token lengths stack.
-            text_len = self.config.dit.text_len
-            for name, c in (("prompt", context), ("negative prompt", context_neg)):
-                if c.shape[0] > text_len:
-                    raise InputError(f"{name} context has {c.shape[0]} tokens, at most {text_len} allowed")
-            texts = torch.stack([F.pad(c, (0, 0, 0, text_len - c.shape[0])) for c in (context, context_neg)])
-            # clip and y belong to the one sample: FLF2V's two frames' CLIP tokens regroup to one row.
-            clip2 = None if clip is None else clip.reshape(1, -1, clip.shape[-1]).expand(2, -1, -1)
-            y2 = None if y is None else y.expand(2, *y.shape[1:])
-            both = self.dit(latent[None].expand(2, *latent.shape), timestep, texts, clip2, y2)
-            v, v_neg = both[0], both[1]
-        else:
-            v = self.dit(latent[None], timestep, context[None], clip, y)[0]
-            v_neg = self.dit(latent[None], timestep, context_neg[None], clip, y)[0]
-        return v_neg + guidance * (v - v_neg)
+    def velocity(self, latent: torch.Tensor, cond: Conditioning, step: StepContext, guidance: float) -> torch.Tensor:
+        """Guided velocity ``v_u + g * (v_c - v_u)`` by the pipeline's CFG strategy; the conditional
+        velocity alone where the scale is 1 (no second pass)."""
+        if guidance == 1.0:
+            return cond_velocity(self.dit, latent, cond, step)
+        return self.cfg_strategy(self.dit, latent, cond, step, guidance)

@@ -7,7 +7,7 @@ the same shapes). The official names are the native ones (``segue.models.vae.Wan
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
@@ -122,6 +122,26 @@ def diffusers_to_native(sd: Mapping[str, T]) -> dict[str, T]:
     return out
 
 
+def _encoder_stages(
+    shapes: Mapping[str, tuple[int, ...]], shape: Callable[[str], tuple[int, ...]]
+) -> tuple[list[list[int]], list[bool]]:
+    """The encoder's stages, split at each ``resample``: the output width of each residual block per
+    stage, and whether each downsampler also halves time."""
+    indices = sorted({int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.downsamples\.(\d+)\.", k))})
+    if indices != list(range(len(indices))) or not indices:
+        raise ValueError(f"encoder.downsamples indices are missing or not contiguous: {indices}")
+    stages: list[list[int]] = [[]]
+    temporal: list[bool] = []
+    for n in indices:
+        prefix = f"encoder.downsamples.{n}."
+        if f"{prefix}resample.1.weight" in shapes:
+            temporal.append(f"{prefix}time_conv.weight" in shapes)
+            stages.append([])
+        else:
+            stages[-1].append(shape(f"{prefix}residual.6.weight")[0])
+    return stages, temporal
+
+
 def config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> VAEConfig:
     """Infer the VAE size from official tensor names and shapes; ValueError if they do not fit one.
 
@@ -136,18 +156,7 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> VAEConfig:
 
     dim = shape("encoder.conv1.weight")[0]
     z_dim = shape("conv2.weight")[0]
-    indices = sorted({int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.downsamples\.(\d+)\.", k))})
-    if indices != list(range(len(indices))) or not indices:
-        raise ValueError(f"encoder.downsamples indices are missing or not contiguous: {indices}")
-    stages: list[list[int]] = [[]]  # output width of each residual block, per stage
-    temporal: list[bool] = []
-    for n in indices:
-        prefix = f"encoder.downsamples.{n}."
-        if f"{prefix}resample.1.weight" in shapes:
-            temporal.append(f"{prefix}time_conv.weight" in shapes)
-            stages.append([])
-        else:
-            stages[-1].append(shape(f"{prefix}residual.6.weight")[0])
+    stages, temporal = _encoder_stages(shapes, shape)
     counts = {len(s) for s in stages}
     if len(counts) != 1 or 0 in counts:
         raise ValueError(f"encoder stages have different numbers of residual blocks: {[len(s) for s in stages]}")

@@ -25,8 +25,8 @@ from torch.utils.data import Dataset
 from ..data.synthetic import SyntheticVideos, object_mask, render_frames
 from ..errors import InputError
 from ..io import atomic_torch_save
-from .latents import _fmt_seconds
 from .recipe import crop_origin
+from .trainer import fmt_seconds
 
 PART = 64  # clips per stored part: an interrupted run loses at most one part's work
 
@@ -63,7 +63,7 @@ def generate_latents(
         done += 1
         if progress:
             per = (time.perf_counter() - t0) / (done * PART)
-            eta = _fmt_seconds(per * PART * (parts - k - 1))
+            eta = fmt_seconds(per * PART * (parts - k - 1))
             print(f"generated latents {k + 1}/{parts} parts  {per:.2f} s/clip  eta {eta}", file=sys.stderr, flush=True)
     return out
 

@@ -53,7 +53,7 @@ from ..data.synthetic import LOOP_GROUPS
 from ..errors import InputError
 from ..io import atomic_torch_save, atomic_write_text
 from .flow import MODES, FLF2VObjective, dit_loss, encode_clip_frames, fold_time, given_frames, mask_from_given
-from .trainer import _fmt_seconds, sample_seed
+from .trainer import fmt_seconds, sample_seed
 
 PROGRESS_EVERY_S = 30.0  # the cache's progress line between shards (a 1024-clip shard takes minutes on a CPU)
 
@@ -221,7 +221,7 @@ def build_latent_cache(
             return
         last_report, last_done = now, done
         per = (now - t0) / max(1, done - done_before)
-        eta = _fmt_seconds(per * (n_clips - done))
+        eta = fmt_seconds(per * (n_clips - done))
         print(f"latent cache {done}/{n_clips} clips  {per:.3f} s/clip  eta {eta}", file=sys.stderr, flush=True)
 
     for rng, name in zip(shards, names):

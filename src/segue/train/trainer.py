@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pickle
 import random
 import re
@@ -41,9 +40,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
 
+from ..dist import ParallelState
 from ..errors import CheckpointError, InputError
 from ..io import atomic_torch_save, atomic_write_text
-from ..parallel.mesh import ParallelConfig, ParallelState, init_parallel
 
 LossFn = Callable[[Mapping[str, nn.Module], Any], Tensor]
 
@@ -121,24 +120,6 @@ def sample_seed(run_seed: int, position: int) -> int:
     return (x ^ (x >> 32)) % 2**63
 
 
-def init_data_parallel(fsdp: bool = False, device: str | torch.device | None = None) -> ParallelState:
-    """The ParallelState of a data-parallel run (every rank a replica) under torchrun; one process
-    without torchrun gives a trivial state. ``fsdp`` shards the trainable parts with FSDP2."""
-    if fsdp:
-        return init_parallel(ParallelConfig(fsdp=True), device)
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return init_parallel(ParallelConfig(), device)
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and str(device or "cuda").startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
-    if device is None:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    return ParallelState(ParallelConfig(), dist.get_rank(), dist.get_world_size(), dev, 0, 0, 0, dist.group.WORLD)
-
-
 def _split(total: int, world: int, rank: int) -> tuple[int, int]:
     """[start, stop) of rank's contiguous share of ``total`` items (the first ranks get one more)."""
     base, extra = divmod(total, world)
@@ -150,12 +131,12 @@ def _is_dtensor(t: Any) -> bool:
     return hasattr(t, "device_mesh") and hasattr(t, "to_local")
 
 
-def _fmt_seconds(s: float) -> str:
+def fmt_seconds(s: float) -> str:
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     """Every RNG state as tensors and plain values only, so a checkpoint loads with ``weights_only=True``."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
@@ -165,7 +146,7 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: Mapping[str, Any]) -> None:
+def set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -242,7 +223,7 @@ class Trainer:
     """Trains ``model_parts`` on ``data`` with ``loss_fn``; ``run()`` goes to ``cfg.steps``.
 
     ``data`` is a map-style dataset (``__len__`` and ``__getitem__``; items collated with
-    ``default_collate``) or any re-iterable of items. ``state`` comes from ``init_data_parallel``
+    ``default_collate``) or any re-iterable of items. ``state`` comes from ``segue.dist.init_data_parallel``
     (None: one process).
     """
 
@@ -300,11 +281,11 @@ class Trainer:
         """FSDP2 over all ranks for the parts with ``.blocks`` (the DiT): each block is a group, then the
         part itself. The other parts (small encoders, which their objectives call through methods other
         than ``forward``, so FSDP's hooks would not gather them) stay replicated, data parallel."""
-        from ..parallel.fsdp import _placement_kw, fsdp_mesh, fully_shard
+        from ..parallel.fsdp import fsdp_mesh, fully_shard, placement_kw
 
         assert self.state is not None
         mesh = fsdp_mesh(self.state)
-        kw = _placement_kw(self.world)
+        kw = placement_kw(self.world)
         for part in self.parts.values():
             blocks = getattr(part, "blocks", None)
             if not isinstance(blocks, nn.ModuleList) or not any(p.requires_grad for p in part.parameters()):
@@ -508,7 +489,7 @@ class Trainer:
         if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
             recent = self._times[-self.cfg.log_every :]
             per = sum(recent) / len(recent)
-            eta = _fmt_seconds(per * (self.cfg.steps - self.step))
+            eta = fmt_seconds(per * (self.cfg.steps - self.step))
             print(
                 f"step {self.step}/{self.cfg.steps}  loss {loss:.4f}  lr {lr:.2e}  |g| {grad_norm:.3f}  "
                 f"{per:.2f} s/step  eta {eta}",
@@ -545,10 +526,10 @@ class Trainer:
         the newest ``keep_ckpts``. Every rank must call it (gathers under FSDP and the RNG states)."""
         model, optim = self.model_state_dicts(), self._optimizer_state()
         ema = {n: self._full(t) for n, t in self.ema.items()}
-        rng = [_rng_state()]
+        rng = [rng_state()]
         if self.world > 1:
             rng = [None] * self.world
-            dist.all_gather_object(rng, _rng_state(), group=self.group)
+            dist.all_gather_object(rng, rng_state(), group=self.group)
         path = self.ckpt_dir / f"step-{self.step:08d}.pt"
         if self.rank == 0:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -591,7 +572,7 @@ class Trainer:
                     t.copy_(ck["ema"][n])
         self.scheduler.load_state_dict(ck["scheduler"])
         rng = ck["rng"]
-        _set_rng_state(rng[self.rank] if len(rng) == self.world else rng[0])
+        set_rng_state(rng[self.rank] if len(rng) == self.world else rng[0])
         self.step = ck["step"]
         self._iter = None
         self._trim_log()
