@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .config import ModelConfig
+from .config import GenerationDefaults, ModelConfig
 from .errors import InputError
 from .media import load_image, write_frames, write_video
 from .sampling.solvers import SOLVERS, make_solver
@@ -104,6 +104,27 @@ def conditioning_video(
     if last is not None:
         parts.append(resize(last))
     return torch.cat(parts, dim=1)
+
+
+def untrained_note(defaults: GenerationDefaults, frames: int, height: int, width: int) -> str | None:
+    """One line when ``frames`` or the size lie outside what the model records it was trained on (more
+    frames, another frame count, or a side larger than the trained one), else None."""
+    tf, ts = defaults.trained_frames, defaults.trained_size
+    outside = []
+    if tf is not None and frames != tf:
+        outside.append(f"{frames} frames")
+    if ts is not None and (height > ts[0] or width > ts[1]):
+        outside.append(f"{width}x{height}")
+    if not outside:
+        return None
+    trained = " at ".join(x for x in (f"{tf} frames" if tf else "", f"{ts[1]}x{ts[0]}" if ts else "") if x)
+    return f"{' and '.join(outside)} is outside what this model was trained for ({trained}): expect a degraded video"
+
+
+def warn_untrained(defaults: GenerationDefaults, frames: int, height: int, width: int) -> None:
+    note = untrained_note(defaults, frames, height, width)
+    if note is not None:
+        log.warning(note)
 
 
 def initial_noise(channels: int, lat_t: int, lat_h: int, lat_w: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -224,6 +245,7 @@ class Pipeline:
         guidance_steps = d.guidance_steps if guidance_steps is None else guidance_steps
         if guidance_steps is not None and guidance_steps < 1:
             raise InputError(f"guidance steps must be at least 1, got {guidance_steps}")
+        warn_untrained(d, frames, h, w)
         return GenerationSettings(frames, h, w, steps, shift, guidance, solver, seed, guidance_steps)
 
     # -- conditioning --------------------------------------------------------------------------
