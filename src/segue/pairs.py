@@ -5,7 +5,8 @@ Each pair is generated with a model (or, where ``NAME/frames/`` holds a video's 
 ``segue generate --frames-dir`` writes, that video is scored as it is: a user's own output), and its first
 and last frames are scored against the keyframes as the pipeline fitted them to the video's size: PSNR
 and mean CIEDE2000 (a colour cast shows in ΔE where PSNR hides it). Results: ``pairs.json``, ``pairs.md``
-and ``pairs_sheet.png`` (per pair: the fitted first keyframe, the video's frames, the fitted last keyframe).
+and ``pairs_sheet.png`` (per pair: the fitted first keyframe, every 4th frame of the video and its last, the
+fitted last keyframe).
 
 ``make_heldout_pairs`` writes the held-out pairs the built-in model is scored on: photo pairs from the
 held-out photos (camera moves, lighting, a morph between two of them) and simple scenes (a saturated disc
@@ -28,7 +29,7 @@ from .colordiff import delta_e
 from .data.broad import render_broad, shape_mask
 from .data.photos import photo_names
 from .errors import InputError
-from .evaluate import contact_sheet, psnr
+from .evaluate import contact_sheet, psnr, sheet_columns
 from .media import atomic_path, load_image
 from .pipeline import conditioning_video, fit_last_frame, image_to_tensor
 
@@ -115,7 +116,8 @@ def score_pairs(pairs: list[Pair], generate: GenerateFn | None, out: str | Path,
              "first_psnr": psnr(video[0], keys[0]), "last_psnr": psnr(video[-1], keys[1]),
              "first_delta_e": delta_e(video[0], keys[0]), "last_delta_e": delta_e(video[-1], keys[1])}  # fmt: skip
         results.append(r)
-        rows.append(np.concatenate([keys[:1], video, keys[1:]]))
+        shown = video[sheet_columns(len(video), every)]  # frames 0, every, ..., the last
+        rows.append(np.concatenate([keys[:1], shown, keys[1:]]))
         labels.append(p.name)
     means = {k: float(np.mean([min(r[k], 100.0) for r in results])) for k in results[0] if k not in ("name", "source")}
     means["endpoint_psnr"] = (means["first_psnr"] + means["last_psnr"]) / 2
@@ -126,7 +128,7 @@ def score_pairs(pairs: list[Pair], generate: GenerateFn | None, out: str | Path,
     with atomic_path(out / "pairs.md") as tmp:
         tmp.write_text(_markdown(summary), encoding="utf-8")
     if len({r.shape[1:] for r in rows}) == 1:
-        sheet = contact_sheet(rows, labels, every=every, scale=2)
+        sheet = contact_sheet(rows, labels, every=1, scale=2)
         with atomic_path(out / "pairs_sheet.png") as tmp:
             Image.fromarray(sheet).save(tmp, format="PNG")
     return summary
