@@ -126,14 +126,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _rows(results: dict[str, dict], outputs: Path, prefix: str, reference: str) -> None:
     """Table rows: time, ratio to diffusers, peak RSS, error of each output against ``reference``'s."""
-    ref = torch.load(outputs / f"{prefix}-{reference}.pt")
+    ref = torch.load(outputs / f"{prefix}-{reference}.pt", weights_only=True)
     base = results["diffusers"].get("seconds")
     for opt, r in results.items():
         if "error" in r:
             print(f"| {opt} | not run | - | - | - | {r['error'][:90]} |")
             continue
         ratio = f"{base / r['seconds']:.2f}x" if base else "-"
-        err = _rel(torch.load(outputs / f"{prefix}-{opt}.pt"), ref)
+        err = _rel(torch.load(outputs / f"{prefix}-{opt}.pt", weights_only=True), ref)
         print(f"| {opt} | {r['seconds']:.3f} | {ratio} | {r['rss']:.0f} | {err:.1e} | {r['note']} |")
 
 

@@ -200,7 +200,7 @@ def measure() -> None:
         for layout in layouts:
             with tempfile.TemporaryDirectory() as out:
                 mp.start_processes(_worker, args=(world, free_port(), layout, out), nprocs=world, start_method="spawn")
-                rows = [torch.load(Path(out) / f"{r}.pt") for r in range(world)]
+                rows = [torch.load(Path(out) / f"{r}.pt", weights_only=True) for r in range(world)]
             wall = max(r["wall"] for r in rows)
             comm = sum(r["comm"] for r in rows) / world
             sent = max(r["sent"] for r in rows)

@@ -223,7 +223,7 @@ def _components(pipe: Any) -> dict[str, nn.Module]:
 
 def _default_size(cfg: ModelConfig) -> tuple[int, int, int]:
     """(frames, height, width) of a run at the model's defaults with a 16:9 landscape frame."""
-    from .pipeline import fit_latent_size
+    from .settings import fit_latent_size
 
     s, p = cfg.vae.spatial_factor, cfg.dit.patch_size[1]
     lat_h, lat_w = fit_latent_size(9, 16, cfg.defaults.max_area, s, p)

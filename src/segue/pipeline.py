@@ -21,8 +21,10 @@ from PIL import Image
 
 from .config import GenerationDefaults, ModelConfig
 from .errors import InputError
-from .media import load_image, write_frames, write_video
-from .sampling.solvers import SOLVERS, make_solver
+from .io import Protected, atomic_folder, atomic_path
+from .media import check_outputs, load_image, write_png_frames, write_video_file
+from .sampling.solvers import make_solver
+from .settings import GenerationSettings, check_progress, check_request, host_memory, resolve_settings
 
 log = logging.getLogger("segue")
 
@@ -38,34 +40,6 @@ def image_to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB uint8 -> [3, H, W] float32 in [-1, 1], the reference's to_tensor then (x - 0.5) / 0.5."""
     t = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
     return t.sub(0.5).div(0.5)
-
-
-def fit_latent_size(height: int, width: int, max_area: int, stride: int = 8, patch: int = 2) -> tuple[int, int]:
-    """Latent (h, w) of the reference: aspect of the first frame, area about max_area, patch-aligned."""
-    ar = height / width
-    lat_h = round(np.sqrt(max_area * ar) // stride // patch * patch)
-    lat_w = round(np.sqrt(max_area / ar) // stride // patch * patch)
-    if lat_h < patch or lat_w < patch:
-        raise InputError(f"max area {max_area} is too small for a {width}x{height} frame")
-    return int(lat_h), int(lat_w)
-
-
-def check_size(width: int, height: int, multiple: int) -> tuple[int, int]:
-    """An explicit output size must be a positive multiple of the VAE stride times the patch size."""
-    bad = [f"{n}={v}" for n, v in (("width", width), ("height", height)) if v <= 0 or v % multiple]
-    if bad:
-        near_w, near_h = (max(multiple, round(v / multiple) * multiple) for v in (width, height))
-        raise InputError(f"size {width}x{height}: {', '.join(bad)} not divisible by {multiple} (try {near_w}x{near_h})")
-    return width, height
-
-
-def check_frames(frames: int, temporal: int = 4) -> int:
-    if frames < 1 or (frames - 1) % temporal:
-        lo = max(1, (frames - 1) // temporal * temporal + 1)
-        hi = lo + temporal
-        hint = f"{lo} or {hi}" if frames > 1 else f"{1 + temporal}"
-        raise InputError(f"frames must be {temporal}n+1 (5, 9, ..., 81); got {frames}, nearest valid: {hint}")
-    return frames
 
 
 def fit_last_frame(last: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -146,36 +120,43 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
 
 @dataclass
 class Video:
-    """A generated clip: ``frames`` uint8 [T, H, W, 3] at ``fps``; ``latent`` is the final latent."""
+    """A generated clip: ``frames`` uint8 [T, H, W, 3] at ``fps``; ``latent`` is the final latent;
+    ``inputs`` the (path, what) files it was made from, which ``save`` never overwrites."""
 
     frames: np.ndarray
     fps: int
     latent: torch.Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    inputs: tuple[tuple[str, str], ...] = ()
 
-    def save(self, path: str | Path, frames_dir: str | Path | None = None) -> Path:
-        """Write the clip (mp4/webm/gif by extension) and optionally PNG frames; both appear whole."""
-        out = write_video(self.frames, path, self.fps)
-        if frames_dir is not None:
-            write_frames(self.frames, frames_dir)
+    def save(
+        self,
+        path: str | Path,
+        frames_dir: str | Path | None = None,
+        latent_path: str | Path | None = None,
+        overwrite: bool = False,
+        protected: Protected | None = None,
+    ) -> Path:
+        """Write the clip (mp4/webm/gif by extension), optionally PNG frames into ``frames_dir`` (a folder
+        swapped in whole; one holding files segue did not write is refused unless ``overwrite``) and the
+        final latent (torch .pt). All are checked first (segue.io: never onto an input), written under
+        temporary names and renamed together at the end, so an error leaves none of them half-written."""
+        if protected is None:
+            protected = Protected()
+            for p, what in self.inputs:
+                protected.add(p, what)
+        out, frames, lat = check_outputs(path, frames_dir, latent_path, protected, overwrite)
+        with atomic_path(out) as tmp:
+            write_video_file(self.frames, tmp, out, self.fps)
+            if frames is not None:
+                with atomic_folder(frames, overwrite) as staging:
+                    write_png_frames(self.frames, staging)
+            if lat is not None:
+                if self.latent is None:
+                    raise InputError(f"latent file {lat}: this clip has no latent")
+                with atomic_path(lat) as tmp_latent:
+                    torch.save(self.latent, tmp_latent)
         return out
-
-
-@dataclass
-class GenerationSettings:
-    frames: int
-    height: int
-    width: int
-    steps: int
-    shift: float
-    guidance: float
-    solver: str
-    seed: int
-    guidance_steps: int | None = None  # guided steps from the first; None: all
-
-    def guidance_at(self, step: int) -> float:
-        """The guidance scale of step ``step`` (0-based): 1 (no second pass) past ``guidance_steps``."""
-        return self.guidance if self.guidance_steps is None or step < self.guidance_steps else 1.0
 
 
 class Pipeline:
@@ -217,36 +198,14 @@ class Pipeline:
         solver: str | None,
         seed: int,
         guidance_steps: int | None = None,
+        has_last: bool = False,
     ) -> GenerationSettings:
-        d = self.config.defaults
-        stride = self.config.vae.spatial_factor
-        patch = self.config.dit.patch_size[1]
-        frames = check_frames(d.frames if frames is None else frames, self.config.vae.temporal_factor)
-        if size is not None:
-            w, h = check_size(size[0], size[1], stride * patch)
-        else:
-            area = d.max_area if max_area is None else max_area
-            if area <= 0:
-                raise InputError(f"max area must be positive, got {area}")
-            lat_h, lat_w = fit_latent_size(first_hw[0], first_hw[1], area, stride, patch)
-            h, w = lat_h * stride, lat_w * stride
-        steps = d.steps if steps is None else steps
-        if steps < 1:
-            raise InputError(f"steps must be at least 1, got {steps}")
-        shift = d.shift if shift is None else shift
-        if shift <= 0:
-            raise InputError(f"shift must be positive, got {shift}")
-        guidance = d.guidance if guidance is None else guidance
-        solver = d.solver if solver is None else solver
-        if solver not in SOLVERS:
-            raise InputError(f"unknown solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
-        if not 0 <= seed < 2**63:
-            raise InputError(f"seed must be in [0, 2**63), got {seed}")
-        guidance_steps = d.guidance_steps if guidance_steps is None else guidance_steps
-        if guidance_steps is not None and guidance_steps < 1:
-            raise InputError(f"guidance steps must be at least 1, got {guidance_steps}")
-        warn_untrained(d, frames, h, w)
-        return GenerationSettings(frames, h, w, steps, shift, guidance, solver, seed, guidance_steps)
+        """The settings of one generation, checked (segue.settings) and completed by the model's defaults."""
+        request = check_request(frames=frames, max_area=max_area, size=size, steps=steps, shift=shift,
+                                guidance=guidance, solver=solver, seed=seed, guidance_steps=guidance_steps)  # fmt: skip
+        s = resolve_settings(request, self.config, first_hw, has_last, host_memory())
+        warn_untrained(self.config.defaults, s.frames, s.height, s.width)
+        return s
 
     # -- conditioning --------------------------------------------------------------------------
     def encode_text(self, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,16 +248,22 @@ class Pipeline:
         overrides ``max_area``. ``guidance_steps`` limits guidance to the first that many steps (where the
         layout and the path are decided). Unset settings come from the model's defaults. ``decode=False``
         skips the VAE decode: the Video has no frames, only its ``latent``. In a parallel run (torchrun)
-        every rank calls this; rank 0 gets the Video, the others None."""
+        every rank calls this; rank 0 gets the Video, the others None. Every setting is checked first
+        (segue.settings: InputError naming the argument); ``progress(step, total)`` is called with 0 before
+        the first step and after each."""
+        # every setting checked before any model work (segue.settings): one InputError naming the argument
+        request = check_request(prompt, negative_prompt, frames, max_area, size, steps, shift, guidance, solver, seed,
+                                guidance_steps)  # fmt: skip
+        check_progress(progress)
+        if not isinstance(decode, bool):
+            raise InputError(f"decode must be True or False, got {type(decode).__name__} {decode!r}")
         first_img = load_image(first, "first frame")
         last_img = load_image(last, "last frame") if last is not None else None
-        if not isinstance(prompt, str):
-            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
         first_t = image_to_tensor(first_img)
-        s = self.resolve(
-            first_t.shape[1:], frames, max_area, size, steps, shift, guidance, solver, seed, guidance_steps
-        )
+        s = resolve_settings(request, self.config, first_t.shape[1:], last_img is not None, host_memory())
         last_t = fit_last_frame(image_to_tensor(last_img), *first_t.shape[1:]) if last_img is not None else None
+        given = ((first, "first frame"), (last, "last frame"), (self.source, "checkpoint"))
+        inputs = tuple((str(p), what) for p, what in given if isinstance(p, (str, Path)) and str(p))
         negative = negative_prompt or self.config.defaults.negative_prompt
 
         cfg = self.config
@@ -320,16 +285,18 @@ class Pipeline:
         t1 = time.perf_counter()
         video = self.decode(latent) if decode else None  # [3, F, H, W] in [-1, 1], None on ranks other than 0
         t_decode = time.perf_counter() - t1
+        if decode:
+            log.info("decoded %d frames %dx%d in %.1fs", s.frames, s.width, s.height, t_decode)
         info = {
             "settings": s.__dict__,
             "speed": list(self.applied),
             "seconds": {"conditioning": t_cond, "denoise": t1 - t0 - t_cond, "decode": t_decode},
         }
         if not decode:  # every rank holds the latent
-            return Video(np.zeros((0, s.height, s.width, 3), np.uint8), cfg.defaults.fps, latent.cpu(), info)
+            return Video(np.zeros((0, s.height, s.width, 3), np.uint8), cfg.defaults.fps, latent.cpu(), info, inputs)
         if video is None:
             return None  # a parallel run's other ranks: only rank 0 holds the video
-        return Video(to_uint8(video), cfg.defaults.fps, latent.cpu(), info)
+        return Video(to_uint8(video), cfg.defaults.fps, latent.cpu(), info, inputs)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor | None:
         """VAE-decode [z, T, h, w]; in a parallel run split over the ranks, the video lands on rank 0."""
@@ -357,6 +324,8 @@ class Pipeline:
         solver = make_solver(s.solver, s.steps, s.shift, self.device, seed=s.seed)
         latent = noise
         n = len(solver.timesteps)
+        if progress is not None:
+            progress(0, n)  # before the first step, so a bar's clock covers every step
         for i, t in enumerate(solver.timesteps):
             timestep = t[None].to(self.device)  # [1]; the solver's timestep (integer-valued except lcm's)
             v = self.velocity(latent, timestep, context, context_neg, clip, y, s.guidance_at(i))

@@ -59,9 +59,11 @@ class SpeedOptions:
             raise InputError(f"cache threshold must be >= 0, got {self.cache_threshold}")
         if (self.cache_threshold is not None or self.cache_calibration) and self.step_cache is None:
             raise InputError("a cache threshold or calibration was given without a step cache (--step-cache)")
-        for path, _ in self.loras:
-            if not Path(path).is_file():
-                raise InputError(f"LoRA file {path} does not exist")
+        if self.loras:
+            from ..lora import check_lora_file
+
+            for path, _ in self.loras:
+                check_lora_file(path)  # whole and with LoRA names, from its header: before any model loads
         if self.cache_calibration is not None and not Path(self.cache_calibration).is_file():
             raise InputError(f"cache calibration file {self.cache_calibration} does not exist")
 
@@ -77,7 +79,7 @@ def parse_lora(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def build_pipeline(plan, device: torch.device, dtype: torch.dtype, speed: SpeedOptions):
+def build_pipeline(plan, device: torch.device, dtype: torch.dtype, speed: SpeedOptions, started: float | None = None):
     """A Pipeline from a checkpoint plan with ``speed`` applied (see the module docstring for the order)."""
     from ..loader import build_components
     from ..offload import apply_profile, choose_profile, pick_profile
@@ -89,7 +91,7 @@ def build_pipeline(plan, device: torch.device, dtype: torch.dtype, speed: SpeedO
         profile = pick_profile(plan.config, device, dtype) if cuda else "gpu"
     applied = [f"memory {profile}"]
     # Anything but "gpu" is read into CPU memory and moved by the profile (never whole onto the GPU).
-    pipe = build_components(plan, device if profile == "gpu" else torch.device("cpu"), dtype)
+    pipe = build_components(plan, device if profile == "gpu" else torch.device("cpu"), dtype, started)
 
     if speed.loras:
         from ..lora import load_lora

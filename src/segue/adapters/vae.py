@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..config import VAEConfig
+from ..config import VAEConfig, json_value
 from ..models.vae import WanVAE
 
 T = TypeVar("T")
@@ -187,25 +187,25 @@ def config_from_diffusers(cfg_json: Mapping[str, Any]) -> VAEConfig:
     """VAEConfig from a diffusers ``vae/config.json`` (AutoencoderKLWan, the Wan2.1 variant only)."""
     unsupported = {
         "is_residual": (cfg_json.get("is_residual", False), False),
-        "attn_scales": (list(cfg_json.get("attn_scales", [])), []),
+        "attn_scales": (cfg_json.get("attn_scales", []), []),
         "patch_size": (cfg_json.get("patch_size"), None),
         "in_channels": (cfg_json.get("in_channels", 3), 3),
         "out_channels": (cfg_json.get("out_channels", 3), 3),
     }
-    base = cfg_json.get("base_dim", 96)
-    decoder_base = cfg_json.get("decoder_base_dim")
+    base = json_value(cfg_json, "base_dim", int, 96)
+    decoder_base = json_value(cfg_json, "decoder_base_dim", int | None, None)
     for name, (value, wanted) in unsupported.items():
         if value != wanted:
             raise ValueError(f"AutoencoderKLWan {name}={value!r} is not supported (Wan2.1 VAE needs {wanted!r})")
     default = VAEConfig()
     return VAEConfig(
         dim=base,
-        z_dim=cfg_json.get("z_dim", default.z_dim),
-        dim_mult=tuple(cfg_json.get("dim_mult", default.dim_mult)),
-        num_res_blocks=cfg_json.get("num_res_blocks", default.num_res_blocks),
-        temporal_downsample=tuple(bool(b) for b in cfg_json.get("temperal_downsample", default.temporal_downsample)),
-        latent_mean=tuple(float(v) for v in cfg_json.get("latents_mean", default.latent_mean)),
-        latent_std=tuple(float(v) for v in cfg_json.get("latents_std", default.latent_std)),
+        z_dim=json_value(cfg_json, "z_dim", int, default.z_dim),
+        dim_mult=json_value(cfg_json, "dim_mult", tuple[int, ...], default.dim_mult),
+        num_res_blocks=json_value(cfg_json, "num_res_blocks", int, default.num_res_blocks),
+        temporal_downsample=json_value(cfg_json, "temperal_downsample", tuple[bool, ...], default.temporal_downsample),
+        latent_mean=json_value(cfg_json, "latents_mean", tuple[float, ...], default.latent_mean),
+        latent_std=json_value(cfg_json, "latents_std", tuple[float, ...], default.latent_std),
         decoder_dim=None if decoder_base in (None, base) else decoder_base,
     )
 

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..io import atomic_path
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 35, 35), "green": (30, 170, 60), "blue": (35, 75, 235), "yellow": (250, 220, 30),
     "orange": (250, 135, 20), "purple": (140, 50, 200), "pink": (250, 115, 190), "white": (248, 248, 248),
@@ -622,4 +624,5 @@ def contact_sheet(clips: list[Clip], path: str | Path, every: int = 4, scale: in
             sheet.paste(tile, (j * (w * scale + 2), y))
         lines = textwrap.wrap(f"[{c.path}] {c.caption}", width=max(20, sheet.width // 6))[:2]
         draw.text((2, y + h * scale + 1), "\n".join(lines), fill=(0, 0, 0))
-    sheet.save(path)
+    with atomic_path(path) as tmp:  # the suffix is kept: PIL picks the format from it
+        sheet.save(tmp)

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from ..data.synthetic import SyntheticVideos, object_mask, render_frames
 from ..errors import InputError
+from ..io import atomic_torch_save
 from .latents import _fmt_seconds
 from .recipe import crop_origin
 
@@ -58,9 +59,7 @@ def generate_latents(
             first, last = Image.fromarray(clip.frames[0]), Image.fromarray(clip.frames[-1])
             video = pipe.generate(first, last, clip.caption, frames=data.frames, size=(w, h), seed=i, decode=False)
             latents.append(video.latent.to(torch.float16))
-        tmp = path.with_suffix(".tmp")
-        torch.save(torch.stack(latents), tmp)  # [n, z, T, h, w]
-        tmp.replace(path)  # a part is whole or absent
+        atomic_torch_save(path, torch.stack(latents))  # [n, z, T, h, w]; a part is whole or absent
         done += 1
         if progress:
             per = (time.perf_counter() - t0) / (done * PART)

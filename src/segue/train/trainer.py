@@ -25,7 +25,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -40,6 +42,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
 
 from ..errors import CheckpointError, InputError
+from ..io import atomic_torch_save, atomic_write_text
 from ..parallel.mesh import ParallelConfig, ParallelState, init_parallel
 
 LossFn = Callable[[Mapping[str, nn.Module], Any], Tensor]
@@ -153,7 +156,10 @@ def _fmt_seconds(s: float) -> str:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG state as tensors and plain values only, so a checkpoint loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -161,30 +167,49 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+# The only names ``ckpt/latest`` may hold: a checkpoint this trainer wrote, straight inside ``ckpt/``.
+CHECKPOINT_NAME = re.compile(r"step-\d{8}\.pt")
 
 
 def latest_checkpoint_path(ckpt_dir: str | Path) -> Path | None:
-    """The checkpoint that ``ckpt_dir/latest`` names, or None when the folder holds none yet."""
+    """The checkpoint that ``ckpt_dir/latest`` names, or None when the folder holds none yet. The name must be
+    one this trainer writes (``step-NNNNNNNN.pt``): a name read from a file never leads out of the folder."""
     latest = Path(ckpt_dir) / "latest"
     if not latest.is_file():
         return None
-    return Path(ckpt_dir) / latest.read_text().strip()
+    try:
+        name = latest.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {latest}: {e}") from None
+    if not CHECKPOINT_NAME.fullmatch(name):
+        raise CheckpointError(f"{latest} names {name[:80]!r}; allowed: a checkpoint file name step-NNNNNNNN.pt")
+    return Path(ckpt_dir) / name
+
+
+def load_training_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint read with ``weights_only=True``: tensors and plain values, never pickled code.
+    A checkpoint holding other objects (one written before RNG states were stored as tensors, or a crafted
+    file) is refused with a CheckpointError."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path} holds pickled Python objects other than tensors and plain values (a checkpoint from an older "
+            "segue, or a crafted file); segue does not unpickle them: start this stage afresh (remove its ckpt "
+            "folder)"
+        ) from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path} is not a readable training checkpoint (truncated or corrupt?): {e}") from None
+    if not isinstance(ck, dict) or not {"step", "model", "ema"} <= ck.keys():
+        raise CheckpointError(f"{path} is not a segue training checkpoint (no step, model and ema)")
+    return ck
 
 
 def latest_ema(run: str | Path) -> tuple[int | None, dict[str, dict[str, Tensor]]]:
@@ -196,7 +221,7 @@ def latest_ema(run: str | Path) -> tuple[int | None, dict[str, dict[str, Tensor]
     path = latest_checkpoint_path(run / "ckpt")
     if path is None:
         raise FileNotFoundError(f"{run}: neither ema.pt nor a checkpoint (ckpt/latest)")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = load_training_checkpoint(path)
     return ck["step"], with_ema(ck["model"], ck["ema"].items())
 
 
@@ -449,7 +474,7 @@ class Trainer:
             self.close()
             ema = self.ema_state_dicts()
             if self.rank == 0:
-                _atomic_save(ema, self.out_dir / "ema.pt")
+                atomic_torch_save(self.out_dir / "ema.pt", ema)
         return losses
 
     def _take_step(self) -> tuple[float, float, float, float, float]:
@@ -538,8 +563,8 @@ class Trainer:
                 "world": self.world,
                 "config": asdict(self.cfg),
             }
-            _atomic_save(state, path)
-            _atomic_write_text(path.name, self.ckpt_dir / "latest")
+            atomic_torch_save(path, state)
+            atomic_write_text(self.ckpt_dir / "latest", path.name)
             old = sorted(self.ckpt_dir.glob("step-*.pt"))[: -self.cfg.keep_ckpts]
             for p in old:
                 p.unlink()
@@ -552,7 +577,7 @@ class Trainer:
         path = Path(path) if path is not None else self.latest_checkpoint()
         if path is None or not path.exists():
             raise CheckpointError(f"no checkpoint at {path or self.ckpt_dir}")
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = load_training_checkpoint(path)
         if ck["config"]["batch_size"] != self.cfg.batch_size or ck["config"]["seed"] != self.cfg.seed:
             raise CheckpointError("the checkpoint's global batch size or seed differ from this run's (data order)")
         if self.sharded:
@@ -597,4 +622,4 @@ class Trainer:
         if self.rank != 0 or not log.exists():
             return
         keep = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-        _atomic_write_text("".join(ln + "\n" for ln in keep), log)
+        atomic_write_text(log, "".join(ln + "\n" for ln in keep))
