@@ -269,6 +269,10 @@ class GenerationDefaults:
     negative_prompt: str = FLF2V_NEGATIVE_PROMPT
     # guidance on the first this many steps only, the conditional velocity alone after; None: every step
     guidance_steps: int | None = None
+    # what a trained model saw in training (frames per clip, (height, width)); None: not recorded. Generation
+    # outside it warns in one line (``Pipeline.resolve``): a small model does not carry over to other sizes.
+    trained_frames: int | None = None
+    trained_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -278,6 +282,10 @@ class GenerationDefaults:
             raise ValueError(f"default guidance_steps must be >= 1 or None, got {self.guidance_steps}")
         for name in ("max_area", "steps", "shift", "fps"):
             _positive(name, getattr(self, name))
+        if self.trained_frames is not None and self.trained_frames < 1:
+            raise ValueError(f"trained_frames must be >= 1 or None, got {self.trained_frames}")
+        if self.trained_size is not None and (len(self.trained_size) != 2 or min(self.trained_size) < 1):
+            raise ValueError(f"trained_size must be (height, width) >= 1 or None, got {self.trained_size}")
 
 
 @dataclass(frozen=True)

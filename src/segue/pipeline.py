@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .config import ModelConfig
+from .config import GenerationDefaults, ModelConfig
 from .errors import InputError
 from .io import Protected, atomic_folder, atomic_path
 from .media import check_outputs, load_image, write_png_frames, write_video_file
@@ -83,6 +83,27 @@ def conditioning_video(
     if last is not None:
         parts.append(resize(last))
     return torch.cat(parts, dim=1)
+
+
+def untrained_note(defaults: GenerationDefaults, frames: int, height: int, width: int) -> str | None:
+    """One line when ``frames`` or the size lie outside what the model records it was trained on (more
+    frames, another frame count, or a side larger than the trained one), else None."""
+    tf, ts = defaults.trained_frames, defaults.trained_size
+    outside = []
+    if tf is not None and frames != tf:
+        outside.append(f"{frames} frames")
+    if ts is not None and (height > ts[0] or width > ts[1]):
+        outside.append(f"{width}x{height}")
+    if not outside:
+        return None
+    trained = " at ".join(x for x in (f"{tf} frames" if tf else "", f"{ts[1]}x{ts[0]}" if ts else "") if x)
+    return f"{' and '.join(outside)} is outside what this model was trained for ({trained}): expect a degraded video"
+
+
+def warn_untrained(defaults: GenerationDefaults, frames: int, height: int, width: int) -> None:
+    note = untrained_note(defaults, frames, height, width)
+    if note is not None:
+        log.warning(note)
 
 
 def initial_noise(channels: int, lat_t: int, lat_h: int, lat_w: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -197,7 +218,9 @@ class Pipeline:
         """The settings of one generation, checked (segue.settings) and completed by the model's defaults."""
         request = check_request(frames=frames, max_area=max_area, size=size, steps=steps, shift=shift,
                                 guidance=guidance, solver=solver, seed=seed, guidance_steps=guidance_steps)  # fmt: skip
-        return resolve_settings(request, self.config, first_hw, has_last, host_memory())
+        s = resolve_settings(request, self.config, first_hw, has_last, host_memory())
+        warn_untrained(self.config.defaults, s.frames, s.height, s.width)
+        return s
 
     # -- conditioning --------------------------------------------------------------------------
     def encode_text(self, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
