@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -439,20 +438,19 @@ def test_a_time_budget_picks_the_steps_that_fit_and_a_resume_keeps_them(base, tm
     c = SMOKE
     long = replace(c, name="long", stage=replace(c.stage, steps=400, warmup=2, cooldown=100), decoder_steps=0)
     timed = []
-    probe = budget.seconds_per_step
 
-    def spy(*a, **kw):
-        timed.append(probe(*a, **kw))
-        return 1000.0 * timed[-1]  # as if the steps were 1000 times slower: the budget then cuts the stage
+    def probe(*a, **kw):
+        timed.append(0.25)
+        return 0.25  # seconds per step, as if measured: the budget then cuts the stage
 
-    monkeypatch.setattr(continuation, "seconds_per_step", spy)
+    monkeypatch.setattr(continuation, "seconds_per_step", probe)
+    ticks = iter([112.0])  # the deadline is 120; the cache and the probe took until 112
     out = tmp_path / "run"
-    # 600 s: the cache and the probe fit it with room on a loaded machine
-    new = run(base, long, out, deadline=time.monotonic() + 600.0)
+    new = run(base, long, out, deadline=120.0, clock=lambda: next(ticks))
     info = json.loads((out / "budget.json").read_text())
-    assert len(timed) == 1 and info["seconds_per_step"] == round(1000.0 * timed[0], 4)
-    assert 0 < info["seconds_left"] < 600.0 and info["of"] == 400
-    assert info["steps"] == budget.budget_steps(info["seconds_left"], 1000.0 * timed[0], 400) < 400
+    assert len(timed) == 1 and info["seconds_per_step"] == 0.25
+    assert info["seconds_left"] == 8.0 and info["of"] == 400
+    assert info["steps"] == budget.budget_steps(8.0, 0.25, 400) < 400
     steps = info["steps"]
     log = [json.loads(line) for line in (out / long.stage.name / "log.jsonl").read_text().splitlines()]
     assert len(log) == steps and json.loads((out / long.stage.name / "done").read_text())["steps"] == steps
@@ -465,7 +463,7 @@ def test_a_time_budget_picks_the_steps_that_fit_and_a_resume_keeps_them(base, tm
         assert log[-1]["lr"] < long.stage.lr
     # a resume, with another budget or none, keeps the length chosen and probes nothing
     before, lineage_before = read_bundle_weights(new), read_bundle_lineage(new)
-    run(base, long, out, deadline=time.monotonic() + 1e6)
+    run(base, long, out, deadline=1e6, clock=lambda: 0.0)
     run(base, long, out)
     after = read_bundle_weights(out / "model.safetensors")
     assert len(timed) == 1 and read_bundle_lineage(out / "model.safetensors") == lineage_before

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import segue
 from segue.errors import InputError
-from segue.pipeline import fit_last_frame, fit_latent_size, frame_mask, image_to_tensor, to_uint8
+from segue.pipeline import fit_last_frame, frame_mask, image_to_tensor, to_uint8
+from segue.settings import fit_latent_size
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -198,7 +199,7 @@ def test_guidance_on_the_first_steps_only_matches_the_oracle(diffusers_ckpt, fra
     assert ours.info["settings"]["guidance_steps"] == 2
     # as many guided steps as there are steps: every step guided, the plain run
     assert torch.equal(_run(diffusers_ckpt, frames_dir, guidance_steps=4).latent, ours_diffusers.latent)
-    with pytest.raises(InputError, match="guidance steps must be at least 1, got 0"):
+    with pytest.raises(InputError, match=r"guidance_steps must be an integer in \[1, 1000\], got 0"):
         _run(diffusers_ckpt, frames_dir, guidance_steps=0)
 
 

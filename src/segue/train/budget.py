@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import InputError
-from .trainer import LossFn, TrainConfig, Trainer, _rng_state, _set_rng_state
+from .trainer import LossFn, TrainConfig, Trainer, rng_state, set_rng_state
 
 PROBE_STEPS = 8  # steps timed on copies of the models before a time-budgeted stage picks its length
 BUDGET_RESERVE = 0.1  # share of the time left kept back for checkpoints, the EMA and the bundle
@@ -31,13 +31,13 @@ def seconds_per_step(parts: Mapping[str, torch.nn.Module], loss_fn: LossFn, data
     timed apart from the training: with ``cfg.num_workers`` processes collating, a step takes the longer of
     its training and its share of the collating; without, both. The models and torch's random state are
     left as they were."""
-    rng = _rng_state()
+    rng = rng_state()
     with tempfile.TemporaryDirectory() as tmp:
         copies = {k: copy.deepcopy(m) for k, m in parts.items()}
         short = replace(cfg, steps=steps, schedule="constant", warmup=0, cooldown=0, out_dir=tmp, resume=False,
                         num_workers=0)  # fmt: skip
         times = Trainer(copies, loss_fn, data, short).time_steps(steps)[steps // 2 :]
-    _set_rng_state(rng)
+    set_rng_state(rng)
     data_s = statistics.median(t for t, _ in times)
     train_s = statistics.median(t for _, t in times)
     if cfg.num_workers == 0:

@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import InputError
-from ..media import atomic_path
+from ..io import atomic_path, atomic_write_text
 from .continuation import continue_from_bundle
 from .recipe import Recipe
 from .scratch import train_scratch
@@ -40,8 +40,7 @@ def _check_run_folder(out: Path, record: dict) -> None:
                              "resume it with the same ones, or give another --out")  # fmt: skip
         return
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(record, indent=2))
+    atomic_write_text(path, json.dumps(record, indent=2))
 
 
 def _start_bundle(recipe: Recipe, start: Path | None) -> Path | None:
@@ -89,7 +88,7 @@ def train_recipe(
         raise InputError("--time-budget and --workers are for the continuations of a recipe without [scratch]")
     deadline = None if time_budget is None else time.monotonic() + time_budget
     bundle = _start_bundle(recipe, None if start is None else Path(start))
-    from ..loader import resolve_device
+    from ..placement.tensors import resolve_device
 
     resolve_device(device)  # a missing GPU is refused before anything is written
     out = Path(out_dir)

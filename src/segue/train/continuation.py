@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -30,9 +30,11 @@ from ..bundle import (
 from ..config import ModelConfig, VAEConfig
 from ..data.synthetic import GROUP_SIZE, Scene, SyntheticVideos
 from ..errors import InputError
-from ..loader import load, resolve_device
+from ..io import atomic_write_text
+from ..loader import load
 from ..models.encoders import ImageEncoder, TextEncoder
 from ..models.vae import WanVAE
+from ..placement.tensors import resolve_device
 from ..tokenizer import load_tokenizer
 from .budget import budget_steps, seconds_per_step
 from .flow import set_dropout
@@ -41,7 +43,7 @@ from .grow import insert_identity_blocks, widen_decoder
 from .latents import CachedClips, CachedFLF2VObjective, GroupedClips, build_latent_cache, build_object_masks
 from .phases import is_done, load_ema, mark_done, measured_vae_config, scaled, stage_train_config, train_vae_run
 from .recipe import Continuation, VAEClips
-from .trainer import TrainConfig, Trainer, _atomic_write_text
+from .trainer import TrainConfig, Trainer
 
 
 class Window(Dataset):
@@ -113,6 +115,7 @@ class Run:
     data: SyntheticVideos  # the stage's clips
     workers: int = 0
     scale: float = 1.0  # ``--steps-scale``: of the steps, and of the clips cached or generated
+    clock: Callable[[], float] = time.monotonic  # seconds, for a time budget's deadline
 
     @property
     def cache_clips(self) -> int:
@@ -175,10 +178,10 @@ def _budgeted(r: Run, parts: dict, objective: CachedFLF2VObjective, clips: Datas
     if deadline is None:
         return tc.steps
     per_step = seconds_per_step(parts, objective, clips, tc)
-    left = deadline - time.monotonic()
+    left = deadline - r.clock()
     steps = budget_steps(left, per_step, tc.steps)
     info = {"seconds_left": round(left, 1), "seconds_per_step": round(per_step, 4), "steps": steps, "of": tc.steps}
-    _atomic_write_text(json.dumps(info, indent=2), budget_file)
+    atomic_write_text(budget_file, json.dumps(info, indent=2))
     print(f"time budget: {left:.0f} s left at {per_step:.3f} s/step: {steps} of {tc.steps} steps",
           file=sys.stderr, flush=True)  # fmt: skip
     return steps
@@ -273,14 +276,15 @@ def continue_from_bundle(
     steps_scale: float = 1.0,
     deadline: float | None = None,
     workers: int = 0,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Path:
     """Run continuation ``c`` on ``bundle``'s weights into ``out_dir`` (resumes); returns the new bundle.
     ``steps_scale`` multiplies every phase's steps and the clips it caches or generates (at least 1 each).
 
-    ``clips``: the recipe's VAE clips (the VAE and decoder phases train on them). ``deadline`` (a
-    ``time.monotonic()`` value): the DiT stage runs the steps that fit until then (``budget``), recorded in
-    ``budget.json`` and kept on a resume. ``workers``: processes that render the cache's clips and collate
-    the DiT's batches (for a GPU, whose steps outrun one CPU core's data)."""
+    ``clips``: the recipe's VAE clips (the VAE and decoder phases train on them). ``deadline`` (a ``clock()``
+    value; ``time.monotonic`` unless a test passes its own): the DiT stage runs the steps that fit until
+    then (``budget``), recorded in ``budget.json`` and kept on a resume. ``workers``: processes that render
+    the cache's clips and collate the DiT's batches (for a GPU, whose steps outrun one CPU core's data)."""
     if workers < 0:
         raise InputError(f"workers must be >= 0, got {workers}")
     bundle, out = Path(bundle), Path(out_dir)
@@ -291,7 +295,7 @@ def continue_from_bundle(
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         materialize_tokenizer(tok_files, tok_dir)
-    r = Run(c, clips, out, resolve_device(device), tok_dir, stage_clips(c), workers, steps_scale)
+    r = Run(c, clips, out, resolve_device(device), tok_dir, stage_clips(c), workers, steps_scale, clock)
 
     vae_state = weights["vae"]
     if c.vae_steps > 0:  # the latent space moves: its statistics are measured again on the stage's clips
@@ -313,7 +317,7 @@ def continue_from_bundle(
         config = decoder_phase(r, config, modules, phase_steps["decoder"])
     record = {"continuation": asdict(c), "steps": phase_steps["dit"], "phase_steps": phase_steps,
               "steps_scale": steps_scale, "from": bundle.name}  # fmt: skip
-    (out / "continuation.json").write_text(json.dumps(record, indent=2))
+    atomic_write_text(out / "continuation.json", json.dumps(record, indent=2))
     lineage = read_bundle_lineage(bundle) or [{"note": "no lineage recorded in " + bundle.name}]
     return save_bundle(out / "model.safetensors", config, modules, tok_dir, getattr(torch, c.bundle_dtype),
                        lineage + [record])  # fmt: skip

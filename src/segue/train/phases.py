@@ -17,6 +17,7 @@ import torch
 
 from ..config import VAEConfig
 from ..data.synthetic import SyntheticVideos
+from ..io import atomic_write_text
 from ..models.vae import WanVAE
 from .recipe import Stage, VAEClips
 from .trainer import TrainConfig, Trainer
@@ -31,7 +32,7 @@ def is_done(path: Path) -> bool:
 def mark_done(path: Path, info: dict) -> None:
     """Mark a run folder's phase finished, recording ``info`` (its step count, its clips) in the marker."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / "done").write_text(json.dumps(info, indent=2))
+    atomic_write_text(path / "done", json.dumps(info, indent=2))
 
 
 def load_ema(run: Path, part: str) -> dict[str, torch.Tensor]:

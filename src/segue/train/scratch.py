@@ -16,10 +16,11 @@ import torch
 from ..bundle import save_bundle
 from ..config import ModelConfig
 from ..data.synthetic import SyntheticVideos, vocabulary
-from ..loader import resolve_device
+from ..io import atomic_write_text
 from ..models.dit import WanDiT
 from ..models.encoders import ImageEncoder, TextEncoder
 from ..models.vae import WanVAE
+from ..placement.tensors import resolve_device
 from ..tokenizer import load_tokenizer, train_tokenizer
 from .flow import FLF2VObjective
 from .latents import CachedClips, CachedFLF2VObjective, build_latent_cache
@@ -112,7 +113,7 @@ def dit_stage(s: Scratch, stage: Stage, parts: dict[str, torch.nn.Module], cache
     data = SyntheticVideos("train", length=s.data_length, frames=stage.frames, size=stage.size, loops=s.loops)
     cached = cache.used_by(stage, run)
     run.mkdir(parents=True, exist_ok=True)
-    (run / "data.json").write_text(json.dumps({"cached": cached}))
+    atomic_write_text(run / "data.json", json.dumps({"cached": cached}))
     if cached:
         objective = CachedFLF2VObjective(shift=s.shift, modes=stage.modes, caption_dropout=stage.caption_dropout)
         Trainer(parts, objective, cache.get(data), tc).run()
@@ -141,7 +142,7 @@ def train_scratch(recipe: Recipe, out_dir: str | Path, device: str = "cpu", step
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = {"recipe": recipe.name, "steps_scale": steps_scale, "scratch": asdict(s), "vae": asdict(clips)}
-    (out / "scratch.json").write_text(json.dumps(record, indent=2))
+    atomic_write_text(out / "scratch.json", json.dumps(record, indent=2))
     torch.manual_seed(s.seed)
     config = recipe.model.config()
     tok_dir = tokenizer_phase(s, config.text.vocab_size, out)

@@ -1,0 +1,93 @@
+"""The VAE's round trip of bundles at the native size: flat colour fields over the RGB gamut (black and white
+included) and the photos of each split, as PSNR and mean CIEDE2000 (a colour cast shows in ΔE).
+
+    python bench/vae_roundtrip.py A.safetensors [B.safetensors ...] [--levels 5] [--size 64]
+
+Flat colours: every (r, g, b) on a grid of ``--levels`` values per channel from 0 to 255, as one still frame
+of --size pixels (the path a first keyframe takes). Photos: each photo's centre square fitted to --size
+(Lanczos), one frame; ``heldout`` photos are never drawn for training (segue.data.photos).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from segue.bundle import read_bundle_metadata, read_bundle_weights
+from segue.colordiff import delta_e
+from segue.data.photos import load_photo, photo_names
+from segue.evaluate import psnr
+from segue.models.vae import WanVAE
+
+PSNR_CAP = 60.0  # an exact round trip counts as 60 dB in the means
+
+
+def load_vae(path: Path) -> WanVAE:
+    cfg, _ = read_bundle_metadata(path)
+    vae = WanVAE(cfg.vae)
+    vae.load_state_dict(read_bundle_weights(path)["vae"])
+    return vae.eval()
+
+
+@torch.no_grad()
+def round_trip(vae: WanVAE, images: np.ndarray, batch: int = 16) -> np.ndarray:
+    """decode(encode(x)) of uint8 images [N, H, W, 3], one frame each: uint8 [N, H, W, 3]."""
+    outs = []
+    for s in range(0, len(images), batch):
+        x = torch.from_numpy(images[s : s + batch]).permute(0, 3, 1, 2)[:, :, None].float() / 127.5 - 1
+        y = vae.decode(vae.encode(x, normalize=False), normalized=False)  # [b, 3, 1, H, W]
+        outs.append(((y[:, :, 0] + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy())
+    return np.concatenate(outs)
+
+
+def flat_colours(levels: int, size: int) -> np.ndarray:
+    lv = np.linspace(0, 255, levels).round()
+    cols = np.array([[r, g, b] for r in lv for g in lv for b in lv], dtype=np.uint8)
+    return np.broadcast_to(cols[:, None, None], (len(cols), size, size, 3)).copy()
+
+
+def fitted_photo(name: str, size: int) -> np.ndarray:
+    img = load_photo(name)
+    h, w = img.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    sq = Image.fromarray(np.ascontiguousarray(img[top : top + s, left : left + s]))
+    return np.asarray(sq.resize((size, size), Image.Resampling.LANCZOS))
+
+
+def scores(vae: WanVAE, images: np.ndarray) -> tuple[float, float, float]:
+    """(mean PSNR capped at PSNR_CAP, min PSNR, mean ΔE) of the round trip of ``images``."""
+    out = round_trip(vae, images)
+    ps = [psnr(a, b) for a, b in zip(out, images)]
+    return (
+        float(np.mean(np.minimum(ps, PSNR_CAP))),
+        float(np.min(ps)),
+        float(np.mean([delta_e(a, b) for a, b in zip(out, images)])),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("bundles", nargs="+", type=Path)
+    ap.add_argument("--levels", type=int, default=5)
+    ap.add_argument("--size", type=int, default=64)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    sets = {f"flat colours ({args.levels}^3)": flat_colours(args.levels, args.size)}
+    for split in ("heldout", "train"):
+        sets[f"{split} photos"] = np.stack([fitted_photo(n, args.size) for n in photo_names(split)])
+    print("| bundle | images | PSNR mean | PSNR min | ΔE mean |")
+    print("|---|---|---:|---:|---:|")
+    for path in args.bundles:
+        vae = load_vae(path)
+        for name, images in sets.items():
+            mean, low, de = scores(vae, images)
+            print(f"| {path.name} | {name} | {mean:.2f} | {low:.2f} | {de:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

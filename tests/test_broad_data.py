@@ -1,0 +1,83 @@
+"""Broad clips and the photos they draw: deterministic by index, 8-bit, the held-out photos never drawn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from segue.data import broad
+from segue.data.broad import KINDS, BroadVideos, Mixed, color_name, render_broad
+from segue.data.photos import PHOTOS, load_photo, photo_names
+from segue.errors import InputError
+
+
+def test_photo_split_is_by_image_and_every_photo_loads_from_its_package():
+    train, held = photo_names("train"), photo_names("heldout")
+    assert set(train).isdisjoint(held) and len(held) >= 3 and len(train) >= 5
+    assert sorted(train + held) == sorted(p.name for p in PHOTOS)
+    assert all(p.licence for p in PHOTOS)
+    for name in held:
+        img = load_photo(name)
+        assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3 and min(img.shape[:2]) >= 256
+    with pytest.raises(InputError, match="unknown photo"):
+        load_photo("nope")
+    with pytest.raises(InputError, match="split"):
+        photo_names("test")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_renders_the_same_clip_from_the_same_seed(kind):
+    a, cap_a = render_broad(7, kind, photo_names("train"), frames=5, size=(32, 32))
+    b, cap_b = render_broad(7, kind, photo_names("train"), frames=5, size=(32, 32))
+    assert a.shape == (5, 32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and cap_a == cap_b and cap_a
+    c, _ = render_broad(8, kind, photo_names("train"), frames=5, size=(32, 32))
+    assert not np.array_equal(a, c)
+
+
+def test_dataset_items_are_8_bit_videos_and_a_function_of_the_index():
+    data = BroadVideos("train", length=12, frames=5, size=(32, 32))
+    item = data[3]
+    assert item["video"].shape == (3, 5, 32, 32) and isinstance(item["caption"], str)
+    u8 = ((item["video"] + 1) * 127.5).round()
+    assert torch.equal(u8 / 127.5 - 1, item["video"])  # what the latent cache requires
+    assert torch.equal(BroadVideos("train", length=12, frames=5, size=(32, 32))[3]["video"], item["video"])
+    assert {data.kind_of(i) for i in range(12)} <= set(KINDS)
+    with pytest.raises(InputError, match="kinds"):
+        BroadVideos(mix={"fog": 1.0})
+
+
+def test_held_out_photos_are_never_drawn_for_training(monkeypatch):
+    drawn = []
+    real = broad._base
+
+    def spy(name, *a):
+        drawn.append(name)
+        return real(name, *a)
+
+    monkeypatch.setattr(broad, "_base", spy)
+    data = BroadVideos("train", length=40, frames=3, size=(16, 16), mix={"camera": 1, "morph": 1, "parallax": 1})
+    for i in range(40):
+        data.clip(i)
+    assert drawn and set(drawn) <= set(photo_names("train"))
+    drawn.clear()
+    BroadVideos("heldout", length=3, frames=3, size=(16, 16), mix={"morph": 1}).clip(0)
+    assert drawn and set(drawn) <= set(photo_names("heldout"))
+
+
+def test_colours_cover_the_gamut_and_get_vocabulary_names():
+    rng = np.random.default_rng(0)
+    cols = np.array([broad.random_color(rng) for _ in range(400)])
+    assert cols.min() == 0 and cols.max() == 255  # black and white corners are drawn
+    assert color_name((225, 30, 30)) == "red" and color_name((5, 5, 5)) == "black"
+
+
+def test_mixed_marks_the_first_dataset_as_anchored():
+    a = [{"video": torch.zeros(1), "caption": "a"}] * 50
+    b = [{"video": torch.ones(1), "caption": "b"}] * 50
+    m = Mixed(a, b, share_b=0.5, seed=1)
+    items = [m[i] for i in range(50)]
+    assert all(it["anchor"] == (it["caption"] == "a") for it in items)
+    assert 10 < sum(it["caption"] == "b" for it in items) < 40
+    assert [it["caption"] for it in items] == [Mixed(a, b, 0.5, seed=1)[i]["caption"] for i in range(50)]
