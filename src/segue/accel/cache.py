@@ -19,7 +19,7 @@ Calibration (``calibrate``) runs one full uncached generation and records, per c
 change, output change and residual magnitude ratio. It fits the TeaCache polynomial and stores the MagCache
 curve as a log-rate per unit timestep, ``log(ratio) / (t_prev - t)`` at the interval midpoint, so a run with
 other steps or shift interpolates it (with the calibration's settings it gives the recorded ratios back).
-The dict is JSON-able; ``bench/calibrate_cache.py`` writes it and measures fidelity (PSNR vs uncached).
+The dict is JSON-able; ``segue calibrate-cache`` writes it and measures fidelity (PSNR vs uncached).
 
 Each call gets the sampling loop's step context (``segue.sampling.guidance.StepContext``) through the DiT:
 its ``branch`` ("cond", "uncond", or "both" for CFG as one batch of two) picks the state, and a new ``run``
@@ -188,7 +188,7 @@ class StepCache:
             self.x_range = (float(tea["x_range"][0]), float(tea["x_range"][1])) if "x_range" in tea else None
             self.curve = _MagCurve(self.calibration["magcache"]["branches"])
         if method == "magcache" and self.curve is None and not record:
-            raise InputError("MagCache needs a calibration: run bench/calibrate_cache.py (or segue's calibrate())")
+            raise InputError("MagCache needs a calibration: run segue calibrate-cache (or segue's calibrate())")
         self.computed = 0
         self.skipped = 0
         self._run: int | None = None

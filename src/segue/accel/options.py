@@ -25,7 +25,7 @@ class SpeedOptions:
     compile: bool = False
     step_cache: str | None = None  # "teacache" or "magcache" (lossy)
     cache_threshold: float | None = None
-    cache_calibration: str | None = None  # JSON from bench/calibrate_cache.py
+    cache_calibration: str | None = None  # JSON from segue calibrate-cache
     loras: tuple[tuple[str, float], ...] = ()  # (file, scale)
     text_encoder_cpu: bool = False
     exact: bool = False  # the reference's arithmetic: SDPA default, unfused, two CFG passes

@@ -321,8 +321,7 @@ def _pick_color(rng: np.random.Generator, scene_colors: list[np.ndarray], lights
     return best
 
 
-# A mover's draws that neither its keyframes nor its caption show (bench/oracle_inbetween.py redraws them from
-# these same ranges to find what any model could best predict).
+# A mover's draws that neither its keyframes nor its caption show (what no model can predict from its inputs).
 EASINGS = ("smooth", "linear")
 TURNS = (-1.0, -0.5, -0.25, 0.25, 0.5, 1.0)  # whole turns of a spin: |turns| >= 0.5 reads "spinning"
 AMP_RANGE = (0.2, 0.27)  # height of an arc, zigzag or wave, times the frame's height

@@ -28,8 +28,8 @@ from PIL import Image
 from ..accel.cache import apply_step_cache, calibrate_with_video, remove_step_cache
 from ..errors import InputError
 from ..evaluate import psnr
+from ..io import atomic_path
 from ..loader import load
-from ..media import atomic_path
 
 
 def synthetic_frame(w: int, h: int, seed: int) -> Image.Image:
@@ -55,10 +55,10 @@ class _Capture(torch.nn.Module):
         self.dit = dit
         self.inputs: tuple | None = None
 
-    def forward(self, *args: Any) -> torch.Tensor:
+    def forward(self, *args: Any, step: Any = None) -> torch.Tensor:
         if self.inputs is None:
             self.inputs = args
-        return self.dit(*args)
+        return self.dit(*args, step=step)
 
 
 @torch.no_grad()
