@@ -33,7 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="make a video from a first (and last) frame and a prompt")
-    g.add_argument("--ckpt-dir", type=Path, help="checkpoint folder (official or diffusers layout)")
     g.add_argument("--first", required=True, help="first frame (image file)")
     g.add_argument("--last", help="last frame (image file); without it, first-frame-only generation")
     g.add_argument("--prompt", default="", help="what happens between the frames")
@@ -51,6 +50,61 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", type=Path, required=True, help="output video: .mp4, .webm or .gif")
     g.add_argument("--frames-dir", type=Path, help="also write lossless PNG frames here")
     g.add_argument("--save-latent", type=Path, help="also save the final latent [z, T, h, w] (torch .pt)")
+    g.add_argument("--report", type=Path, help="also write a JSON report: keyframe PSNR/CIEDE2000, colour drift")
+    add_model_options(g)
+
+    st = sub.add_parser("story", help="make one film from many keyframes and the shots between them (a TOML/JSON file)")
+    st.add_argument("story", type=Path, help="story file (.toml, or .json): docs/storyboard.md")
+    st.add_argument("--out", type=Path, required=True, help="output film: .mp4, .webm or .gif")
+    st.add_argument("--frames-dir", type=Path, help="also write lossless PNG frames here")
+    st.add_argument("--report", type=Path, help="also write a JSON report: shots reused, keyframe fidelity, seams")
+    st.add_argument("--cache-dir", type=Path, help="shot cache (default: .segue-cache/ beside --out)")
+    st.add_argument("--no-cache", action="store_true", help="render every shot, keep nothing")
+    st.add_argument("--color-match", action="store_true", help="anchor each shot's colours at its two keyframes")
+    add_model_options(st)
+
+    i = sub.add_parser("info", help="describe a checkpoint folder: layout, components, sizes, what is missing")
+    i.add_argument("ckpt_dir", type=Path)
+
+    tr = sub.add_parser("train", help="train a model with a preset recipe (resumes where it stopped)")
+    tr.add_argument("--preset", default="default", help="default (the built-in model) or smoke (seconds)")
+    tr.add_argument("--out", type=Path, default=Path("runs/default"), help="run folder (checkpoints, logs)")
+    tr.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count")
+    tr.add_argument("--install", action="store_true", help="copy the result into the package as the default")
+    tr.add_argument("--device", default="cpu", help="where the models train: cpu, cuda, cuda:1, ...")
+    tr.add_argument("--continue-from", type=Path, default=None, metavar="BUNDLE",
+                    help="start from this bundle's weights and run --continuation instead of the preset")  # fmt: skip
+    tr.add_argument("--continuation", default="default-r3", help="named continuation schedule (with --continue-from)")
+    tr.add_argument("--time-budget", default=None, metavar="DURATION",
+                    help="with --continue-from: the DiT stage runs the steps that fit (420, 7m, 1.5h)")  # fmt: skip
+    tr.add_argument("--workers", type=int, default=0,
+                    help="processes that render clips and collate batches (for a GPU)")  # fmt: skip
+
+    ev = sub.add_parser("eval", help="score a model on the held-out procedural clips against a crossfade")
+    ev.add_argument("--ckpt", type=Path, default=None, help="model (default: the built-in one)")
+    ev.add_argument("--out", type=Path, default=Path("eval"), help="folder for eval.json, eval.md, contact_sheet.png")
+    ev.add_argument("--clips", type=int, default=32, help="held-out clips")
+    ev.add_argument("--groups", type=int, default=16, help="ambiguous groups (same keyframes, different paths)")
+    ev.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    ev.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    ev.add_argument("--guidance-steps", type=int, default=None, help="guide only the first N steps")
+    ev.add_argument("--shift", type=float, default=None, help="timestep shift (default: the model's)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--split", choices=("test", "val"), default="test",
+                    help="clips to score: test (reported numbers) or val (for tuning settings)")  # fmt: skip
+
+    t = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint (for tests and demos)")
+    t.add_argument("dest", type=Path)
+    t.add_argument("--layout", choices=("official", "diffusers"), default="official")
+    t.add_argument("--model", default="tiny-flf2v", help="registry size to build (tiny-flf2v, tiny-i2v)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--shards", type=int, default=2, help="DiT shard count (>1 writes an index)")
+    return p
+
+
+def add_model_options(g: argparse.ArgumentParser) -> None:
+    """The model, speed and parallel options shared by ``generate`` and ``story``."""
+    g.add_argument("--ckpt-dir", type=Path, help="checkpoint folder (official or diffusers layout)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU)")
     sp = g.add_argument_group("speed and memory (docs/performance.md)")
@@ -106,44 +160,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave padded tokens unmasked in attention, as the reference's distributed run does",
     )
 
-    i = sub.add_parser("info", help="describe a checkpoint folder: layout, components, sizes, what is missing")
-    i.add_argument("ckpt_dir", type=Path)
-
-    tr = sub.add_parser("train", help="train a model with a preset recipe (resumes where it stopped)")
-    tr.add_argument("--preset", default="default", help="default (the built-in model) or smoke (seconds)")
-    tr.add_argument("--out", type=Path, default=Path("runs/default"), help="run folder (checkpoints, logs)")
-    tr.add_argument("--steps-scale", type=float, default=1.0, help="multiply every stage's step count")
-    tr.add_argument("--install", action="store_true", help="copy the result into the package as the default")
-    tr.add_argument("--device", default="cpu", help="where the models train: cpu, cuda, cuda:1, ...")
-    tr.add_argument("--continue-from", type=Path, default=None, metavar="BUNDLE",
-                    help="start from this bundle's weights and run --continuation instead of the preset")  # fmt: skip
-    tr.add_argument("--continuation", default="default-r3", help="named continuation schedule (with --continue-from)")
-    tr.add_argument("--time-budget", default=None, metavar="DURATION",
-                    help="with --continue-from: the DiT stage runs the steps that fit (420, 7m, 1.5h)")  # fmt: skip
-    tr.add_argument("--workers", type=int, default=0,
-                    help="processes that render clips and collate batches (for a GPU)")  # fmt: skip
-
-    ev = sub.add_parser("eval", help="score a model on the held-out procedural clips against a crossfade")
-    ev.add_argument("--ckpt", type=Path, default=None, help="model (default: the built-in one)")
-    ev.add_argument("--out", type=Path, default=Path("eval"), help="folder for eval.json, eval.md, contact_sheet.png")
-    ev.add_argument("--clips", type=int, default=32, help="held-out clips")
-    ev.add_argument("--groups", type=int, default=16, help="ambiguous groups (same keyframes, different paths)")
-    ev.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
-    ev.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
-    ev.add_argument("--guidance-steps", type=int, default=None, help="guide only the first N steps")
-    ev.add_argument("--shift", type=float, default=None, help="timestep shift (default: the model's)")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--split", choices=("test", "val"), default="test",
-                    help="clips to score: test (reported numbers) or val (for tuning settings)")  # fmt: skip
-
-    t = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint (for tests and demos)")
-    t.add_argument("dest", type=Path)
-    t.add_argument("--layout", choices=("official", "diffusers"), default="official")
-    t.add_argument("--model", default="tiny-flf2v", help="registry size to build (tiny-flf2v, tiny-i2v)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--shards", type=int, default=2, help="DiT shard count (>1 writes an index)")
-    return p
-
 
 class _Progress:
     """A tqdm bar on stderr (step, it/s, ETA), opened at the first step so it knows the total."""
@@ -169,7 +185,6 @@ class _Progress:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .loader import load
     from .media import check_video_path, load_image
 
     # fail fast on cheap checks, before minutes of model loading
@@ -177,32 +192,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     load_image(args.first, "first frame")
     if args.last is not None:
         load_image(args.last, "last frame")
+    _check_not_inputs(args, [args.first, args.last])
     t0 = time.perf_counter()
-    parallel = _parallel_config(args)
-    speed = _speed_options(args)
-    if args.few_step:
-        from .lora import FEW_STEP
-
-        for key, value in FEW_STEP.items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
-    if parallel is not None:
-        given = [f for f, v in (("--memory", args.memory != "auto"), ("--attention", args.attention != "auto"),
-                 ("--compile", args.compile), ("--cfg-batch", args.cfg_batch is not None), ("--exact", args.exact),
-                 ("--step-cache", args.step_cache), ("--lora", args.lora),
-                 ("--text-encoder-cpu", args.text_encoder_cpu)) if v]  # fmt: skip
-        if given:
-            raise InputError(f"{', '.join(given)}: one-process options; a parallel run saves memory with --fsdp")
-        from .parallel.apply import load_parallel
-
-        pipe = load_parallel(args.ckpt_dir, parallel, device=args.device, dtype=args.dtype)
-        main_rank = pipe.parallel.is_main
-        if not main_rank:
-            logging.getLogger().setLevel(logging.WARNING)  # one voice: rank 0 logs and shows progress
-    else:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        pipe = load(args.ckpt_dir, device=device, dtype=args.dtype, speed=speed)
-        main_rank = True
+    pipe, main_rank = _load_pipeline(args)
     log.info("model ready in %.1fs", time.perf_counter() - t0)
     progress = _Progress(enabled=not args.quiet and main_rank)
     try:
@@ -222,8 +214,93 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         with atomic_path(args.save_latent) as tmp:
             torch.save(video.latent, tmp)
+    if args.report is not None:
+        from .story.report import clip_report, write_report
+
+        write_report(clip_report(pipe, video, args.first, args.last), args.report)
     t, h, w, _ = video.frames.shape
     log.info("wrote %s: %d frames %dx%d at %d fps (%.1fs total)", out, t, w, h, video.fps, time.perf_counter() - t0)
+    print(out)
+    return 0
+
+
+def _load_pipeline(args: argparse.Namespace):
+    """The pipeline the model options ask for, and whether this process is the one that writes (rank 0).
+    ``--few-step`` fills the sampling settings the command line left unset."""
+    import torch
+
+    from .loader import load
+
+    parallel = _parallel_config(args)
+    speed = _speed_options(args)
+    if args.few_step:
+        from .lora import FEW_STEP
+
+        for key, value in FEW_STEP.items():
+            if hasattr(args, key) and getattr(args, key) is None:  # story files hold their own settings
+                setattr(args, key, value)
+    if parallel is not None:
+        given = [f for f, v in (("--memory", args.memory != "auto"), ("--attention", args.attention != "auto"),
+                 ("--compile", args.compile), ("--cfg-batch", args.cfg_batch is not None), ("--exact", args.exact),
+                 ("--step-cache", args.step_cache), ("--lora", args.lora),
+                 ("--text-encoder-cpu", args.text_encoder_cpu)) if v]  # fmt: skip
+        if given:
+            raise InputError(f"{', '.join(given)}: one-process options; a parallel run saves memory with --fsdp")
+        from .parallel.apply import load_parallel
+
+        pipe = load_parallel(args.ckpt_dir, parallel, device=args.device, dtype=args.dtype)
+        main_rank = pipe.parallel.is_main
+        if not main_rank:
+            logging.getLogger().setLevel(logging.WARNING)  # one voice: rank 0 logs and shows progress
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipe = load(args.ckpt_dir, device=device, dtype=args.dtype, speed=speed)
+        main_rank = True
+    return pipe, main_rank
+
+
+def _check_not_inputs(args: argparse.Namespace, inputs: list) -> None:
+    """No output may be one of the inputs (a keyframe, the story file)."""
+    given = {Path(p).resolve() for p in inputs if p is not None}
+    for flag in ("out", "frames_dir", "report", "save_latent"):
+        path = getattr(args, flag, None)
+        if path is not None and Path(path).resolve() in given:
+            raise InputError(f"--{flag.replace('_', '-')} {path} is an input of this run; choose another name")
+
+
+def cmd_story(args: argparse.Namespace) -> int:
+    from .media import check_video_path
+    from .story.report import write_report
+    from .story.schema import load_story
+
+    # every check that needs no model first: the story file, its keyframes, the outputs
+    story = load_story(args.story)
+    out = check_video_path(args.out)
+    _check_not_inputs(args, [args.story, *story.inputs])
+    t0 = time.perf_counter()
+    pipe, main_rank = _load_pipeline(args)
+    if args.few_step:
+        from .lora import FEW_STEP
+
+        for shot in story.shots:
+            for key, value in FEW_STEP.items():
+                shot.settings.setdefault(key, value)
+    log.info("model ready in %.1fs", time.perf_counter() - t0)
+    cache_dir = None if args.no_cache else args.cache_dir or out.parent / ".segue-cache"
+    progress = _Progress(enabled=not args.quiet and main_rank)
+    try:
+        video = pipe.story(story, cache_dir=cache_dir, progress=progress, color_match=args.color_match)
+    finally:
+        progress.close()
+    if video is None:  # another rank of a parallel run: rank 0 writes
+        return 0
+    video.save(out, frames_dir=args.frames_dir)
+    if args.report is not None:
+        write_report(video.info["report"], args.report)
+    reused = sum(s["reused"] for s in video.info["report"]["shots"])
+    t, h, w, _ = video.frames.shape
+    log.info("wrote %s: %d frames %dx%d at %d fps, %d of %d shots reused (%.1fs total)", out, t, w, h, video.fps,
+             reused, len(story.shots), time.perf_counter() - t0)  # fmt: skip
     print(out)
     return 0
 
@@ -315,8 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    commands = {"generate": cmd_generate, "info": cmd_info, "make-tiny": cmd_make_tiny, "train": cmd_train,
-                "eval": cmd_eval}  # fmt: skip
+    commands = {"generate": cmd_generate, "story": cmd_story, "info": cmd_info, "make-tiny": cmd_make_tiny,
+                "train": cmd_train, "eval": cmd_eval}  # fmt: skip
     ok = False
     try:
         rc = commands[args.command](args)

@@ -116,7 +116,10 @@ def conditioning_video(
 
     ``first`` is the first frame ([3, h, w]) with ``last`` the last one or None (FLF2V / I2V), or a mapping
     from pixel-frame position to frame for any set of given frames (``last`` then None)."""
-    given = dict(first) if isinstance(first, Mapping) else {0: first, **({frames - 1: last} if last is not None else {})}
+    if isinstance(first, Mapping):
+        given = dict(first)
+    else:
+        given = {0: first, **({frames - 1: last} if last is not None else {})}
     video = torch.zeros(3, frames, height, width)
     for pos in given_positions(frames, given):
         # one frame per call, as the reference resizes them

@@ -147,8 +147,9 @@ def render_story(
         film.extend(window[start:stop])
         if not (story.loop and shot.index == n - 1):
             keyframe_frames.append(len(film) - 1)
-        shots_report.append({"index": shot.index, "frames": plan.frames, "reused": reused,
-                             "seconds": round(time.perf_counter() - t0, 3), "keyframes": [shot.start, shot.end]})  # fmt: skip
+        seconds = round(time.perf_counter() - t0, 3)
+        shots_report.append({"index": shot.index, "frames": plan.frames, "reused": reused, "seconds": seconds,
+                             "keyframes": [shot.start, shot.end]})  # fmt: skip
     joins = ([0] if story.loop else []) + keyframe_frames[1 : len(story.keyframes) - (0 if story.loop else 1)]
     if not _is_main(pipe):
         return None

@@ -105,6 +105,23 @@ def build_report(
     return jsonable(report)
 
 
+def clip_report(pipe: Any, video: Any, first: Any, last: Any | None) -> dict[str, Any]:
+    """The report of one ``Pipeline.generate`` clip: a film of one shot, no joins."""
+    from ..media import load_image
+    from .cache import weights_identity
+
+    keyframes = [load_image(first, "first frame")] + ([load_image(last, "last frame")] if last is not None else [])
+    t = len(video.frames)
+    settings = dict(video.info.get("settings", {}))
+    seconds = float(sum(video.info.get("seconds", {}).values()))
+    shots = [{"index": 0, "frames": t, "reused": False, "seconds": round(seconds, 3),
+              "keyframes": [0, 1 if last is not None else None]}]  # fmt: skip
+    model = {"name": pipe.config.name, "source": pipe.source, "identity": weights_identity(pipe),
+             "speed": list(pipe.applied)}  # fmt: skip
+    return build_report(video.frames, video.fps, keyframes, [0, t - 1][: len(keyframes)], shots, [], settings, model,
+                        seconds)  # fmt: skip
+
+
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 

@@ -195,8 +195,13 @@ def _check_keys(table: dict[str, Any], allowed: tuple[str, ...], what: str, film
             raise InputError(f"{what}: unknown key {key!r}; allowed keys: {', '.join(allowed)}")
 
 
-_TYPE_NAMES = {(int,): "an integer", (int, float): "a number", (str,): "a string", (bool,): "true or false",
-               (str, list, tuple): 'a string "WIDTHxHEIGHT" or a list [width, height]'}
+_TYPE_NAMES = {
+    (int,): "an integer",
+    (int, float): "a number",
+    (str,): "a string",
+    (bool,): "true or false",
+    (str, list, tuple): 'a string "WIDTHxHEIGHT" or a list [width, height]',
+}
 
 
 def _check_settings(table: dict[str, Any], what: str) -> None:
@@ -222,4 +227,4 @@ def parse_size(value: Any, what: str) -> tuple[int, int]:
             return int(value[0]), int(value[1])
     except ValueError:
         pass
-    raise InputError(f"{what}: size must look like \"832x480\" (WIDTHxHEIGHT) or [832, 480], got {value!r}")
+    raise InputError(f'{what}: size must look like "832x480" (WIDTHxHEIGHT) or [832, 480], got {value!r}')
