@@ -163,8 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--paths", type=int, default=8)
     p.add_argument("--carry", default="0,1,5")
     p.add_argument("--loops", type=int, default=6)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 on a shared, busy machine)")
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     pipe = segue.load()
     with tempfile.TemporaryDirectory() as tmp:
         if args.part in ("all", "carry"):

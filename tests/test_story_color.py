@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from segue.data.synthetic import sample_scene, render_scene
+from segue.data.synthetic import render_scene, sample_scene
 from segue.story.color import ciede2000, color_match, delta_e, srgb_to_lab
 from segue.story.report import drift, seam_ratios
 
