@@ -141,8 +141,9 @@ def part_loop(pipe, clips: int) -> None:
         row = []
         for frames in (video.frames, plain):
             away = float(np.abs(frames.astype(float) - a).mean(axis=(1, 2, 3)).max())
-            track = track_object(frames, colors[0])
-            travel = float(np.nanmax(np.linalg.norm(track - track[0], axis=-1)))  # NaN if lost in frame 0
+            track = track_object(frames, colors[0], tol=90)
+            found = track[~np.isnan(track).any(axis=1)]  # frames where the shape was found
+            travel = float(np.linalg.norm(found - found[0], axis=-1).max()) if len(found) else float("nan")
             row += [away, travel]
         rows.append(row)
     m = np.nanmean(np.array(rows), axis=0)
