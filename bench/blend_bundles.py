@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -51,7 +52,6 @@ def main() -> None:
         states = {p: blend_states(a[p], b[p], args.t) if p in parts else b[p] for p in PARTS}
     except ValueError as e:
         sys.exit(str(e))
-    tok_dir = materialize_tokenizer(tok_files)  # only written into the new bundle
     modules = {
         "dit": WanDiT(config.dit),
         "vae": WanVAE(config.vae),
@@ -64,7 +64,8 @@ def main() -> None:
         {"blend": {"start": args.start.name, "end": args.end.name, "t": args.t, "parts": parts}}
     ]
     out = args.out or args.end.with_name(f"{args.end.stem}-blend{args.t:g}.safetensors")
-    save_bundle(out, config, modules, tok_dir, torch.float16, lineage)
+    with tempfile.TemporaryDirectory(prefix="segue-tokenizer-") as tok_dir:  # only written into the new bundle
+        save_bundle(out, config, modules, materialize_tokenizer(tok_files, Path(tok_dir)), torch.float16, lineage)
     print(out)
 
 

@@ -54,10 +54,10 @@ class _Capture(torch.nn.Module):
         self.dit = dit
         self.inputs: tuple | None = None
 
-    def forward(self, *args: Any) -> torch.Tensor:
+    def forward(self, *args: Any, step: Any = None) -> torch.Tensor:
         if self.inputs is None:
             self.inputs = args
-        return self.dit(*args)
+        return self.dit(*args, step=step)
 
 
 @torch.no_grad()

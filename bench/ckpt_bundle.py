@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from segue.bundle import read_bundle_metadata, read_bundle_weights, save_bundle
+from segue.checkpoint import is_plain_file_name
 from segue.models.dit import WanDiT
 from segue.models.encoders import ImageEncoder, TextEncoder
 from segue.models.vae import WanVAE
@@ -37,7 +38,7 @@ from segue.tokenizer import load_tokenizer
 from segue.train.continuation import CONTINUATIONS, with_latent_stats
 from segue.train.grow import deepened
 from segue.train.recipe import load_ema
-from segue.train.trainer import latest_checkpoint_path, latest_ema
+from segue.train.trainer import latest_checkpoint_path, latest_ema, load_training_checkpoint
 
 
 def latest_raw(run: Path) -> tuple[int, dict[str, dict[str, torch.Tensor]]]:
@@ -45,7 +46,7 @@ def latest_raw(run: Path) -> tuple[int, dict[str, dict[str, torch.Tensor]]]:
     path = latest_checkpoint_path(run / "ckpt")
     if path is None:
         sys.exit(f"{run}: no checkpoint (ckpt/latest) to take raw weights from")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = load_training_checkpoint(path)
     return ck["step"], ck["model"]
 
 
@@ -61,6 +62,8 @@ def main() -> None:
     args = ap.parse_args()
     record = json.loads((args.run / "continuation.json").read_text())
     stage = args.stage or record["continuation"]["stage"]["name"]
+    if not is_plain_file_name(stage):  # a name read from a file never leads out of the run folder
+        sys.exit(f"{args.run / 'continuation.json'}: stage name {stage!r} is not a folder name inside {args.run}")
     config, _ = read_bundle_metadata(args.from_bundle)
     bundle_w = read_bundle_weights(args.from_bundle)
     if record["steps"] == 0:  # no DiT stage: the bundle's DiT and encoders

@@ -88,7 +88,7 @@ def _vae_child(option: str, iters: int, out_path: str, q) -> None:
             def run() -> torch.Tensor:
                 return model.decode(z, return_dict=False)[0].clamp(-1, 1)
         elif option == "segue-tiled":
-            from segue.offload import tiled_decode
+            from segue.placement.tiled_vae import tiled_decode
 
             def run() -> torch.Tensor:
                 return tiled_decode(vae, z, band_rows=8, normalized=False)
@@ -126,14 +126,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _rows(results: dict[str, dict], outputs: Path, prefix: str, reference: str) -> None:
     """Table rows: time, ratio to diffusers, peak RSS, error of each output against ``reference``'s."""
-    ref = torch.load(outputs / f"{prefix}-{reference}.pt")
+    ref = torch.load(outputs / f"{prefix}-{reference}.pt", weights_only=True)
     base = results["diffusers"].get("seconds")
     for opt, r in results.items():
         if "error" in r:
             print(f"| {opt} | not run | - | - | - | {r['error'][:90]} |")
             continue
         ratio = f"{base / r['seconds']:.2f}x" if base else "-"
-        err = _rel(torch.load(outputs / f"{prefix}-{opt}.pt"), ref)
+        err = _rel(torch.load(outputs / f"{prefix}-{opt}.pt", weights_only=True), ref)
         print(f"| {opt} | {r['seconds']:.3f} | {ratio} | {r['rss']:.0f} | {err:.1e} | {r['note']} |")
 
 

@@ -98,7 +98,7 @@ def _chain(*parts: Callable[[Pipeline], tuple[Undo, str]]) -> Callable[[Pipeline
 
 
 def _block_swap(pipe: Pipeline) -> tuple[Undo, str]:
-    from segue.offload import BlockSwap
+    from segue.placement.block_swap import BlockSwap
 
     swap = BlockSwap(pipe.dit.blocks, pipe.device, resident=0, prefetch=1)
     return (lambda: swap.remove(pipe.device)), "DiT blocks streamed from pinned CPU memory, 1 prefetched"

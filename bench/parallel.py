@@ -125,8 +125,8 @@ class _TimedWork:
 def _worker(rank: int, world: int, port: int, layout: dict, out: str) -> None:
     rendezvous_env(rank, world, port)
     torch.set_num_threads(1)
+    from segue.dist import ParallelConfig, init_parallel
     from segue.models.dit import WanDiT
-    from segue.parallel.mesh import ParallelConfig, init_parallel
     from segue.parallel.sequence import apply_sequence_parallel, comm_stats, reset_comm_stats
     from segue.testing import randomize_
 
@@ -200,7 +200,7 @@ def measure() -> None:
         for layout in layouts:
             with tempfile.TemporaryDirectory() as out:
                 mp.start_processes(_worker, args=(world, free_port(), layout, out), nprocs=world, start_method="spawn")
-                rows = [torch.load(Path(out) / f"{r}.pt") for r in range(world)]
+                rows = [torch.load(Path(out) / f"{r}.pt", weights_only=True) for r in range(world)]
             wall = max(r["wall"] for r in rows)
             comm = sum(r["comm"] for r in rows) / world
             sent = max(r["sent"] for r in rows)

@@ -22,6 +22,7 @@ from segue.config import ModelConfig
 from segue.models.dit import WanDiT, apply_dtype_policy
 from segue.parallel import cost
 from segue.pipeline import Pipeline
+from segue.sampling.guidance import Conditioning, StepContext
 
 
 @dataclass
@@ -150,9 +151,8 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int = 8192, iter
 def segue_step(pipe: Pipeline, x: dict[str, torch.Tensor], guidance: float = 5.0) -> Callable[[], torch.Tensor]:
     def step() -> torch.Tensor:
         with torch.no_grad():
-            return pipe.velocity(
-                x["latent"], x["timestep"], x["context"], x["context_neg"], x["clip"], x["y"], guidance
-            )
+            cond = Conditioning(x["context"], x["context_neg"], x["clip"], x["y"])
+            return pipe.velocity(x["latent"], cond, StepContext(0, 1, x["timestep"], 0), guidance)
 
     return step
 

@@ -20,8 +20,9 @@ from segue.accel.compile import compile_blocks, is_compiled, uncompile_blocks
 from segue.accel.fuse import AccelSelfAttention, fast_rope, fuse_qkv, remove_fast_rope, rotate_pairs, unfuse_qkv
 from segue.config import REGISTRY
 from segue.errors import InputError
-from segue.models.dit import SelfAttention, WanDiT, _attention, apply_rope
+from segue.models.dit import SelfAttention, WanDiT, apply_rope, sdpa_attention
 from segue.pipeline import Pipeline
+from segue.sampling.guidance import Conditioning, StepContext
 from segue.testing import randomize_
 
 TOL = 1e-5
@@ -86,7 +87,7 @@ def test_math_backend_matches_plain_dit(plain):
     print(f"math backend vs sdpa: rel err {err:.1e}")
     assert err < TOL
     set_attention_backend(dit, "sdpa")
-    assert all(b.self_attn.attention is _attention for b in dit.blocks)
+    assert all(b.self_attn.attention is sdpa_attention for b in dit.blocks)
     assert torch.equal(forward(dit, inputs), ref)
 
 
@@ -128,7 +129,7 @@ def test_backend_composes_with_sequence_parallel_attention():
 
     def distributed(q, k, v, dtype):
         calls.append(torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled())
-        return _attention(q, k, v, dtype)
+        return sdpa_attention(q, k, v, dtype)
 
     for block in dit.blocks:
         block.self_attn.attention = distributed
@@ -254,21 +255,25 @@ def test_cfg_batch_velocity_matches_two_passes():
     clip = torch.randn(1, 514, CFG.image_dim, generator=g)  # what encode_images returns for FLF2V
     y = torch.randn(1, 20, 3, 6, 8, generator=g)
     t = torch.tensor([880])
-    two = pipe.velocity(latent, t, ctx, neg, clip, y, 5.0)
+    cond = Conditioning(ctx, neg, clip, y)
+    step = StepContext(index=0, total=1, timestep=t, run=0)
+    two = pipe.velocity(latent, cond, step, 5.0)
     calls = []
-    handle = dit.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    handle = dit.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(kwargs["step"].branch), with_kwargs=True
+    )
     pipe.cfg_batch = True
-    one = pipe.velocity(latent, t, ctx, neg, clip, y, 5.0)
+    one = pipe.velocity(latent, cond, step, 5.0)
     handle.remove()
-    assert calls == [2]  # one call, batch of two
+    assert calls == ["both"]  # one call, batch of two
     err = rel(one, two)
     print(f"CFG batch velocity vs two passes: rel err {err:.1e}")
     assert one.shape == latent.shape and err < TOL
     # CLIP features as the frames' batch [2, 257, D] regroup to the same sample
-    assert rel(pipe.velocity(latent, t, ctx, neg, clip.view(2, 257, -1), y, 5.0), two) < TOL
-    assert torch.equal(pipe.velocity(latent, t, ctx, neg, clip, y, 1.0), dit(latent[None], t, ctx[None], clip, y)[0])
+    assert rel(pipe.velocity(latent, Conditioning(ctx, neg, clip.view(2, 257, -1), y), step, 5.0), two) < TOL
+    assert torch.equal(pipe.velocity(latent, cond, step, 1.0), dit(latent[None], t, ctx[None], clip, y)[0])
     with pytest.raises(InputError, match="negative prompt context has 513 tokens, at most 512"):
-        pipe.velocity(latent, t, ctx, torch.zeros(513, CFG.text_dim), clip, y, 5.0)
+        pipe.velocity(latent, Conditioning(ctx, torch.zeros(513, CFG.text_dim), clip, y), step, 5.0)
 
 
 def test_cfg_batch_whole_generation(official_ckpt, frames_dir):

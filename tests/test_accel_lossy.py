@@ -1,9 +1,10 @@
 """Lossy speed-ups, applied from outside the DiT: fp8 weights and step caching, with their fidelity measured.
 
 fp8: one DiT forward against the unquantized model on random weights (printed, bounded), weight memory,
-state dict round trip. Step cache: bit-exact when nothing is skipped, a skipped call equals the blocks'
-cached residual added to the new tokens (checked through hooks on the plain DiT), per-branch keying and
-resets, and a short real generation at a few thresholds (PSNR against the uncached video, printed).
+state dict round trip. Step cache (the DiT's blocks runner): bit-exact when nothing is skipped, a skipped
+call equals the blocks' cached residual added to the new tokens (checked through hooks on the plain DiT),
+state per CFG branch and per sampling loop as the step context says, and a short real generation at a few
+thresholds (PSNR against the uncached video, printed).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from segue.config import REGISTRY
 from segue.errors import InputError
 from segue.evaluate import psnr
 from segue.models.dit import WanDiT
+from segue.sampling.guidance import StepContext
 from segue.testing import randomize_
 
 TINY = REGISTRY["tiny-flf2v"].dit
@@ -132,7 +134,7 @@ def test_fp8_state_dict_round_trip_through_meta(tmp_path) -> None:
         fresh(*args)
 
 
-# -- step cache: the wrapper against the plain DiT ----------------------------------------------------
+# -- step cache: the blocks runner against the plain DiT -----------------------------------------------
 
 
 class _Pipe:
@@ -140,24 +142,34 @@ class _Pipe:
         self.dit = dit
 
 
+def at(index: int, t: int, branch: str = "cond", run: int = 0) -> StepContext:
+    """The step context the sampling loop would pass (``total`` is not read by the cache)."""
+    return StepContext(index=index, total=10, timestep=torch.tensor([t]), run=run, branch=branch)
+
+
 def test_cache_never_skipping_is_bit_exact_and_removable() -> None:
     model = tiny_dit()
+    keys = list(model.state_dict())
     pipe = _Pipe(model)
     cache = apply_step_cache(pipe, "teacache", threshold=0.0, warmup_steps=0)
-    assert pipe.dit is cache and cache.cfg is model.cfg  # attributes fall through to the DiT
+    assert pipe.dit is model and model.blocks_runner is cache  # the DiT stays the DiT
+    assert list(model.state_dict()) == keys
     with torch.no_grad():
-        for t in (999, 800, 500):
-            for seed in (1, 2):  # two branches (cond / uncond contexts)
+        for i, t in enumerate((999, 800, 500)):
+            for seed, branch in ((1, "cond"), (2, "uncond")):
                 args = dit_inputs(t=t, seed=seed)
-                assert torch.equal(cache(*args), model(*args))
+                assert torch.equal(model(*args, step=at(i, t, branch)), model(*args))  # no step: every block
     assert cache.stats() == {"computed": 6, "skipped": 0, "skip_fraction": 0.0}
-    assert remove_step_cache(pipe) is model and pipe.dit is model
+    assert remove_step_cache(pipe) is cache and model.blocks_runner is None
     assert remove_step_cache(pipe) is None
     with pytest.raises(InputError, match="MagCache needs a calibration"):
         apply_step_cache(pipe, "magcache")
     with pytest.raises(InputError, match="unknown cache method"):
         apply_step_cache(pipe, "fora")
-    assert pipe.dit is model
+    assert model.blocks_runner is None
+    StepCache().install(model)
+    with pytest.raises(InputError, match="already has a step cache"):
+        StepCache().install(model)
 
 
 def _expected_skip(model: WanDiT, args, residual: torch.Tensor) -> torch.Tensor:
@@ -201,14 +213,14 @@ def _residual(model: WanDiT, args) -> torch.Tensor:
 @torch.no_grad()
 def test_skipped_call_reuses_its_own_branch_residual_and_resets() -> None:
     model = tiny_dit()
-    cache = StepCache(model, "teacache", threshold=1e9, warmup_steps=1)  # skip whenever allowed
+    cache = StepCache("teacache", threshold=1e9, warmup_steps=1).install(model)  # skip whenever allowed
     cond1, unc1 = dit_inputs(t=999, seed=1), dit_inputs(t=999, seed=2)
-    # the next step: same contexts (the keys), new latent and timestep
+    # the next step: same contexts, new latent and timestep
     cond2 = (dit_inputs(seed=3)[0], torch.tensor([900]), *cond1[2:])
     unc2 = (dit_inputs(seed=3)[0], torch.tensor([900]), *unc1[2:])
-    for args in (cond1, unc1):
-        assert torch.equal(cache(*args), model(*args))
-    got_c, got_u = cache(*cond2), cache(*unc2)
+    assert torch.equal(model(*cond1, step=at(0, 999, "cond")), model(*cond1))
+    assert torch.equal(model(*unc1, step=at(0, 999, "uncond")), model(*unc1))
+    got_c, got_u = model(*cond2, step=at(1, 900, "cond")), model(*unc2, step=at(1, 900, "uncond"))
     assert cache.stats()["skipped"] == 2
     want_c = _expected_skip(model, cond2, _residual(model, cond1))
     want_u = _expected_skip(model, unc2, _residual(model, unc1))
@@ -216,27 +228,28 @@ def test_skipped_call_reuses_its_own_branch_residual_and_resets() -> None:
     assert rel_err(got_c, model(*cond2)) > 1e-3  # skipping did change the output
     assert rel_err(_expected_skip(model, cond2, _residual(model, unc1)), want_c) > 1e-3  # branches differ
 
-    # a timestep going up starts a new generation: nothing cached, the blocks run again
-    assert torch.equal(cache(*cond1), model(*cond1))
+    # a new sampling loop (the step context's run) starts a new generation: nothing cached, the blocks run
+    assert torch.equal(model(*cond2, step=at(1, 900, "cond", run=1)), model(*cond2))
     assert cache.stats() == {"computed": 3, "skipped": 2, "skip_fraction": 0.4}
     cache.reset()
-    assert torch.equal(cache(*cond2), model(*cond2))  # explicit reset: first call of a branch computes
+    assert torch.equal(model(*cond2, step=at(2, 800, "cond", run=1)), model(*cond2))  # explicit reset: computes
 
-    # a batch of two (cond and uncond in one call) is a branch of its own and works the same way
+    # a batch of two (cond and uncond in one call) is the branch "both" and works the same way
     both1 = [torch.cat([a, b]) if a.shape[0] == 1 and a.ndim > 1 else a for a, b in zip(cond1, unc1)]
     both2 = [torch.cat([a, b]) if a.shape[0] == 1 and a.ndim > 1 else a for a, b in zip(cond2, unc2)]
     cache.reset()
-    assert torch.equal(cache(*both1), model(*both1))
-    assert torch.equal(cache(*both2), _expected_skip(model, both2, _residual(model, both1)))
+    assert torch.equal(model(*both1, step=at(0, 999, "both", run=1)), model(*both1))
+    got = model(*both2, step=at(1, 900, "both", run=1))
+    assert torch.equal(got, _expected_skip(model, both2, _residual(model, both1)))
 
 
 @torch.no_grad()
 def test_max_skip_and_warmup_bound_the_skips() -> None:
     model = tiny_dit()
-    cache = StepCache(model, "teacache", threshold=1e9, warmup_steps=2, max_skip=2)
+    cache = StepCache("teacache", threshold=1e9, warmup_steps=2, max_skip=2).install(model)
     ctx = dit_inputs(seed=1)[2]
-    for t in range(999, 899, -10):  # 10 calls of one branch
-        cache(*dit_inputs(t=t, seed=t, ctx=ctx))
+    for i, t in enumerate(range(999, 899, -10)):  # 10 calls of one branch
+        model(*dit_inputs(t=t, seed=t, ctx=ctx), step=at(i, t))
     # 2 warm-up calls, then skip, skip, compute, skip, skip, compute, skip, skip
     assert cache.stats()["computed"] == 4 and cache.stats()["skipped"] == 6
 
@@ -258,7 +271,7 @@ def test_calibrate_and_cached_generation_fidelity(tiny_pipe, frames_dir, tmp_pat
     gen = dict(first=frames_dir / "first.png", last=frames_dir / "last.png", prompt="a fox", steps=10, seed=3,
                frames=5)  # fmt: skip
     cal, ref = calibrate_with_video(pipe, **gen)
-    assert pipe.dit.__class__ is WanDiT  # calibration leaves the plain DiT in place
+    assert pipe.dit.blocks_runner is None  # calibration leaves the plain DiT as it was
     path = tmp_path / "cal.json"
     path.write_text(json.dumps(cal))  # JSON-able
     assert cal["format"] == "segue-step-cache" and cal["settings"]["steps"] == 10
@@ -297,7 +310,7 @@ def test_cache_with_cfg_as_one_batch(tiny_pipe, frames_dir) -> None:
                frames=5)  # fmt: skip
     ref = pipe.generate(**gen)
     batched = hasattr(pipe, "cfg_batch")  # a pipeline without the option runs two calls per step
-    pipe.cfg_batch = True  # the texts are stacked anew every step: keys are by content, not by tensor
+    pipe.cfg_batch = True  # the step context names the branch "both"
     try:
         cache = apply_step_cache(pipe, "teacache", 1e9, warmup_steps=1, max_skip=1)
         video = pipe.generate(**gen)
@@ -309,3 +322,17 @@ def test_cache_with_cfg_as_one_batch(tiny_pipe, frames_dir) -> None:
     assert st["computed"] + st["skipped"] == (8 if batched else 16)
     assert st["skipped"] == st["computed"]
     assert 0 < rel_err(video.latent, ref.latent) < 0.5
+
+
+def test_cache_under_block_swap_gives_the_same_video(official_ckpt, frames_dir) -> None:
+    """Block swap streams every block, the first included: the cache reads what it needs wherever it is."""
+    from segue.placement.apply import apply_profile
+
+    gen = dict(first=frames_dir / "first.png", last=frames_dir / "last.png", prompt="a fox", steps=6, seed=2,
+               frames=5)  # fmt: skip
+    plain, swapped = segue.load(official_ckpt), segue.load(official_ckpt)
+    apply_profile(swapped, "block-swap", resident=0)
+    caches = [apply_step_cache(p, "teacache", 1e9, warmup_steps=1, max_skip=1) for p in (plain, swapped)]
+    a, b = plain.generate(**gen), swapped.generate(**gen)
+    assert torch.equal(a.latent, b.latent)
+    assert caches[0].stats() == caches[1].stats() and caches[0].stats()["skipped"] > 0

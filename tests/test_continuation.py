@@ -20,7 +20,7 @@ from segue.errors import InputError
 from segue.train import continuation
 from segue.train.continuation import CONTINUATIONS, Window, continue_from_bundle
 from segue.train.latents import CachedClips
-from segue.train.trainer import latest_checkpoint_path
+from segue.train.trainer import latest_checkpoint_path, load_training_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,7 @@ def test_a_continuation_can_deepen_the_dit(base, tmp_path, monkeypatch):
     argv = ["ckpt_bundle.py", str(tmp_path / "run"), "--from-bundle", str(base), "--raw", "--vae-from", str(other)]
     monkeypatch.setattr(sys, "argv", [*argv, "--out", str(raw)])
     bench.main()
-    ck = torch.load(latest_checkpoint_path(tmp_path / "run" / c.stage.name / "ckpt"), weights_only=False)
+    ck = load_training_checkpoint(latest_checkpoint_path(tmp_path / "run" / c.stage.name / "ckpt"))
     got = read_bundle_weights(raw)
     assert all(torch.equal(got["dit"][k], ck["model"]["dit"][k].half().float()) for k in after)
     assert any(not torch.equal(got["dit"][k], after[k]) for k in after)  # the raw weights are not the EMA
@@ -642,20 +642,19 @@ def test_a_time_budget_picks_the_steps_that_fit_and_a_resume_keeps_them(base, tm
     long = replace(c, name="long", stage=replace(c.stage, steps=400, warmup=2, cooldown=100), decoder_steps=0)
     monkeypatch.setitem(CONTINUATIONS, "long", long)
     timed = []
-    probe = continuation.seconds_per_step
 
-    def spy(*a, **kw):
-        timed.append(probe(*a, **kw))
-        return 100.0 * timed[-1]  # as if the steps were 100 times slower: the budget then cuts the stage
+    def probe(*a, **kw):
+        timed.append(0.25)
+        return 0.25  # seconds per step, as if measured: the budget then cuts the stage
 
-    monkeypatch.setattr(continuation, "seconds_per_step", spy)
+    monkeypatch.setattr(continuation, "seconds_per_step", probe)
+    ticks = iter([100.0, 112.0])  # the call starts, then the cache and the probe took 12 s
     out = tmp_path / "run"
-    # 20 s: the cache and the probe fit it with room on a loaded machine (2 s did not, beside another test run)
-    new = continue_from_bundle(base, "long", out, time_budget=20.0)
+    new = continue_from_bundle(base, "long", out, time_budget=20.0, clock=lambda: next(ticks))
     info = json.loads((out / "budget.json").read_text())
-    assert len(timed) == 1 and info["seconds_per_step"] == round(100.0 * timed[0], 4)
-    assert info["time_budget_s"] == 20.0 and 0 < info["seconds_left"] < 20.0 and info["of"] == 400
-    assert info["steps"] == continuation.budget_steps(info["seconds_left"], 100.0 * timed[0], 400) < 400
+    assert len(timed) == 1 and info["seconds_per_step"] == 0.25
+    assert info["time_budget_s"] == 20.0 and info["seconds_left"] == 8.0 and info["of"] == 400
+    assert info["steps"] == continuation.budget_steps(8.0, 0.25, 400) < 400
     steps = info["steps"]
     log = [json.loads(line) for line in (out / long.stage.name / "log.jsonl").read_text().splitlines()]
     assert len(log) == steps and json.loads((out / long.stage.name / "done").read_text())["steps"] == steps

@@ -13,27 +13,21 @@ import torch
 from torch import nn
 
 import segue
-import segue.memory as memory
-import segue.offload as offload
-import segue.tiled_vae as tiled_vae
+import segue.placement.apply as placing
+import segue.placement.estimate as estimating
+import segue.placement.tiled_vae as tiled_vae
 from segue.config import get_config
 from segue.errors import InputError
 from segue.models.dit import WanDiT
 from segue.models.vae import WanVAE
-from segue.offload import (
-    PROFILES,
-    BlockSwap,
-    apply_profile,
-    current_profile,
-    estimate_memory,
-    remove_profile,
-    trace_peak,
-)
+from segue.placement.apply import apply_profile, current_profile, remove_profile
+from segue.placement.block_swap import BlockSwap
+from segue.placement.estimate import estimate_memory, trace_peak
+from segue.placement.profiles import PROFILES
+from segue.placement.tiled_vae import decoder_halo, tiled_decode
 from segue.testing import randomize_
-from segue.tiled_vae import decoder_halo, tiled_decode
 
 TINY = get_config("tiny-flf2v")
-HAS_FP8 = offload._fp8_available()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -102,7 +96,7 @@ def test_tiled_decode_bounds_memory() -> None:
     with torch.no_grad():
         full = trace_peak(lambda: vae.decode(z), weights)
         tiled = trace_peak(lambda: tiled_decode(vae, z, 8), weights)
-    meta_vae = memory._meta_vae(TINY.vae)
+    meta_vae = estimating._meta_vae(TINY.vae)
     zm = torch.empty(z.shape, device="meta")
     assert trace_peak(lambda: meta_vae.decode(zm), list(meta_vae.parameters())) == full
     assert trace_peak(lambda: tiled_decode(meta_vae, zm, 8), list(meta_vae.parameters())) == tiled
@@ -110,7 +104,7 @@ def test_tiled_decode_bounds_memory() -> None:
     assert video < tiled < 0.6 * full, (tiled, full)
     # the estimator's shortcut (one band over 3 latent frames, buffers scaled) equals a full trace
     t, h, w, band = 4, 30, 4, 6
-    est = memory._tiled_trace(TINY, 1 + 4 * (t - 1), 8 * h, 8 * w, band)
+    est = estimating._tiled_trace(TINY, 1 + 4 * (t - 1), 8 * h, 8 * w, band)
     shape = (1, TINY.vae.z_dim, t, h, w)
     assert est == trace_peak(
         lambda: tiled_decode(meta_vae, torch.empty(shape, device="meta"), band), meta_vae.parameters()
@@ -230,16 +224,16 @@ def test_offload_and_block_swap_give_the_same_video(
     during: list[bool] = []  # text encoder weights away from their CPU home while it runs?
     probe = text.model.register_forward_pre_hook(
         lambda *_: during.append(
-            text.model.shared.weight.data_ptr() != offload._APPLIED[pipe].offloads["text"].home[0].data_ptr()
+            text.model.shared.weight.data_ptr() != placing._APPLIED[pipe].offloads["text"].home[0].data_ptr()
         )
     )
     tiled_calls = []
-    monkeypatch.setattr(offload, "tiled_decode", lambda *a, **k: tiled_calls.append(a[2]) or tiled_decode(*a, **k))
+    monkeypatch.setattr(placing, "tiled_decode", lambda *a, **k: tiled_calls.append(a[2]) or tiled_decode(*a, **k))
 
     for name, kwargs in (("offload", {}), ("block-swap", {"band_rows": 2, "prefetch": 0})):
         assert apply_profile(pipe, name, **kwargs) == name
         assert current_profile(pipe) == name
-        state = offload._APPLIED[pipe]
+        state = placing._APPLIED[pipe]
         video = generate(pipe, frames_dir)
         assert np.array_equal(video.frames, ref.frames), name
         assert torch.equal(video.latent, ref.latent), name
@@ -260,14 +254,13 @@ def test_offload_and_block_swap_give_the_same_video(
     assert np.array_equal(generate(pipe, frames_dir).frames, ref.frames)
 
 
-@pytest.mark.skipif(not HAS_FP8, reason="segue.accel.fp8 is not installed")
 def test_low_profile_runs_fp8_blocks_and_text_on_cpu(official_ckpt: Path, frames_dir: Path) -> None:
     from segue.accel.fp8 import FP8Linear
 
     pipe = segue.load(official_ckpt)
     ref = generate(pipe, frames_dir)
     assert apply_profile(pipe, "low", band_rows=4) == "low"
-    state = offload._APPLIED[pipe]
+    state = placing._APPLIED[pipe]
     assert state.swap is not None and "text" not in state.offloads and "encode" not in pipe.text_encoder.__dict__
     assert all(isinstance(b.ffn[0], FP8Linear) for b in pipe.dit.blocks)
     video = generate(pipe, frames_dir)
@@ -290,12 +283,12 @@ def test_auto_picks_the_fastest_profile_that_fits(official_ckpt: Path, monkeypat
     pipe = SimpleNamespace(
         device=torch.device("cuda"), config=TINY, dit=real.dit, vae=real.vae, text_encoder=None, image_encoder=None
     )
-    frames, height, width = offload._default_size(TINY)
+    frames, height, width = placing._default_size(TINY)
     assert (frames, height, width) == (9, 48, 80)
     peaks = {p: estimate_memory(TINY, p, frames, height, width, dtype=torch.float32)["peak"] for p in PROFILES}
     for free, want in ((peaks["gpu"] * 2, "gpu"), (peaks["offload"] / 0.9 + 1, "offload"), (1, "low")):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *_, f=free: (int(f), 10**12))
-        assert offload.choose_profile(pipe) == (want if HAS_FP8 or want != "low" else "block-swap")
+        assert placing.choose_profile(pipe) == want
 
 
 # -- estimates --------------------------------------------------------------------------------------
@@ -303,9 +296,8 @@ def test_auto_picks_the_fastest_profile_that_fits(official_ckpt: Path, monkeypat
 
 def test_memory_estimates_for_14b() -> None:
     cfg = get_config("flf2v-14b")
-    names = ["gpu", "offload", "block-swap"] + (["fp8", "low"] if HAS_FP8 else [])
-    est = {p: estimate_memory(cfg, p, 81, 720, 1280) for p in names}
-    order = [p for p in ("gpu", "offload", "block-swap", "low") if p in est]
+    est = {p: estimate_memory(cfg, p, 81, 720, 1280) for p in PROFILES}
+    order = ["gpu", "offload", "block-swap", "low"]
     peaks = [est[p]["peak"] for p in order]
     assert peaks == sorted(peaks, reverse=True) and len(set(peaks)) == len(peaks), peaks
     assert est["block-swap"]["peak"] <= 24e9
@@ -313,9 +305,8 @@ def test_memory_estimates_for_14b() -> None:
     assert 32e9 < est["offload"]["weights"] < 34e9
     assert est["block-swap"]["weights"] < 0.1 * est["offload"]["weights"]
     assert est["block-swap"]["vae_decode"] < 0.6 * est["offload"]["vae_decode"]
-    if HAS_FP8:
-        assert est["fp8"]["weights"] < 0.55 * est["offload"]["weights"]
-        assert est["low"]["text_encode"] == 0 and est["low"]["weights"] < est["block-swap"]["weights"]
+    assert est["fp8"]["weights"] < 0.55 * est["offload"]["weights"]
+    assert est["low"]["text_encode"] == 0 and est["low"]["weights"] < est["block-swap"]["weights"]
 
 
 def test_dit_trace_on_meta_equals_trace_on_cpu() -> None:

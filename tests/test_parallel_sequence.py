@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from segue.config import DiTConfig
+from segue.dist import ParallelConfig, ParallelState
 from segue.errors import InputError
 from segue.models.dit import WanDiT
-from segue.parallel.mesh import ParallelConfig, ParallelState
 from segue.parallel.sequence import apply_sequence_parallel, remove_sequence_parallel
 from segue.testing import join_workers, randomize_, rendezvous_env, start_workers
 
@@ -77,7 +77,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from segue.parallel.mesh import init_parallel
+    from segue.dist import init_parallel
     from segue.parallel.sequence import comm_stats, reset_comm_stats
 
     try:

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import segue
 from segue.errors import InputError
-from segue.pipeline import fit_last_frame, fit_latent_size, frame_mask, image_to_tensor, to_uint8
+from segue.pipeline import fit_last_frame, frame_mask, image_to_tensor, to_uint8
+from segue.settings import fit_latent_size
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -105,7 +105,7 @@ class _SpyDiT(torch.nn.Module):
         self.cfg = CFG.dit
         self.seen: list[torch.Tensor] = []
 
-    def forward(self, x, t, context, clip=None, y=None):
+    def forward(self, x, t, context, clip=None, y=None, step=None):
         self.seen.append(y.clone())
         return torch.zeros_like(x)
 
@@ -464,7 +464,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from segue.train.trainer import init_data_parallel
+    from segue.dist import init_data_parallel
 
     result: dict = {}
     try:

@@ -1,10 +1,30 @@
-"""segue: two keyframes and a prompt in, a smooth video out (Wan2.1 FLF2V family)."""
+"""segue: two keyframes and a prompt in, a smooth video out (Wan2.1 FLF2V family).
+
+``load``, ``Pipeline`` and ``Video`` are imported on first use, so ``segue --help`` and argument errors
+answer without importing torch.
+"""
 
 from __future__ import annotations
 
-from .errors import CheckpointError, InputError, SegueError
-from .loader import load
-from .pipeline import Pipeline, Video
+from typing import TYPE_CHECKING, Any
+
+from .errors import CheckpointError, InputError, OutputError, SegueError
+
+if TYPE_CHECKING:
+    from .loader import load
+    from .pipeline import Pipeline, Video
 
 __version__ = "0.1.0"
-__all__ = ["load", "Pipeline", "Video", "SegueError", "InputError", "CheckpointError", "__version__"]
+__all__ = ["load", "Pipeline", "Video", "SegueError", "InputError", "OutputError", "CheckpointError", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "load":
+        from .loader import load
+
+        return load
+    if name in ("Pipeline", "Video"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'segue' has no attribute {name!r}")

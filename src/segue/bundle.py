@@ -3,7 +3,8 @@ safetensors file. This is how the built-in default model ships inside the packag
 
 Tensors are stored under ``dit.``, ``vae.`` (native names), ``text.`` and ``image.`` (transformers
 names); the metadata holds ``segue_format``, the ModelConfig as JSON (``segue_config``) and the
-tokenizer files (``tokenizer/<name>``).
+tokenizer files (``tokenizer/<name>``, ``<name>`` one of ``TOKENIZER_FILES``: a name read from a file never
+becomes a path, see docs/security.md).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -18,7 +20,8 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .media import atomic_path
+from .io import atomic_path
+from .tokenizer import TOKENIZER_FILES
 
 FORMAT_VERSION = "1"
 PARTS = ("dit", "vae", "text", "image")
@@ -58,7 +61,7 @@ def save_bundle(
     if lineage:
         meta["segue_lineage"] = json.dumps(lineage)
     for f in sorted(Path(tokenizer_dir).iterdir()):
-        if f.is_file() and f.suffix in (".json", ".model", ".txt"):
+        if f.is_file() and f.name in TOKENIZER_FILES:
             meta[f"tokenizer/{f.name}"] = f.read_text() if f.suffix != ".model" else f.read_bytes().hex()
     dest = Path(path)
     with atomic_path(dest) as tmp:
@@ -80,6 +83,12 @@ def read_bundle_metadata(path: Path) -> tuple[ModelConfig, dict[str, str]]:
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad segue_config metadata ({e})") from None
     files = {k.removeprefix("tokenizer/"): v for k, v in meta.items() if k.startswith("tokenizer/")}
+    for name in files:
+        if name not in TOKENIZER_FILES:
+            raise CheckpointError(
+                f"{path}: metadata key {'tokenizer/' + name!r} names no tokenizer file segue reads; "
+                f"allowed: {', '.join('tokenizer/' + n for n in TOKENIZER_FILES)}"
+            )
     return config, files
 
 
@@ -103,16 +112,33 @@ def read_bundle_weights(path: Path, dtype: torch.dtype = torch.float32) -> dict[
     return out
 
 
-def materialize_tokenizer(files: dict[str, str], cache: Path | None = None) -> Path:
-    """Write a bundle's tokenizer files into a folder that ``segue.tokenizer.load_tokenizer`` reads."""
+def materialize_tokenizer(files: dict[str, str], folder: Path) -> Path:
+    """Write a bundle's tokenizer files into ``folder`` (read by ``segue.tokenizer.load_tokenizer``). Only the
+    names of ``TOKENIZER_FILES`` are written, each straight inside ``folder``."""
     if not files:
         raise CheckpointError("the bundle holds no tokenizer files")
-    folder = Path(cache or tempfile.mkdtemp(prefix="segue-tokenizer-"))
+    bad = sorted(n for n in files if n not in TOKENIZER_FILES)
+    if bad:
+        raise CheckpointError(
+            f"tokenizer file name(s) {', '.join(map(repr, bad))} not among {', '.join(TOKENIZER_FILES)}"
+        )
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():
         target = folder / name
         if name.endswith(".model"):
-            target.write_bytes(bytes.fromhex(content))
+            try:
+                target.write_bytes(bytes.fromhex(content))
+            except ValueError:
+                raise CheckpointError(f"tokenizer file {name!r} is not hex-encoded bytes") from None
         else:
             target.write_text(content)
     return folder
+
+
+def load_bundle_tokenizer(files: dict[str, str]) -> Any:
+    """The tokenizer a bundle holds, loaded through a private temporary folder that is removed at once."""
+    from .tokenizer import load_tokenizer
+
+    with tempfile.TemporaryDirectory(prefix="segue-tokenizer-") as tmp:
+        return load_tokenizer(materialize_tokenizer(files, Path(tmp)))

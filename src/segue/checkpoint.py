@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .config import GenerationDefaults, ImageEncoderConfig, ModelConfig, TextEncoderConfig
+from .config import GenerationDefaults, ImageEncoderConfig, ModelConfig, TextEncoderConfig, json_value
 from .errors import CheckpointError
 
 log = logging.getLogger("segue")
@@ -182,8 +182,16 @@ def safetensors_files(folder: Path, stem: str) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index} is not a valid shard index ({e})") from None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: weight_map must be a non-empty object of tensor name -> shard file name")
+        for key, name in weight_map.items():
+            if not is_plain_file_name(name) or not name.endswith(".safetensors"):
+                raise CheckpointError(
+                    f"{index}: weight_map[{key!r}] = {name!r}; allowed: a .safetensors file name in {folder} "
+                    "(no folder part)"
+                )
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
@@ -192,6 +200,17 @@ def safetensors_files(folder: Path, stem: str) -> list[Path]:
     if single.is_file():
         return [single]
     raise CheckpointError(f"no weights in {folder}: expected {single.name} or {index.name}")
+
+
+def is_plain_file_name(name: object) -> bool:
+    """Whether ``name`` (read from a file) names an entry straight inside a folder: a non-empty string with no
+    folder separator, not ``.`` or ``..``, no NUL. Only such names are joined to a folder."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in ("/", "\\", "\0"))
+        and not Path(name).is_absolute()
+    )
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -221,8 +240,20 @@ class CheckpointPlan:
     vae: TensorSource
     text: TensorSource
     image: TensorSource | None
-    tokenizer_dir: Path
+    tokenizer_dir: Path | None  # a folder of tokenizer files, or None when they are in ``tokenizer_files``
     notes: list[str] = field(default_factory=list)
+    tokenizer_files: dict[str, str] | None = None  # a bundle's tokenizer files (name -> content)
+
+    def load_tokenizer(self) -> Any:
+        """The tokenizer, from its folder or from the bundle's files (through a temporary folder, removed)."""
+        if self.tokenizer_files is not None:
+            from .bundle import load_bundle_tokenizer
+
+            return load_bundle_tokenizer(self.tokenizer_files)
+        from .tokenizer import load_tokenizer
+
+        assert self.tokenizer_dir is not None
+        return load_tokenizer(self.tokenizer_dir)
 
 
 def detect_layout(folder: str | Path) -> str:
@@ -256,7 +287,7 @@ def plan_checkpoint(folder: str | Path) -> CheckpointPlan:
 
 def _plan_bundle(path: Path) -> CheckpointPlan:
     """segue's single-file format: components under dit./vae./text./image., config in the metadata."""
-    from .bundle import materialize_tokenizer, read_bundle_metadata
+    from .bundle import read_bundle_metadata
 
     config, tok_files = read_bundle_metadata(path)
 
@@ -266,8 +297,10 @@ def _plan_bundle(path: Path) -> CheckpointPlan:
         )
 
     image = part("image.") if config.image is not None else None
+    if not tok_files:
+        raise CheckpointError(f"{path}: the bundle holds no tokenizer files (metadata keys tokenizer/...)")
     return CheckpointPlan(
-        path, "segue", config, part("dit."), part("vae."), part("text."), image, materialize_tokenizer(tok_files)
+        path, "segue", config, part("dit."), part("vae."), part("text."), image, None, tokenizer_files=tok_files
     )
 
 
@@ -277,15 +310,33 @@ def _defaults_for(cfg_dit_type: str) -> GenerationDefaults:
     return REGISTRY["flf2v-14b" if cfg_dit_type == "flf2v" else "i2v-14b-720p"].defaults
 
 
-def _segue_defaults(raw: Mapping[str, Any], fallback: GenerationDefaults) -> GenerationDefaults:
+def _segue_defaults(raw: Mapping[str, Any], fallback: GenerationDefaults, source: Path) -> GenerationDefaults:
     """Generation defaults stored by segue in a config (key ``segue_defaults``) override the fallback."""
     extra = raw.get("segue_defaults")
     if not extra:
         return fallback
+    if not isinstance(extra, Mapping):
+        raise CheckpointError(f"{source}: segue_defaults must be an object, got {extra!r:.80}")
+    unknown = sorted(set(extra) - set(asdict(fallback)))
+    if unknown:
+        raise CheckpointError(f"{source}: unknown segue_defaults key(s) {', '.join(unknown)}; "
+                              f"allowed: {', '.join(asdict(fallback))}")  # fmt: skip
     try:
-        return GenerationDefaults(**{**asdict(fallback), **extra})
+        return GenerationDefaults(**{**asdict(fallback), **{k: _tuples(v) for k, v in extra.items()}})
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"bad segue_defaults in config: {e}") from None
+        raise CheckpointError(f"{source}: bad segue_defaults: {e}") from None
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _from_file(path: Path, build: Callable[..., Any], *args: Any) -> Any:
+    """``build(*args)``, a config read from the file ``path``: a bad value is a CheckpointError naming the file."""
+    try:
+        return build(*args)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def _plan_official(folder: Path) -> CheckpointPlan:
@@ -300,7 +351,7 @@ def _plan_official(folder: Path) -> CheckpointPlan:
     clip_path = folder / OFFICIAL_CLIP
     clip_src = None
     try:
-        dit_cfg = dit_adapter.config_from_official(raw, dit_src.shapes)
+        dit_cfg = _from_file(folder / OFFICIAL_DIT_CONFIG, dit_adapter.config_from_official, raw, dit_src.shapes)
         vae_cfg = vae_adapter.config_from_shapes(vae_src.shapes)
         text_cfg = enc_adapter.t5_config_from_shapes({k: tuple(v.shape) for k, v in t5_raw.items()})
         t5_src = TensorSource.from_tensors(enc_adapter.t5_official_to_hf(t5_raw), str(folder / OFFICIAL_T5))
@@ -311,7 +362,7 @@ def _plan_official(folder: Path) -> CheckpointPlan:
             clip_raw = load_pth(clip_path)
             image_cfg = enc_adapter.clip_config_from_shapes({k: tuple(v.shape) for k, v in clip_raw.items()})
             clip_src = TensorSource.from_tensors(enc_adapter.clip_official_to_hf(clip_raw), str(clip_path))
-        defaults = _segue_defaults(raw, _defaults_for(dit_cfg.model_type))
+        defaults = _segue_defaults(raw, _defaults_for(dit_cfg.model_type), folder / OFFICIAL_DIT_CONFIG)
         config = ModelConfig(
             name=folder.name, dit=dit_cfg, vae=vae_cfg, text=text_cfg, image=image_cfg, defaults=defaults
         )
@@ -335,15 +386,18 @@ def _plan_diffusers(folder: Path) -> CheckpointPlan:
     vae_src = _renamed_safetensors(folder / "vae", DIT_WEIGHTS, vae_adapter.diffusers_to_native)
     text_src = TensorSource.from_safetensors(safetensors_files(folder / "text_encoder", "model"))
     try:
-        dit_cfg = dit_adapter.config_from_diffusers(t_raw)
-        vae_cfg = vae_adapter.config_from_diffusers(read_json(folder / "vae" / "config.json"))
-        text_cfg: TextEncoderConfig = enc_adapter.t5_config_from_hf(read_json(folder / "text_encoder" / "config.json"))
+        dit_cfg = _from_file(folder / "transformer" / "config.json", dit_adapter.config_from_diffusers, t_raw)
+        vae_json = folder / "vae" / "config.json"
+        vae_cfg = _from_file(vae_json, vae_adapter.config_from_diffusers, read_json(vae_json))
+        text_json = folder / "text_encoder" / "config.json"
+        text_cfg: TextEncoderConfig = _from_file(text_json, enc_adapter.t5_config_from_hf, read_json(text_json))
         image_cfg: ImageEncoderConfig | None = None
         image_src = None
         if dit_cfg.image_dim is not None:
             if not (folder / "image_encoder").is_dir():
                 raise CheckpointError(f"the transformer has an image branch but {folder / 'image_encoder'} is missing")
-            image_cfg = enc_adapter.clip_config_from_hf(read_json(folder / "image_encoder" / "config.json"))
+            image_json = folder / "image_encoder" / "config.json"
+            image_cfg = _from_file(image_json, enc_adapter.clip_config_from_hf, read_json(image_json))
             image_src = TensorSource.from_safetensors(
                 safetensors_files(folder / "image_encoder", "model"),
                 rename=lambda k: None if k.startswith("visual_projection.") else k,
@@ -351,10 +405,10 @@ def _plan_diffusers(folder: Path) -> CheckpointPlan:
         sched = folder / "scheduler" / "scheduler_config.json"
         fallback = _defaults_for(dit_cfg.model_type)
         if sched.is_file():
-            shift = read_json(sched).get("flow_shift")
+            shift = _from_file(sched, json_value, read_json(sched), "flow_shift", float | None, None)
             if shift:
                 fallback = replace(fallback, shift=float(shift))
-        defaults = _segue_defaults(index, fallback)
+        defaults = _segue_defaults(index, fallback, folder / "model_index.json")
         config = ModelConfig(
             name=folder.name, dit=dit_cfg, vae=vae_cfg, text=text_cfg, image=image_cfg, defaults=defaults
         )
@@ -386,38 +440,33 @@ def _fmt_count(n: int) -> str:
 
 
 def describe(folder: str | Path) -> str:
-    """A readable report of a checkpoint folder: layout, files present or missing, component sizes,
-    parameter counts and dtypes, and whether every tensor fits the model. Never raises for a bad
-    folder: problems are reported in the text."""
+    """A readable report of a checkpoint (folder or bundle): layout, files present or missing, component sizes,
+    parameter counts and dtypes, and whether every tensor fits the model. A path that is no checkpoint at all
+    is a CheckpointError; problems inside a checkpoint are reported in the text."""
     from .models.dit import WanDiT
     from .models.vae import WanVAE
 
     folder = Path(folder)
     lines = [f"checkpoint: {folder}"]
-    try:
-        layout = detect_layout(folder)
-    except CheckpointError as e:
-        return "\n".join(lines + [f"layout: unknown ({e})"])
+    layout = detect_layout(folder)
     lines.append(f"layout: {layout}")
-    expected = (
-        [OFFICIAL_DIT_CONFIG, OFFICIAL_VAE, OFFICIAL_T5, OFFICIAL_T5_TOKENIZER, OFFICIAL_CLIP]
-        if layout == "official"
-        else [
-            "model_index.json",
-            "transformer",
-            "vae",
-            "text_encoder",
-            "tokenizer",
-            "image_encoder",
-            "scheduler",
-        ]
-    )
-    missing = [e for e in expected if not (folder / e).exists()]
-    lines.append("missing: " + (", ".join(missing) if missing else "nothing"))
+    if layout == "segue":
+        lines.append(f"file: segue bundle, {folder.stat().st_size / 1e6:.1f} MB")
+    else:
+        expected = [OFFICIAL_DIT_CONFIG, OFFICIAL_VAE, OFFICIAL_T5, OFFICIAL_T5_TOKENIZER, OFFICIAL_CLIP]
+        if layout == "diffusers":
+            expected = ["model_index.json", "transformer", "vae", "text_encoder", "tokenizer", "image_encoder",
+                        "scheduler"]  # fmt: skip
+        missing = [e for e in expected if not (folder / e).exists()]
+        lines.append("missing: " + (", ".join(missing) if missing else "nothing"))
     try:
         plan = plan_checkpoint(folder)
     except CheckpointError as e:
         return "\n".join(lines + [f"cannot plan the model: {e}"])
+    if plan.tokenizer_files is not None:
+        lines.append(f"tokenizer: {', '.join(sorted(plan.tokenizer_files))} (inside the bundle)")
+    else:
+        lines.append(f"tokenizer: {plan.tokenizer_dir}")
     cfg = plan.config
     lines.append(f"model type: {cfg.dit.model_type}")
     d = cfg.defaults

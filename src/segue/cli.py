@@ -6,12 +6,16 @@ Logs and progress go to stderr; errors the user can fix are one line (``error: .
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from .errors import InputError, SegueError
 
@@ -26,8 +30,15 @@ def _size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"size must look like 1280x720 (WIDTHxHEIGHT), got {text!r}") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with segue's one-line errors (``error: ...``, exit code 2) instead of usage plus message."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="segue", description="Two keyframes and a prompt in, a video out.")
+    p = _Parser(prog="segue", description="Two keyframes and a prompt in, a video out.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
     sub = p.add_subparsers(dest="command", required=True)
@@ -40,15 +51,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--frames", type=int, help="frame count, 4n+1 (default: the model's, 81 for 14B)")
     size = g.add_mutually_exclusive_group()
     size.add_argument("--max-area", type=int, help="pixel area; the first frame's aspect is kept")
-    size.add_argument("--size", type=_size, help="exact output size WIDTHxHEIGHT (multiples of 16)")
-    g.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
-    g.add_argument("--shift", type=float, help="timestep shift (default: the model's)")
-    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
+    size.add_argument(
+        "--size",
+        type=_size,
+        help="exact output size WIDTHxHEIGHT, multiples of the model's size step (16 for Wan2.1 14B, 8 for the "
+        "built-in model)",
+    )
+    g.add_argument("--steps", type=int, help="sampling steps, 1 to 1000 (default: the model's)")
+    g.add_argument("--shift", type=float, help="timestep shift, above 0 up to 100 (default: the model's)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale, 0 to 50 (1 = off)")
     g.add_argument("--guidance-steps", type=int, help="guide only the first N steps (default: the model's; all)")
     g.add_argument("--solver", help="unipc (default), dpm++, euler, or lcm (stochastic, for 4-step distilled LoRAs)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", type=Path, required=True, help="output video: .mp4, .webm or .gif")
-    g.add_argument("--frames-dir", type=Path, help="also write lossless PNG frames here")
+    g.add_argument("--seed", type=int, default=0, help="noise seed, 0 to 2**63-1")
+    g.add_argument("--out", type=Path, required=True,
+                   help="output video: .mp4, .webm or .gif (never an input; its folder is created if only that "
+                   "last level is missing)")  # fmt: skip
+    g.add_argument("--frames-dir", type=Path,
+                   help="also write PNG frames (a new folder, or one segue wrote: replaced whole)")  # fmt: skip
+    g.add_argument("--overwrite", action="store_true",
+                   help="let --frames-dir replace a folder of files that segue did not write")  # fmt: skip
     g.add_argument("--save-latent", type=Path, help="also save the final latent [z, T, h, w] (torch .pt)")
     g.add_argument("--report", type=Path, help="also write a JSON report: keyframe PSNR/CIEDE2000, colour drift")
     add_model_options(g)
@@ -56,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("story", help="make one film from many keyframes and the shots between them (a TOML/JSON file)")
     st.add_argument("story", type=Path, help="story file (.toml, or .json): docs/storyboard.md")
     st.add_argument("--out", type=Path, required=True, help="output film: .mp4, .webm or .gif")
-    st.add_argument("--frames-dir", type=Path, help="also write lossless PNG frames here")
+    st.add_argument("--frames-dir", type=Path,
+                    help="also write PNG frames (a new folder, or one segue wrote: replaced whole)")  # fmt: skip
+    st.add_argument("--overwrite", action="store_true",
+                    help="let --frames-dir replace a folder of files that segue did not write")  # fmt: skip
     st.add_argument("--report", type=Path, help="also write a JSON report: shots reused, keyframe fidelity, seams")
     st.add_argument("--cache-dir", type=Path, help="shot cache (default: .segue-cache/ beside --out)")
     st.add_argument("--no-cache", action="store_true", help="render every shot, keep nothing")
@@ -176,25 +200,44 @@ class _Progress:
 
             self.bar = tqdm(total=n, unit="step", file=sys.stderr, dynamic_ncols=True, desc="denoising")
         self.bar.update(i - self.bar.n)
+        if i >= n:  # close at the last step: the VAE decode that follows is logged on its own line
+            self.close()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
+    from .settings import check_request, host_memory, resolve_settings
 
-    from .media import check_video_path, load_image
+    # Everything that can be checked is checked before the model loads: first what needs no torch
+    # (settings, output paths, keyframes), then what needs the model's config (read without its weights).
+    def request():
+        a = args
+        return check_request(a.prompt, a.negative_prompt, a.frames, a.max_area, a.size, a.steps, a.shift, a.guidance,
+                             a.solver, a.seed, a.guidance_steps, flags=True)  # fmt: skip
 
-    # fail fast on cheap checks, before minutes of model loading
-    out = check_video_path(args.out)
-    load_image(args.first, "first frame")
+    request()
+    from .io import Protected, check_output_file
+    from .media import check_outputs, load_image
+
+    protected = Protected().add(args.first, "first frame").add(args.last, "last frame")
+    protected.add(args.ckpt_dir, "checkpoint").add(args.cache_calibration, "cache calibration")
+    check_outputs(args.out, args.frames_dir, args.save_latent, protected, args.overwrite)
+    if args.report is not None:
+        check_output_file(args.report, "report", protected)
+    first = load_image(args.first, "first frame")
     if args.last is not None:
         load_image(args.last, "last frame")
-    _check_not_inputs(args, [args.first, args.last])
+
     t0 = time.perf_counter()
-    pipe, main_rank = _load_pipeline(args)
+    plan, parallel, speed = _model_plan(args, protected)
+    out, _, _ = check_outputs(args.out, args.frames_dir, args.save_latent, protected, args.overwrite)
+    resolve_settings(request(), plan.config, (first.height, first.width), args.last is not None, host_memory(),
+                     flags=True)  # fmt: skip
+    pipe, main_rank = _load_pipeline(args, plan, parallel, speed)
     log.info("model ready in %.1fs", time.perf_counter() - t0)
     progress = _Progress(enabled=not args.quiet and main_rank)
     try:
@@ -208,31 +251,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         progress.close()
     if video is None:  # another rank of a parallel run: rank 0 writes
         return 0
-    video.save(out, frames_dir=args.frames_dir)
-    if args.save_latent is not None:
-        from .media import atomic_path
-
-        with atomic_path(args.save_latent) as tmp:
-            torch.save(video.latent, tmp)
+    video.save(out, frames_dir=args.frames_dir, latent_path=args.save_latent, overwrite=args.overwrite,
+               protected=protected)  # fmt: skip
     if args.report is not None:
         from .story.report import clip_report, write_report
 
         write_report(clip_report(pipe, video, args.first, args.last), args.report)
     t, h, w, _ = video.frames.shape
     log.info("wrote %s: %d frames %dx%d at %d fps (%.1fs total)", out, t, w, h, video.fps, time.perf_counter() - t0)
-    print(out)
+    print(out, flush=True)
     return 0
 
 
-def _load_pipeline(args: argparse.Namespace):
-    """The pipeline the model options ask for, and whether this process is the one that writes (rank 0).
+def _model_plan(args: argparse.Namespace, protected):
+    """The checkpoint's plan (its config, no weights yet), the parallel layout and the speed options, checked.
     ``--few-step`` fills the sampling settings the command line left unset."""
-    import torch
-
-    from .loader import load
+    from .loader import checkpoint_plan
 
     parallel = _parallel_config(args)
     speed = _speed_options(args)
+    for lora, _ in speed.loras:
+        protected.add(lora, "LoRA")
     if args.few_step:
         from .lora import FEW_STEP
 
@@ -246,6 +285,18 @@ def _load_pipeline(args: argparse.Namespace):
                  ("--text-encoder-cpu", args.text_encoder_cpu)) if v]  # fmt: skip
         if given:
             raise InputError(f"{', '.join(given)}: one-process options; a parallel run saves memory with --fsdp")
+    plan = checkpoint_plan(args.ckpt_dir)
+    protected.add(plan.folder, "checkpoint")
+    return plan, parallel, speed
+
+
+def _load_pipeline(args: argparse.Namespace, plan, parallel, speed):
+    """The pipeline the model options ask for, and whether this process is the one that writes (rank 0)."""
+    import torch
+
+    from .loader import load_plan
+
+    if parallel is not None:
         from .parallel.apply import load_parallel
 
         pipe = load_parallel(args.ckpt_dir, parallel, device=args.device, dtype=args.dtype)
@@ -254,31 +305,30 @@ def _load_pipeline(args: argparse.Namespace):
             logging.getLogger().setLevel(logging.WARNING)  # one voice: rank 0 logs and shows progress
     else:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        pipe = load(args.ckpt_dir, device=device, dtype=args.dtype, speed=speed)
+        pipe = load_plan(plan, device=device, dtype=args.dtype, speed=speed)
         main_rank = True
     return pipe, main_rank
 
 
-def _check_not_inputs(args: argparse.Namespace, inputs: list) -> None:
-    """No output may be one of the inputs (a keyframe, the story file)."""
-    given = {Path(p).resolve() for p in inputs if p is not None}
-    for flag in ("out", "frames_dir", "report", "save_latent"):
-        path = getattr(args, flag, None)
-        if path is not None and Path(path).resolve() in given:
-            raise InputError(f"--{flag.replace('_', '-')} {path} is an input of this run; choose another name")
-
-
 def cmd_story(args: argparse.Namespace) -> int:
-    from .media import check_video_path
+    from .io import Protected, check_output_file
+    from .media import check_outputs
     from .story.report import write_report
     from .story.schema import load_story
 
     # every check that needs no model first: the story file, its keyframes, the outputs
     story = load_story(args.story)
-    out = check_video_path(args.out)
-    _check_not_inputs(args, [args.story, *story.inputs])
+    protected = Protected().add(args.story, "story file")
+    for i, path in enumerate(story.inputs):
+        protected.add(path, f"keyframes[{i}] image")
+    protected.add(args.ckpt_dir, "checkpoint").add(args.cache_calibration, "cache calibration")
+    check_outputs(args.out, args.frames_dir, None, protected, args.overwrite)
+    if args.report is not None:
+        check_output_file(args.report, "report", protected)
     t0 = time.perf_counter()
-    pipe, main_rank = _load_pipeline(args)
+    plan, parallel, speed = _model_plan(args, protected)
+    out, _, _ = check_outputs(args.out, args.frames_dir, None, protected, args.overwrite)
+    pipe, main_rank = _load_pipeline(args, plan, parallel, speed)
     if args.few_step:
         from .lora import FEW_STEP
 
@@ -294,14 +344,14 @@ def cmd_story(args: argparse.Namespace) -> int:
         progress.close()
     if video is None:  # another rank of a parallel run: rank 0 writes
         return 0
-    video.save(out, frames_dir=args.frames_dir)
+    video.save(out, frames_dir=args.frames_dir, overwrite=args.overwrite, protected=protected)
     if args.report is not None:
         write_report(video.info["report"], args.report)
     reused = sum(s["reused"] for s in video.info["report"]["shots"])
     t, h, w, _ = video.frames.shape
     log.info("wrote %s: %d frames %dx%d at %d fps, %d of %d shots reused (%.1fs total)", out, t, w, h, video.fps,
              reused, len(story.shots), time.perf_counter() - t0)  # fmt: skip
-    print(out)
+    print(out, flush=True)
     return 0
 
 
@@ -317,7 +367,7 @@ def _speed_options(args: argparse.Namespace):
 
 def _parallel_config(args: argparse.Namespace):
     """A ParallelConfig when a parallel flag is set or torchrun started several processes, else None."""
-    from .parallel.mesh import ParallelConfig
+    from .dist import ParallelConfig
 
     asked = args.ulysses > 1 or args.ring > 1 or args.cfg_parallel or args.fsdp
     if not asked and not _several_ranks():
@@ -367,17 +417,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_model, held_out_set, pipeline_generate_fn
-    from .loader import load
+    from .evaluate import evaluate_model, held_out_set, jsonable, pipeline_generate_fn
+    from .io import Protected, check_output_file
+    from .loader import DEFAULT_MODEL, load
+    from .settings import check_request
 
     if args.clips < 1 or args.groups < 0:
         raise InputError(f"--clips must be >= 1 and --groups >= 0, got {args.clips} and {args.groups}")
+    check_request(steps=args.steps, guidance=args.guidance, shift=args.shift, seed=args.seed,
+                  guidance_steps=args.guidance_steps, flags=True)  # fmt: skip
+    protected = Protected().add(args.ckpt if args.ckpt is not None else DEFAULT_MODEL, "checkpoint")
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out {args.out} is a file; give the folder for eval.json, eval.md, contact_sheet.png")
+    for name in ("eval.json", "eval.md", "contact_sheet.png"):
+        check_output_file(args.out / name, "report", protected)
     pipe = load(args.ckpt)
     clips, groups = held_out_set(pipe.config.defaults, args.clips, args.groups, args.split)
     generate = pipeline_generate_fn(pipe, steps=args.steps, guidance=args.guidance, shift=args.shift, seed=args.seed,
                                     guidance_steps=args.guidance_steps)  # fmt: skip
     summary = evaluate_model(generate, clips, groups, args.out)
-    print(json.dumps({"means": summary["means"], "pass": summary["pass"]}, indent=2, default=str))
+    print(json.dumps(jsonable({"means": summary["means"], "pass": summary["pass"]}), indent=2, allow_nan=False))
     return 0
 
 
@@ -388,28 +447,58 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so the same cleanup runs (temporary files
+    and folders of segue.io removed) and the process ends with one line."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     commands = {"generate": cmd_generate, "story": cmd_story, "info": cmd_info, "make-tiny": cmd_make_tiny,
                 "train": cmd_train, "eval": cmd_eval}  # fmt: skip
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     ok = False
     try:
         rc = commands[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below, not at interpreter exit
         ok = True
         return rc
     except SegueError as e:
         # in a torchrun job every rank validates the same input and fails the same way; torchrun then
         # stops the job. Say which rank spoke when there are several.
         rank = os.environ.get("RANK") if _several_ranks() else None
-        print(f"error{f' (rank {rank})' if rank else ''}: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"error{f' (rank {rank})' if rank else ''}: {e}", 2)
+    except Terminated:
+        return _fail("terminated (SIGTERM); nothing was left half-written", 143)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _fail("interrupted; nothing was left half-written", 130)
+    except BrokenPipeError:
+        # the reader of stdout went away (`segue info ... | head`): quiet the interpreter's final flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return _fail("error: standard output was closed before segue printed its result", 2)
+    except MemoryError:
+        return _fail("error: out of memory; ask for fewer frames, a smaller size or a lighter --memory profile", 2)
+    except OSError as e:  # a machine condition outside the writes that segue.io already reports
+        where = f" ({e.filename})" if e.filename else ""
+        return _fail(f"error: {e.strerror or e}{where}", 2)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         _leave_process_group(wait_for_peers=ok)
+
+
+def _fail(line: str, rc: int) -> int:
+    with contextlib.suppress(OSError):  # stderr closed too: the exit code still says it
+        print(line, file=sys.stderr, flush=True)
+    return rc
 
 
 def _several_ranks() -> bool:
@@ -420,6 +509,8 @@ def _several_ranks() -> bool:
 def _leave_process_group(wait_for_peers: bool) -> None:
     """Leave a torchrun job's process groups. After a run that went well, every rank first waits for the
     others (rank 0 may still be writing the video), so no rank tears its connections down under a peer."""
+    if "torch" not in sys.modules:  # an argument error: torch was never imported, no group was joined
+        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -7,6 +7,10 @@ adapters in ``segue.adapters``; the registry below names the real sizes and the 
 
 from __future__ import annotations
 
+import math
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -35,6 +39,78 @@ def _positive(name: str, value: int | float) -> None:
         raise ValueError(f"{name} must be positive, got {value}")
 
 
+_NAMES = {int: ("an integer", "integers"), float: ("a finite number", "finite numbers"),
+          bool: ("a boolean (true/false)", "booleans"), str: ("a string", "strings")}  # fmt: skip
+
+
+def _type_name(tp: Any, plural: bool = False) -> str:
+    """How an annotation reads in an error: 'an integer', 'a list of 3 integers', 'an integer or null'."""
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        named = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(named) + (" or null" if type(None) in args else "")
+    if typing.get_origin(tp) is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0], plural=True)}"
+        return f"a list of {len(args)} {_type_name(args[0], plural=True)}"
+    names = _NAMES.get(tp, (f"a {getattr(tp, '__name__', tp)}", f"{getattr(tp, '__name__', tp)}s"))
+    return names[plural]
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return any(_fits(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if typing.get_origin(tp) is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, tp)
+
+
+_REQUIRED: Any = object()
+
+
+def json_value(data: Mapping[str, Any], key: str, tp: Any, default: Any = _REQUIRED) -> Any:
+    """``data[key]`` (a config file's value) if it has type ``tp`` (JSON lists read as tuples), else ``default``
+    when the key is absent; ValueError naming the key, the value and what is allowed otherwise. Nothing is
+    coerced: ``"32"`` is not an integer."""
+    if key not in data:
+        if default is _REQUIRED:
+            raise ValueError(f"{key} is missing (it must be {_type_name(tp)})")
+        return default
+    value = data[key]
+    if isinstance(value, list):
+        value = tuple(value)
+    if not _fits(value, tp):
+        shown = repr(list(value) if isinstance(value, tuple) else value)
+        raise ValueError(f"{key} must be {_type_name(tp)}, got {shown[:80]}")
+    if typing.get_origin(tp) is tuple and float in typing.get_args(tp):
+        return tuple(float(v) for v in value)
+    return float(value) if tp is float else value
+
+
+def check_field_types(obj: Any) -> None:
+    """ValueError naming the first field of a config dataclass whose value has the wrong type: configs come
+    from JSON files, where ``"dim": "32"`` or ``"z_dim": "sixteen"`` must be refused, not coerced."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if not _fits(value, hints[f.name]):
+            shown = repr(list(value) if isinstance(value, tuple) else value)
+            raise ValueError(f"{f.name} must be {_type_name(hints[f.name])}, got {shown[:80]}")
+
+
 @dataclass(frozen=True)
 class DiTConfig:
     """Wan DiT denoiser. ``image_dim`` None means no image branch (text-to-video);
@@ -58,6 +134,7 @@ class DiTConfig:
     rope_max_len: int = 1024
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in ("dim", "ffn_dim", "num_heads", "num_layers", "freq_dim", "text_dim", "text_len"):
             _positive(name, getattr(self, name))
         for name in ("in_dim", "out_dim", "rope_max_len"):
@@ -99,6 +176,7 @@ class VAEConfig:
     decoder_dim: int | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in ("dim", "z_dim", "num_res_blocks"):
             _positive(name, getattr(self, name))
         if self.decoder_dim is not None:
@@ -142,6 +220,7 @@ class TextEncoderConfig:
     text_len: int = 512
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for f in fields(self):
             if f.name != "layer_norm_epsilon":
                 _positive(f.name, getattr(self, f.name))
@@ -163,6 +242,7 @@ class ImageEncoderConfig:
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "image_size"):
             _positive(name, getattr(self, name))
         if self.hidden_size % self.num_heads:
@@ -191,6 +271,7 @@ class GenerationDefaults:
     guidance_steps: int | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.frames < 1 or (self.frames - 1) % 4:
             raise ValueError(f"default frames must be 4n+1, got {self.frames}")
         if self.guidance_steps is not None and self.guidance_steps < 1:
@@ -211,6 +292,7 @@ class ModelConfig:
     defaults: GenerationDefaults = field(default_factory=GenerationDefaults)
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.dit.text_dim != self.text.d_model:
             raise ValueError(f"DiT text_dim {self.dit.text_dim} != text encoder width {self.text.d_model}")
         if self.dit.image_dim is not None:

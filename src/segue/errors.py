@@ -13,3 +13,7 @@ class InputError(SegueError, ValueError):
 
 class CheckpointError(SegueError):
     """A checkpoint folder or weight file that cannot be used as given."""
+
+
+class OutputError(SegueError):
+    """A result that cannot be written where asked (disk full, folder not writable); nothing is left half-written."""

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .errors import InputError
-from .media import atomic_path
+from .io import atomic_path
 
 GenerateFn = Callable[[np.ndarray, np.ndarray, str, int], np.ndarray]
 
@@ -342,12 +342,12 @@ def _mean(xs: Sequence[float]) -> float:
     return float(np.mean(xs)) if len(xs) else math.nan
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
     """Strict JSON: non-finite floats become the strings "inf", "-inf", "nan" (float() reads them back)."""
     if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, np.generic):
         x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
@@ -490,7 +490,7 @@ def evaluate_model(
     }
     summary["pass"] = all(t["pass"] for t in summary["thresholds"].values())
 
-    _write_text(out / "eval.json", json.dumps(_jsonable(summary), indent=2, allow_nan=False) + "\n")
+    _write_text(out / "eval.json", json.dumps(jsonable(summary), indent=2, allow_nan=False) + "\n")
     _write_text(out / "eval.md", _markdown(summary))
     if sheet_rows:
         f, h, w = sheet_rows[0].shape[:3]

@@ -40,6 +40,7 @@ steps deterministically (``x0 + sigma_next * v``), which ``euler`` approximates 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -121,23 +122,57 @@ class _Group:
     modulation: Tensor | None = None
 
 
-def read_lora_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Tensors of a .safetensors LoRA file (on CPU)."""
-    from safetensors.torch import load_file
-
+def check_lora_file(path: str | os.PathLike[str]) -> list[str]:
+    """Check, from its header only (no tensor is read), that ``path`` is a whole safetensors file with LoRA
+    tensor names; returns its tensor names. InputError naming the file and what is wrong otherwise."""
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"LoRA file {str(p)!r} does not exist")
+        raise InputError(f"LoRA file {p} does not exist")
     if p.suffix != ".safetensors":
-        raise InputError(f"LoRA file {str(p)!r}: only .safetensors files are read")
-    return load_file(str(p), device="cpu")
+        raise InputError(f"LoRA file {p}: only .safetensors files are read")
+    size = p.stat().st_size
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= n <= min(size - 8, 100_000_000):
+                raise ValueError("no safetensors header")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        end = 0
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            offsets = info.get("data_offsets") if isinstance(info, dict) else None
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+                raise ValueError(f"tensor {key!r} has no data_offsets")
+            end = max(end, offsets[1])
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"LoRA file {p} is not a readable safetensors file ({e})") from None
+    if 8 + n + end > size:
+        raise InputError(f"LoRA file {p} is truncated: its header describes {8 + n + end} bytes, the file has {size}")
+    names = [k for k in header if k != "__metadata__"]
+    if not names:
+        raise InputError(f"LoRA file {p} holds no tensors")
+    if not any(_split_key(k) is not None for k in names):
+        suffixes = ", ".join(s for s, _ in _SUFFIXES)
+        raise InputError(
+            f"LoRA file {p} has no LoRA tensor names (first: {', '.join(names[:3])}); "
+            f"LoRA names end in one of: {suffixes}"
+        )
+    return names
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The DiT inside wrappers that hold it as ``.dit`` (e.g. segue.accel.cache.StepCache)."""
-    while "dit" in model._modules and "blocks" not in model._modules:
-        model = model._modules["dit"]  # type: ignore[assignment]
-    return model
+def read_lora_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Tensors of a .safetensors LoRA file (on CPU), after ``check_lora_file``."""
+    from safetensors.torch import load_file
+
+    check_lora_file(path)
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as e:  # safetensors raises its own error types for corrupt data
+        raise InputError(f"LoRA file {path} cannot be read ({e})") from None
 
 
 def _path_index(params: Mapping[str, Tensor]) -> dict[str, str]:
@@ -313,7 +348,7 @@ def load_lora(
     with ``strict=False`` they are skipped with a warning (listed in ``LoraInfo.skipped``). ``exact``: keep the
     original weights on the CPU so ``unload_lora`` restores them bit for bit (see the module docstring).
     """
-    model = _unwrap(dit)
+    model = dit
     if isinstance(path, Mapping):
         sd, source = dict(path), "<state dict>"
     else:
@@ -336,7 +371,7 @@ def load_lora(
 
 def unload_lora(dit: nn.Module, info: LoraInfo) -> None:
     """Undo ``load_lora``. LoRAs loaded after ``info`` stay merged (they are taken out and merged again)."""
-    model = _unwrap(dit)
+    model = dit
     stack = _lora_stack(model)
     if not any(i is info for i in stack):
         raise InputError(f"LoRA {info.source} is not loaded on this DiT")
@@ -353,4 +388,4 @@ def unload_lora(dit: nn.Module, info: LoraInfo) -> None:
 
 def loaded_loras(dit: nn.Module) -> list[LoraInfo]:
     """The LoRAs merged into ``dit``, in load order."""
-    return list(_lora_stack(_unwrap(dit)))
+    return list(_lora_stack(dit))

@@ -1,40 +1,58 @@
 """Image input and video output.
 
-Inputs: paths or PIL images in any common mode (RGBA, grey, palette, 16-bit) become 8-bit RGB, with
-errors that name the file. Outputs: mp4 (H.264), webm (VP9), gif and PNG frame folders, always
-written under a temporary name and renamed when whole, so a crash never leaves half a file.
+Inputs: paths, PIL images or numpy uint8 [H, W, 3] arrays, in any common mode (RGBA, grey, palette, 16-bit),
+become upright (EXIF orientation) 8-bit RGB, with errors that name the file. Outputs: mp4 (H.264), webm (VP9),
+gif and PNG frame folders, checked and written through segue.io: never onto an input, under a temporary name
+renamed (or a folder swapped in) when whole, so a crash, a full disk or a signal never leaves half a file.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
+from .io import Protected, atomic_folder, atomic_path, check_output_file, check_output_folder
 
 VIDEO_FORMATS = {".mp4": ("mp4", "libx264"), ".webm": ("webm", "libvpx-vp9"), ".gif": ("gif", "gif")}
 
 
-def load_image(image: str | os.PathLike[str] | Image.Image, what: str = "image") -> Image.Image:
-    """Open ``image`` and return it as 8-bit RGB; ``what`` names it in errors ("first frame")."""
+def load_image(image: str | os.PathLike[str] | Image.Image | np.ndarray, what: str = "image") -> Image.Image:
+    """Open ``image`` (a file path, a PIL image or a numpy uint8 [H, W, 3] RGB array) and return it as 8-bit
+    RGB, turned upright by its EXIF orientation; ``what`` names it in errors ("first frame")."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise InputError(
+                f"{what}: a numpy image must be a uint8 [H, W, 3] RGB array, got {image.dtype} {list(image.shape)}"
+            )
+        return to_rgb(Image.fromarray(np.ascontiguousarray(image), "RGB"), what)
     if isinstance(image, Image.Image):
-        return to_rgb(image, what)
+        return to_rgb(ImageOps.exif_transpose(image), what)
+    if not isinstance(image, str | os.PathLike) or not str(image):
+        raise InputError(
+            f"{what} must be an image file path, a PIL image or a numpy uint8 [H, W, 3] array, got {image!r:.60}"
+        )
     path = Path(image)
     if not path.exists():
         raise InputError(f"{what}: file not found: {path}")
     if not path.is_file():
         raise InputError(f"{what}: not a file: {path}")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return to_rgb(im, f"{what} ({path})")
+        with warnings.catch_warnings():
+            # over Image.MAX_IMAGE_PIXELS: refused (PIL only warns up to twice the limit)
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                return to_rgb(ImageOps.exif_transpose(im), f"{what} ({path})")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(
+            f"{what}: {path} has more pixels than the {Image.MAX_IMAGE_PIXELS} allowed (a decompression bomb?); "
+            "scale it down first"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{what}: cannot read {path} as an image ({e})") from None
 
@@ -59,57 +77,52 @@ def to_rgb(im: Image.Image, what: str = "image") -> Image.Image:
     return im.convert("RGB")
 
 
-def _default_mode(base: int) -> int:
-    """``base`` under the process umask: what open() or mkdir() would have given (mkstemp and mkdtemp
-    make private 0600 / 0700 entries, which other users and web servers could not read)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return base & ~umask
+def check_video_path(path: str | os.PathLike[str], protected: Protected | None = None) -> Path:
+    """Validate a video output path before any work is done (extension known, folder writable or
+    creatable, not an input; see segue.io)."""
+    return check_output_file(path, "output", protected, VIDEO_FORMATS)
 
 
-@contextmanager
-def atomic_path(dest: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``dest`` (same extension); rename it to ``dest`` on success."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=f".part{dest.suffix}", dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.chmod(tmp_path, _default_mode(0o666))
-        os.replace(tmp_path, dest)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+def check_outputs(
+    video: str | os.PathLike[str],
+    frames_dir: str | os.PathLike[str] | None = None,
+    latent: str | os.PathLike[str] | None = None,
+    protected: Protected | None = None,
+    overwrite: bool = False,
+) -> tuple[Path, Path | None, Path | None]:
+    """Check a generation's outputs together before any work: each one alone (see segue.io), then that no
+    two are the same file and that no file lies inside the frames folder, which is replaced whole."""
+    out = check_video_path(video, protected)
+    frames = None if frames_dir is None else check_output_folder(frames_dir, "frames folder", protected, overwrite)
+    lat = None if latent is None else check_output_file(latent, "latent file", protected)
+    if lat is not None and lat.resolve() == out.resolve():
+        raise InputError(f"latent file {lat} is the video output too; give them different names")
+    if frames is not None:
+        root = frames.resolve()
+        for what, p in (("output", out), ("latent file", lat)):
+            if p is not None and p.resolve().is_relative_to(root):
+                raise InputError(f"{what} {p} is inside the frames folder {frames}, which is replaced whole")
+    return out, frames, lat
 
 
-def check_video_path(path: str | os.PathLike[str]) -> Path:
-    """Validate an output path before any work is done (extension known, folder writable)."""
-    p = Path(path)
-    if p.suffix.lower() not in VIDEO_FORMATS:
-        raise InputError(
-            f"output {p}: unknown extension {p.suffix or '(none)'!r}; use one of {', '.join(VIDEO_FORMATS)}"
-        )
-    if p.exists() and p.is_dir():
-        raise InputError(f"output {p} is a folder; give a file name such as {p / 'video.mp4'}")
-    parent = p.parent if str(p.parent) else Path(".")
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise InputError(f"output folder {parent} is not writable")
-    return p
-
-
-def write_video(frames: np.ndarray, path: str | os.PathLike[str], fps: int) -> Path:
+def write_video(frames: np.ndarray, path: str | os.PathLike[str], fps: int, protected: Protected | None = None) -> Path:
     """Write uint8 frames [T, H, W, 3] to ``path`` (format from the extension), atomically."""
-    dest = check_video_path(path)
+    dest = check_video_path(path, protected)
+    with atomic_path(dest) as tmp:
+        write_video_file(frames, tmp, dest, fps)
+    return dest
+
+
+def write_video_file(frames: np.ndarray, path: Path, dest: Path, fps: int) -> None:
+    """Encode uint8 frames [T, H, W, 3] into ``path`` in the format of ``dest``'s extension (not atomic:
+    ``path`` is a temporary name from segue.io)."""
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
     fmt, codec = VIDEO_FORMATS[dest.suffix.lower()]
-    with atomic_path(dest) as tmp:
-        if fmt == "gif":
-            _write_gif(frames, tmp, fps)
-        else:
-            _write_av(frames, tmp, fmt, codec, fps)
-    return dest
+    if fmt == "gif":
+        _write_gif(frames, path, fps)
+    else:
+        _write_av(frames, path, fmt, codec, fps)
 
 
 def _write_av(frames: np.ndarray, path: Path, fmt: str, codec: str, fps: int) -> None:
@@ -132,30 +145,35 @@ def _write_av(frames: np.ndarray, path: Path, fmt: str, codec: str, fps: int) ->
             container.mux(packet)
 
 
+def gif_durations(frames: int, fps: int) -> list[int]:
+    """Per-frame GIF durations in ms. GIF stores hundredths of a second: 8 fps is 12.5 cs a frame, which one
+    fixed duration rounds to 12 (8.33 fps); alternating 13 and 12 keeps frame i starting at i/fps (to 10 ms)."""
+    ends = [round((i + 1) * 100 / fps) for i in range(frames)]  # in cs
+    return [10 * (e - s) for s, e in zip([0, *ends[:-1]], ends, strict=True)]
+
+
 def _write_gif(frames: np.ndarray, path: Path, fps: int) -> None:
     images = [Image.fromarray(f) for f in frames]
-    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    images[0].save(
+        path, format="GIF", save_all=True, append_images=images[1:], duration=gif_durations(len(images), fps), loop=0
+    )
 
 
-def write_frames(frames: np.ndarray, folder: str | os.PathLike[str]) -> Path:
-    """Write lossless PNG frames 00000.png, 00001.png, ... into ``folder``; each file appears whole."""
-    dest = Path(folder)
-    if dest.exists() and not dest.is_dir():
-        raise InputError(f"frames folder {dest} exists and is not a folder")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
-    try:
-        for i, f in enumerate(frames):
-            Image.fromarray(f).save(staging / f"{i:05d}.png", format="PNG")
-        if not dest.exists():
-            os.chmod(staging, _default_mode(0o777))
-            os.replace(staging, dest)
-        else:
-            for file in sorted(staging.iterdir()):
-                os.replace(file, dest / file.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def write_frames(
+    frames: np.ndarray, folder: str | os.PathLike[str], protected: Protected | None = None, overwrite: bool = False
+) -> Path:
+    """Write lossless PNG frames 00000.png, 00001.png, ... as a new folder swapped in whole for ``folder``
+    (refused when ``folder`` holds files segue did not write, unless ``overwrite``; see segue.io)."""
+    dest = check_output_folder(folder, "frames folder", protected, overwrite)
+    with atomic_folder(dest, overwrite) as staging:
+        write_png_frames(frames, staging)
     return dest
+
+
+def write_png_frames(frames: np.ndarray, folder: Path) -> None:
+    """PNG frames 00000.png, 00001.png, ... into ``folder`` (not atomic: a staging folder from segue.io)."""
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(folder / f"{i:05d}.png", format="PNG")
 
 
 def read_video(path: str | os.PathLike[str]) -> np.ndarray:

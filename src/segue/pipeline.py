@@ -7,6 +7,7 @@ noise, classifier-free guidance and the solver live here. The same loop serves f
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -21,13 +22,19 @@ from PIL import Image
 
 from .config import ModelConfig
 from .errors import InputError
-from .media import load_image, write_frames, write_video
-from .sampling.solvers import SOLVERS, make_solver
+from .io import Protected, atomic_folder, atomic_path
+from .media import check_outputs, load_image, write_png_frames, write_video_file
+from .sampling.guidance import Conditioning, Guidance, OneBatch, StepContext, TwoPasses, cond_velocity
+from .sampling.solvers import make_solver
+from .settings import GenerationSettings, check_progress, check_request, host_memory, resolve_settings
 
 log = logging.getLogger("segue")
 
 ImageLike = str | Path | Image.Image
 Progress = Callable[[int, int], None]
+VideoDecoder = Callable[[torch.Tensor], "torch.Tensor | None"]  # [1, z, T, h, w] -> [1, 3, F, H, W] or None
+
+_RUNS = itertools.count()  # numbers the sampling loops (StepContext.run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,34 +45,6 @@ def image_to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB uint8 -> [3, H, W] float32 in [-1, 1], the reference's to_tensor then (x - 0.5) / 0.5."""
     t = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
     return t.sub(0.5).div(0.5)
-
-
-def fit_latent_size(height: int, width: int, max_area: int, stride: int = 8, patch: int = 2) -> tuple[int, int]:
-    """Latent (h, w) of the reference: aspect of the first frame, area about max_area, patch-aligned."""
-    ar = height / width
-    lat_h = round(np.sqrt(max_area * ar) // stride // patch * patch)
-    lat_w = round(np.sqrt(max_area / ar) // stride // patch * patch)
-    if lat_h < patch or lat_w < patch:
-        raise InputError(f"max area {max_area} is too small for a {width}x{height} frame")
-    return int(lat_h), int(lat_w)
-
-
-def check_size(width: int, height: int, multiple: int) -> tuple[int, int]:
-    """An explicit output size must be a positive multiple of the VAE stride times the patch size."""
-    bad = [f"{n}={v}" for n, v in (("width", width), ("height", height)) if v <= 0 or v % multiple]
-    if bad:
-        near_w, near_h = (max(multiple, round(v / multiple) * multiple) for v in (width, height))
-        raise InputError(f"size {width}x{height}: {', '.join(bad)} not divisible by {multiple} (try {near_w}x{near_h})")
-    return width, height
-
-
-def check_frames(frames: int, temporal: int = 4) -> int:
-    if frames < 1 or (frames - 1) % temporal:
-        lo = max(1, (frames - 1) // temporal * temporal + 1)
-        hi = lo + temporal
-        hint = f"{lo} or {hi}" if frames > 1 else f"{1 + temporal}"
-        raise InputError(f"frames must be {temporal}n+1 (5, 9, ..., 81); got {frames}, nearest valid: {hint}")
-    return frames
 
 
 def fit_last_frame(last: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -159,36 +138,43 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
 
 @dataclass
 class Video:
-    """A generated clip: ``frames`` uint8 [T, H, W, 3] at ``fps``; ``latent`` is the final latent."""
+    """A generated clip: ``frames`` uint8 [T, H, W, 3] at ``fps``; ``latent`` is the final latent;
+    ``inputs`` the (path, what) files it was made from, which ``save`` never overwrites."""
 
     frames: np.ndarray
     fps: int
     latent: torch.Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    inputs: tuple[tuple[str, str], ...] = ()
 
-    def save(self, path: str | Path, frames_dir: str | Path | None = None) -> Path:
-        """Write the clip (mp4/webm/gif by extension) and optionally PNG frames; both appear whole."""
-        out = write_video(self.frames, path, self.fps)
-        if frames_dir is not None:
-            write_frames(self.frames, frames_dir)
+    def save(
+        self,
+        path: str | Path,
+        frames_dir: str | Path | None = None,
+        latent_path: str | Path | None = None,
+        overwrite: bool = False,
+        protected: Protected | None = None,
+    ) -> Path:
+        """Write the clip (mp4/webm/gif by extension), optionally PNG frames into ``frames_dir`` (a folder
+        swapped in whole; one holding files segue did not write is refused unless ``overwrite``) and the
+        final latent (torch .pt). All are checked first (segue.io: never onto an input), written under
+        temporary names and renamed together at the end, so an error leaves none of them half-written."""
+        if protected is None:
+            protected = Protected()
+            for p, what in self.inputs:
+                protected.add(p, what)
+        out, frames, lat = check_outputs(path, frames_dir, latent_path, protected, overwrite)
+        with atomic_path(out) as tmp:
+            write_video_file(self.frames, tmp, out, self.fps)
+            if frames is not None:
+                with atomic_folder(frames, overwrite) as staging:
+                    write_png_frames(self.frames, staging)
+            if lat is not None:
+                if self.latent is None:
+                    raise InputError(f"latent file {lat}: this clip has no latent")
+                with atomic_path(lat) as tmp_latent:
+                    torch.save(self.latent, tmp_latent)
         return out
-
-
-@dataclass
-class GenerationSettings:
-    frames: int
-    height: int
-    width: int
-    steps: int
-    shift: float
-    guidance: float
-    solver: str
-    seed: int
-    guidance_steps: int | None = None  # guided steps from the first; None: all
-
-    def guidance_at(self, step: int) -> float:
-        """The guidance scale of step ``step`` (0-based): 1 (no second pass) past ``guidance_steps``."""
-        return self.guidance if self.guidance_steps is None or step < self.guidance_steps else 1.0
 
 
 class Pipeline:
@@ -209,13 +195,23 @@ class Pipeline:
         self.text_encoder, self.image_encoder = text_encoder, image_encoder
         self.device = device
         self.source = source
-        # Set by segue.parallel.parallelize: which rank this is and the groups to talk over.
-        # What segue.accel.options applied (memory profile, kernels, LoRAs), for logs and Video.info.
+        # What segue.load applied (memory profile, kernels, LoRAs), for logs and Video.info.
         self.applied: list[str] = []
+        # Set by segue.parallel.parallelize: which rank this is and the groups to talk over.
         self.parallel: Any | None = None
-        # Classifier-free guidance as one DiT call on a batch of two (cond, uncond) instead of two
-        # calls: fewer, larger kernels for twice the activation memory. Ignored under CFG parallel.
-        self.cfg_batch: bool = False
+        # Classifier-free guidance (segue.sampling.guidance): chosen when the pipeline is built.
+        self.cfg_strategy: Guidance = TwoPasses()
+        # The VAE decode step; None: ``vae.decode`` on this process. A parallel run sets its split decode.
+        self.video_decoder: VideoDecoder | None = None
+
+    @property
+    def cfg_batch(self) -> bool:
+        """Whether CFG runs as one batch of two (``OneBatch``); setting it picks that or two passes."""
+        return isinstance(self.cfg_strategy, OneBatch)
+
+    @cfg_batch.setter
+    def cfg_batch(self, batch: bool) -> None:
+        self.cfg_strategy = OneBatch() if batch else TwoPasses()
 
     # -- settings ------------------------------------------------------------------------------
     def resolve(
@@ -230,35 +226,12 @@ class Pipeline:
         solver: str | None,
         seed: int,
         guidance_steps: int | None = None,
+        has_last: bool = False,
     ) -> GenerationSettings:
-        d = self.config.defaults
-        stride = self.config.vae.spatial_factor
-        patch = self.config.dit.patch_size[1]
-        frames = check_frames(d.frames if frames is None else frames, self.config.vae.temporal_factor)
-        if size is not None:
-            w, h = check_size(size[0], size[1], stride * patch)
-        else:
-            area = d.max_area if max_area is None else max_area
-            if area <= 0:
-                raise InputError(f"max area must be positive, got {area}")
-            lat_h, lat_w = fit_latent_size(first_hw[0], first_hw[1], area, stride, patch)
-            h, w = lat_h * stride, lat_w * stride
-        steps = d.steps if steps is None else steps
-        if steps < 1:
-            raise InputError(f"steps must be at least 1, got {steps}")
-        shift = d.shift if shift is None else shift
-        if shift <= 0:
-            raise InputError(f"shift must be positive, got {shift}")
-        guidance = d.guidance if guidance is None else guidance
-        solver = d.solver if solver is None else solver
-        if solver not in SOLVERS:
-            raise InputError(f"unknown solver {solver!r}; choose one of: {', '.join(SOLVERS)}")
-        if not 0 <= seed < 2**63:
-            raise InputError(f"seed must be in [0, 2**63), got {seed}")
-        guidance_steps = d.guidance_steps if guidance_steps is None else guidance_steps
-        if guidance_steps is not None and guidance_steps < 1:
-            raise InputError(f"guidance steps must be at least 1, got {guidance_steps}")
-        return GenerationSettings(frames, h, w, steps, shift, guidance, solver, seed, guidance_steps)
+        """The settings of one generation, checked (segue.settings) and completed by the model's defaults."""
+        request = check_request(frames=frames, max_area=max_area, size=size, steps=steps, shift=shift,
+                                guidance=guidance, solver=solver, seed=seed, guidance_steps=guidance_steps)  # fmt: skip
+        return resolve_settings(request, self.config, first_hw, has_last, host_memory())
 
     # -- conditioning --------------------------------------------------------------------------
     def encode_text(self, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,16 +277,22 @@ class Pipeline:
         skips the VAE decode: the Video has no frames, only its ``latent``. ``given`` adds frames at any
         pixel-frame positions (0-based; e.g. frames carried from a previous shot), through the same mask
         branch; at 0 or the last position it replaces that keyframe. In a parallel run (torchrun)
-        every rank calls this; rank 0 gets the Video, the others None."""
+        every rank calls this; rank 0 gets the Video, the others None. Every setting is checked first
+        (segue.settings: InputError naming the argument); ``progress(step, total)`` is called with 0 before
+        the first step and after each."""
+        # every setting checked before any model work (segue.settings): one InputError naming the argument
+        request = check_request(prompt, negative_prompt, frames, max_area, size, steps, shift, guidance, solver, seed,
+                                guidance_steps)  # fmt: skip
+        check_progress(progress)
+        if not isinstance(decode, bool):
+            raise InputError(f"decode must be True or False, got {type(decode).__name__} {decode!r}")
         first_img = load_image(first, "first frame")
         last_img = load_image(last, "last frame") if last is not None else None
-        if not isinstance(prompt, str):
-            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
         first_t = image_to_tensor(first_img)
-        s = self.resolve(
-            first_t.shape[1:], frames, max_area, size, steps, shift, guidance, solver, seed, guidance_steps
-        )
+        s = resolve_settings(request, self.config, first_t.shape[1:], last_img is not None, host_memory())
         last_t = fit_last_frame(image_to_tensor(last_img), *first_t.shape[1:]) if last_img is not None else None
+        sources = ((first, "first frame"), (last, "last frame"), (self.source, "checkpoint"))
+        inputs = tuple((str(p), what) for p, what in sources if isinstance(p, (str, Path)) and str(p))
         negative = negative_prompt or self.config.defaults.negative_prompt
         cond_frames = given_frames(first_t, last_t, given, s.frames)
 
@@ -332,20 +311,22 @@ class Pipeline:
             y = torch.cat([mask.to(self.device), cond_latent.float()])[None]  # [1, 4 + z, T, h, w]
         t_cond = time.perf_counter() - t0
 
-        latent = self.denoise(noise, context, context_neg, clip, y, s, progress)
+        latent = self.denoise(noise, Conditioning(context, context_neg, clip, y), s, progress)
         t1 = time.perf_counter()
         video = self.decode(latent) if decode else None  # [3, F, H, W] in [-1, 1], None on ranks other than 0
         t_decode = time.perf_counter() - t1
+        if decode:
+            log.info("decoded %d frames %dx%d in %.1fs", s.frames, s.width, s.height, t_decode)
         info = {
             "settings": s.__dict__,
             "speed": list(self.applied),
             "seconds": {"conditioning": t_cond, "denoise": t1 - t0 - t_cond, "decode": t_decode},
         }
         if not decode:  # every rank holds the latent
-            return Video(np.zeros((0, s.height, s.width, 3), np.uint8), cfg.defaults.fps, latent.cpu(), info)
+            return Video(np.zeros((0, s.height, s.width, 3), np.uint8), cfg.defaults.fps, latent.cpu(), info, inputs)
         if video is None:
             return None  # a parallel run's other ranks: only rank 0 holds the video
-        return Video(to_uint8(video), cfg.defaults.fps, latent.cpu(), info)
+        return Video(to_uint8(video), cfg.defaults.fps, latent.cpu(), info, inputs)
 
     def story(
         self,
@@ -363,76 +344,32 @@ class Pipeline:
         return render_story(self, story, cache_dir=cache_dir, progress=progress, color_match_all=color_match)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor | None:
-        """VAE-decode [z, T, h, w]; in a parallel run split over the ranks, the video lands on rank 0."""
-        ps = self.parallel
-        if ps is None or ps.world_size == 1:
-            return self.vae.decode(latent[None])[0]
-        if ps.config.vae:
-            from .parallel.vae import parallel_decode
-
-            out = parallel_decode(self.vae, latent[None], ps.world_group, dst=0)
-            return None if out is None else out[0]
-        return self.vae.decode(latent[None])[0] if ps.is_main else None
+        """VAE-decode [z, T, h, w] -> [3, F, H, W]; None where a parallel run's decoder leaves no video."""
+        decode = self.vae.decode if self.video_decoder is None else self.video_decoder
+        out = decode(latent[None])
+        return None if out is None else out[0]
 
     def denoise(
-        self,
-        noise: torch.Tensor,
-        context: torch.Tensor,
-        context_neg: torch.Tensor,
-        clip: torch.Tensor | None,
-        y: torch.Tensor | None,
-        s: GenerationSettings,
-        progress: Progress | None = None,
+        self, noise: torch.Tensor, cond: Conditioning, s: GenerationSettings, progress: Progress | None = None
     ) -> torch.Tensor:
-        """The sampling loop: velocity with classifier-free guidance, one solver step per timestep."""
+        """The sampling loop: one step context, one guided velocity and one solver step per timestep."""
         solver = make_solver(s.solver, s.steps, s.shift, self.device, seed=s.seed)
         latent = noise
         n = len(solver.timesteps)
+        run = next(_RUNS)
+        if progress is not None:
+            progress(0, n)  # before the first step, so a bar's clock covers every step
         for i, t in enumerate(solver.timesteps):
-            timestep = t[None].to(self.device)  # [1]; the solver's timestep (integer-valued except lcm's)
-            v = self.velocity(latent, timestep, context, context_neg, clip, y, s.guidance_at(i))
-            latent = solver.step(v, latent)
+            # the solver's timestep [1] (integer-valued except lcm's)
+            step = StepContext(index=i, total=n, timestep=t[None].to(self.device), run=run)
+            latent = solver.step(self.velocity(latent, cond, step, s.guidance_at(i)), latent)
             if progress is not None:
                 progress(i + 1, n)
         return latent
 
-    def velocity(
-        self,
-        latent: torch.Tensor,
-        timestep: torch.Tensor,
-        context: torch.Tensor,
-        context_neg: torch.Tensor,
-        clip: torch.Tensor | None,
-        y: torch.Tensor | None,
-        guidance: float,
-    ) -> torch.Tensor:
-        """Guided velocity ``v_u + g * (v_c - v_u)``. With CFG parallel each half of the ranks runs one
-        of the two passes and they swap results; the arithmetic is the same, so the same latent.
-        With ``cfg_batch`` both passes run as one batch of two (equal within fp rounding)."""
-        ps = self.parallel
-        if guidance == 1.0:  # the conditional velocity alone: skip the second pass
-            return self.dit(latent[None], timestep, context[None], clip, y)[0]
-        if ps is not None and ps.config.cfg:
-            import torch.distributed as dist
-
-            mine = self.dit(latent[None], timestep, (context if ps.cfg_rank == 0 else context_neg)[None], clip, y)
-            both = [torch.empty_like(mine) for _ in range(2)]
-            dist.all_gather(both, mine.contiguous(), group=ps.cfg_group)
-            v, v_neg = both[0][0], both[1][0]
-        elif self.cfg_batch:
-            # One batch of two, cond first. The DiT zero-pads text to text_len itself: pad both here
-            # so prompts of different token lengths stack.
-            text_len = self.config.dit.text_len
-            for name, c in (("prompt", context), ("negative prompt", context_neg)):
-                if c.shape[0] > text_len:
-                    raise InputError(f"{name} context has {c.shape[0]} tokens, at most {text_len} allowed")
-            texts = torch.stack([F.pad(c, (0, 0, 0, text_len - c.shape[0])) for c in (context, context_neg)])
-            # clip and y belong to the one sample: FLF2V's two frames' CLIP tokens regroup to one row.
-            clip2 = None if clip is None else clip.reshape(1, -1, clip.shape[-1]).expand(2, -1, -1)
-            y2 = None if y is None else y.expand(2, *y.shape[1:])
-            both = self.dit(latent[None].expand(2, *latent.shape), timestep, texts, clip2, y2)
-            v, v_neg = both[0], both[1]
-        else:
-            v = self.dit(latent[None], timestep, context[None], clip, y)[0]
-            v_neg = self.dit(latent[None], timestep, context_neg[None], clip, y)[0]
-        return v_neg + guidance * (v - v_neg)
+    def velocity(self, latent: torch.Tensor, cond: Conditioning, step: StepContext, guidance: float) -> torch.Tensor:
+        """Guided velocity ``v_u + g * (v_c - v_u)`` by the pipeline's CFG strategy; the conditional
+        velocity alone where the scale is 1 (no second pass)."""
+        if guidance == 1.0:
+            return cond_velocity(self.dit, latent, cond, step)
+        return self.cfg_strategy(self.dit, latent, cond, step, guidance)

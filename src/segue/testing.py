@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ModelConfig, get_config
+from .errors import InputError
+from .io import atomic_folder, check_output_folder
 
 DIFFUSERS_VERSION = "0.33.0.dev0"
 
@@ -104,18 +106,27 @@ def make_tiny_checkpoint(
     seed: int = 0,
     shards: int = 2,
 ) -> Path:
-    """Write a random-weight checkpoint of a registry size in the official or diffusers layout."""
+    """Write a random-weight checkpoint of a registry size in the official or diffusers layout into
+    ``dest``, a new or empty folder (InputError for one that holds files)."""
+    if layout not in ("official", "diffusers"):
+        raise ValueError(f"layout must be 'official' or 'diffusers', got {layout!r}")
+    cfg = get_config(model)
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise InputError(f"checkpoint folder {dest} exists and is not an empty folder; give a new or empty one")
+    check_output_folder(dest, "checkpoint folder")  # writable, its parent there (or only that level missing)
+    with atomic_folder(dest, mark=False) as staging:  # appears whole or not at all
+        _write_tiny(staging, layout, cfg, seed, shards)
+    return dest
+
+
+def _write_tiny(out: Path, layout: str, cfg: ModelConfig, seed: int, shards: int) -> None:
     from .adapters import dit as dit_adapter
     from .adapters import encoders as enc_adapter
     from .adapters import vae as vae_adapter
     from .tokenizer import save_tiny_tokenizer
 
-    if layout not in ("official", "diffusers"):
-        raise ValueError(f"layout must be 'official' or 'diffusers', got {layout!r}")
-    cfg = get_config(model)
     comps = build_random_components(cfg, seed)
-    out = Path(dest)
-    out.mkdir(parents=True, exist_ok=True)
     dit_sd = comps["dit"].state_dict()
     vae_sd = comps["vae"].state_dict()
     text_sd = comps["text"].state_dict()
@@ -133,7 +144,7 @@ def make_tiny_checkpoint(
         if image_sd is not None:
             clip = _contiguous(enc_adapter.clip_hf_to_official(image_sd))
             torch.save(clip, out / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
-        return out
+        return
 
     index = {
         "_class_name": "WanImageToVideoPipeline",
@@ -173,7 +184,6 @@ def make_tiny_checkpoint(
          "num_train_timesteps": 1000, "solver_order": 2, "solver_type": "bh2", "predict_x0": True,
          "lower_order_final": True, "final_sigmas_type": "zero"},
     )  # fmt: skip
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

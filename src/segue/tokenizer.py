@@ -18,7 +18,9 @@ from typing import Any
 from .errors import CheckpointError
 
 # Files a tokenizer folder normally holds (umT5: tokenizer.json or spiece.model + tokenizer_config.json).
-TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json", "spiece.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+)  # fmt: skip
 
 _SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5
 _SPACE = "\u2581"  # sentencepiece's word-start marker "▁"

@@ -1,4 +1,4 @@
-"""Speed options for the Wan DiT, applied from outside the model (function and module swaps, wrappers).
+"""Speed options for the Wan DiT, applied from outside the model (function and module swaps, hooks).
 
 Modules:
 
@@ -7,10 +7,10 @@ Modules:
 - ``fuse``: one q/k/v projection per block (``fuse_qkv`` / ``unfuse_qkv``) and RoPE in real arithmetic
   from precomputed cos/sin tables (``fast_rope`` / ``remove_fast_rope``). Lossless within rounding.
 - ``compile``: regional ``torch.compile`` of every DiT block (``compile_blocks`` / ``uncompile_blocks``).
-- ``cache``: step caching (lossy; separate module).
+- ``cache``: step caching (lossy), installed as the DiT's blocks runner.
 - ``fp8``: fp8 weights and matmuls (lossy; separate module).
-- ``options``: ``SpeedOptions`` and ``build_pipeline``, which apply all of the above (and the memory
-  profiles of ``segue.offload`` and LoRAs) in the one order they compose; ``segue.load(speed=...)``.
+- ``options``: ``SpeedOptions``, the choices ``segue.load(speed=...)`` applies (with the memory profiles of
+  ``segue.placement`` and LoRAs) in the one order they compose (``segue.loader.build_pipeline``).
 
-CFG as one batch of two lives on the pipeline: ``Pipeline.cfg_batch = True``.
+CFG as one batch of two is a guidance strategy of the pipeline (``segue.sampling.guidance.OneBatch``).
 """

@@ -37,7 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import InputError
 from ..models.dit import AttentionFn, WanDiT
-from ..models.dit import _attention as _sdpa
+from ..models.dit import sdpa_attention as _sdpa
 
 _HALF = (torch.float16, torch.bfloat16)
 

@@ -1,9 +1,10 @@
-"""Step caching for the Wan DiT (TeaCache- and MagCache-style), a wrapper put in place of ``pipe.dit``.
+"""Step caching for the Wan DiT (TeaCache- and MagCache-style), installed as the DiT's blocks runner.
 
 Between neighbouring sampling steps the blocks change the tokens by a similar amount: the residual
 ``r = blocks(tokens) - tokens`` drifts slowly. On a step judged close enough to the last computed one, the
-wrapper skips all blocks and adds the cached residual to the new tokens; embeddings and head always run.
-The judgement is made per CFG branch (the conditional and unconditional passes keep separate residuals):
+cache skips all blocks and adds the cached residual to the new tokens; embeddings and head always run.
+``apply_step_cache(pipe)`` sets ``pipe.dit.blocks_runner``: ``pipe.dit`` stays the DiT. The judgement is
+made per CFG branch (the conditional and unconditional passes keep separate residuals):
 
 - ``teacache``: the indicator is the first block's timestep-modulated input ``LN(x) * (1 + scale) + shift``.
   Its relative L1 change since the previous call, rescaled by a polynomial fitted offline (indicator
@@ -20,13 +21,14 @@ curve as a log-rate per unit timestep, ``log(ratio) / (t_prev - t)`` at the inte
 other steps or shift interpolates it (with the calibration's settings it gives the recorded ratios back).
 The dict is JSON-able; ``bench/calibrate_cache.py`` writes it and measures fidelity (PSNR vs uncached).
 
-Branches are told apart by their text context (a content fingerprint: the pipeline passes the same prompt
-tensors every step), so cond/uncond in two calls or as one batch of two both work. A timestep that does not
-decrease starts a new generation: all branch state is dropped. ``reset()`` does the same explicitly.
+Each call gets the sampling loop's step context (``segue.sampling.guidance.StepContext``) through the DiT:
+its ``branch`` ("cond", "uncond", or "both" for CFG as one batch of two) picks the state, and a new ``run``
+(a new sampling loop) drops every branch's state. ``reset()`` does the same explicitly. A call without a
+step context (the DiT called outside the sampling loop) runs every block and leaves the state alone.
 
-The wrapper runs the DiT's embedding part and head itself (mirroring ``WanDiT.forward``) and calls each block
-as a module, so block hooks (sequence parallel) and swapped attention functions still apply. Under
-sequence parallel every rank takes the same decisions: they see the same full token sequence.
+The runner calls each block as a module, so block hooks (sequence parallel, block swap) and swapped attention
+functions still apply. Under sequence parallel every rank takes the same decisions: they see the same full
+token sequence.
 """
 
 from __future__ import annotations
@@ -41,10 +43,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import InputError
 from ..models.dit import Embedded, WanDiT
+from ..sampling.guidance import StepContext
 
 METHODS = ("teacache", "magcache")
 DEFAULT_THRESHOLD = {"teacache": 0.1, "magcache": 0.12}
@@ -53,19 +56,20 @@ CALIBRATION_FORMAT = "segue-step-cache"
 # The indicator is measured on at most this many tokens (a fixed stride): enough for a stable mean, and
 # the per-branch copy stays small at 720p (75,600 tokens).
 _INDICATOR_TOKENS = 8192
-# Branch states kept at most (a context that changes every call must not grow memory without bound).
-_MAX_BRANCHES = 8
+# Which calibrated curve a branch reads (calibration records the conditional pass first).
+_BRANCH_INDEX = {"cond": 0, "uncond": 1, "both": 0}
 
 
 # ---------------------------------------------------------------------------------------------
 # The skip indicator (the blocks are run or skipped around WanDiT.embed / WanDiT.unpatchify).
 
 
-def _indicator(dit: WanDiT, emb: Embedded) -> Tensor:
+def _indicator(dit: WanDiT, tokens: Tensor, emb: Embedded) -> Tensor:
     """The first block's modulated self-attention input on a strided token subset: [B, L', C] fp32."""
     block = dit.blocks[0]
-    shift, scale = (block.modulation.float() + emb.e0)[:, :2].chunk(2, dim=1)  # [B, 1, C] each
-    tokens = emb.tokens
+    # the modulation is read outside the block's call: wherever block swap keeps it between calls
+    modulation = block.modulation.to(device=tokens.device, dtype=torch.float32)
+    shift, scale = (modulation + emb.e0)[:, :2].chunk(2, dim=1)  # [B, 1, C] each
     stride = max(1, math.ceil(tokens.shape[1] / _INDICATOR_TOKENS))
     sub = tokens[:, ::stride]
     return F.layer_norm(sub, (sub.shape[-1],), eps=block.eps) * (1 + scale) + shift
@@ -78,13 +82,6 @@ def _rel_l1(new: Tensor, old: Tensor) -> float:
 def _magnitude_ratio(new: Tensor, old: Tensor) -> float:
     """Mean over tokens of ||new|| / ||old|| (norms over channels)."""
     return (new.norm(dim=-1) / old.norm(dim=-1).clamp_min(1e-12)).mean().item()
-
-
-def _fingerprint(context: Tensor) -> tuple:
-    """Content key of a text context: shape plus four sums (one host sync)."""
-    flat = context.detach().reshape(-1).float()
-    sums = torch.stack([flat.sum(), flat.abs().sum(), flat.square().sum(), flat[::7].sum()])
-    return (tuple(context.shape), *sums.double().tolist())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,12 +131,12 @@ def load_calibration(calibration: Mapping[str, Any] | str | os.PathLike[str]) ->
 
 
 # ---------------------------------------------------------------------------------------------
-# The wrapper.
+# The cache.
 
 
 @dataclass
 class _Branch:
-    index: int  # order of first appearance in this generation (0: the conditional pass in the pipeline)
+    index: int  # which calibrated curve it reads (0: the conditional pass)
     step: int = 0  # calls seen in this generation
     t_last: float | None = None
     residual: Tensor | None = None
@@ -154,18 +151,15 @@ class _Branch:
     )
 
 
-class StepCache(nn.Module):
-    """Wraps a WanDiT with the same ``forward(x, t, context, clip, y)``; skips the blocks on cached steps.
+class StepCache:
+    """A blocks runner (``WanDiT.blocks_runner``) that skips the blocks on cached steps; ``install(dit)``.
 
-    ``computed`` / ``skipped`` count calls since creation or ``reset_stats()``. Attributes the wrapper does
-    not have are read from the DiT (``cfg``, ``blocks``...), so code that inspects ``pipe.dit`` keeps working;
-    its state dict is the DiT's under ``dit.`` (save the DiT itself, not the wrapper). ``record=True`` never
-    skips and keeps per-call measurements for ``calibrate``.
+    ``computed`` / ``skipped`` count calls since creation or ``reset_stats()``. ``record=True`` never skips
+    and keeps per-call measurements for ``calibrate``.
     """
 
     def __init__(
         self,
-        dit: WanDiT,
         method: str = "teacache",
         threshold: float | None = None,
         calibration: Mapping[str, Any] | str | os.PathLike[str] | None = None,
@@ -173,12 +167,8 @@ class StepCache(nn.Module):
         max_skip: int | None = None,
         record: bool = False,
     ) -> None:
-        super().__init__()
         if method not in METHODS:
             raise InputError(f"unknown cache method {method!r}; choose one of: {', '.join(METHODS)}")
-        if isinstance(dit, StepCache):
-            raise InputError("this DiT already has a step cache; remove it first")
-        self.dit = dit
         self.method = method
         self.threshold = DEFAULT_THRESHOLD[method] if threshold is None else float(threshold)
         if self.threshold < 0:
@@ -201,17 +191,16 @@ class StepCache(nn.Module):
             raise InputError("MagCache needs a calibration: run bench/calibrate_cache.py (or segue's calibrate())")
         self.computed = 0
         self.skipped = 0
-        self._branches: dict[tuple, _Branch] = {}
+        self._run: int | None = None
+        self._branches: dict[str, _Branch] = {}
         self.finished: list[_Branch] = []  # recording: the branches of finished generations
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            modules = self.__dict__.get("_modules")
-            if name.startswith("__") or modules is None or "dit" not in modules:
-                raise
-            return getattr(modules["dit"], name)
+    def install(self, dit: WanDiT) -> StepCache:
+        """Make this cache ``dit``'s blocks runner; returns it."""
+        if isinstance(dit.blocks_runner, StepCache):
+            raise InputError("this DiT already has a step cache; remove it first")
+        dit.blocks_runner = self
+        return self
 
     # -- state --------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -227,16 +216,13 @@ class StepCache(nn.Module):
         total = self.computed + self.skipped
         return {"computed": self.computed, "skipped": self.skipped, "skip_fraction": self.skipped / max(total, 1)}
 
-    def _branch(self, context: Tensor, x: Tensor, t: float) -> _Branch:
-        key = (tuple(x.shape), *_fingerprint(context))
-        br = self._branches.get(key)
-        if br is not None and br.t_last is not None and t >= br.t_last:
-            self.reset()  # the timestep went up (or stayed): a new generation
-            br = None
+    def _branch(self, step: StepContext) -> _Branch:
+        if step.run != self._run:
+            self.reset()  # a new sampling loop: a new generation
+            self._run = step.run
+        br = self._branches.get(step.branch)
         if br is None:
-            if len(self._branches) >= _MAX_BRANCHES:
-                self._branches.pop(next(iter(self._branches)))
-            br = self._branches[key] = _Branch(index=len(self._branches))
+            br = self._branches[step.branch] = _Branch(index=_BRANCH_INDEX.get(step.branch, 0))
         return br
 
     # -- decision -----------------------------------------------------------------------------
@@ -255,37 +241,35 @@ class StepCache(nn.Module):
             br.accumulated += abs(1.0 - br.ratio)
         return br.accumulated < self.threshold
 
-    # -- forward ------------------------------------------------------------------------------
-    def forward(
-        self, x: Tensor, t: Tensor, context: Tensor, clip: Tensor | None = None, y: Tensor | None = None
-    ) -> Tensor:
-        dit: WanDiT = self._modules["dit"]  # type: ignore[assignment]
-        emb = dit.embed(x, t, context, clip, y)
-        t_now = float(t.reshape(-1)[0].item())
-        br = self._branch(context, x, t_now)
-        indicator = _indicator(dit, emb) if self.method == "teacache" or self.record else None
-        before = emb.tokens
+    # -- the blocks runner --------------------------------------------------------------------
+    def __call__(self, dit: WanDiT, emb: Embedded, step: StepContext | None) -> Tensor:
+        if step is None:
+            return dit.run_blocks(emb)
+        before, emb.tokens = emb.tokens, None
+        assert before is not None
+        t_now = float(step.timestep.reshape(-1)[0].item())
+        br = self._branch(step)
+        indicator = _indicator(dit, before, emb) if self.method == "teacache" or self.record else None
         if self._skip(br, indicator, t_now):
+            assert br.residual is not None
             tokens = before + br.residual
             br.skipped_in_row += 1
             self.skipped += 1
         else:
-            tokens = before
-            for block in dit.blocks:
-                tokens = block(tokens, emb.e0, emb.freqs, emb.text, emb.image)
+            emb.tokens = before
+            tokens = dit.run_blocks(emb)
             residual = tokens - before
             if self.record:
                 self._record(br, t_now, indicator, residual)
             br.residual = residual
             br.accumulated, br.ratio, br.skipped_in_row = 0.0, 1.0, 0
             self.computed += 1
-        out = dit.unpatchify(tokens, emb)
         if self.record:
-            self._record_output(br, out)
+            self._record_output(br, dit.unpatchify(tokens, emb))
         br.indicator = indicator
         br.t_last = t_now
         br.step += 1
-        return out
+        return tokens
 
     def _record(self, br: _Branch, t: float, indicator: Tensor | None, residual: Tensor) -> None:
         rec = br.records
@@ -314,23 +298,23 @@ def apply_step_cache(
     warmup_steps: int = 2,
     max_skip: int | None = None,
 ) -> StepCache:
-    """Put a StepCache in place of ``pipe.dit`` (replacing an existing one); returns it.
+    """Install a StepCache as ``pipe.dit``'s blocks runner (replacing an existing one); returns it.
 
     ``threshold``: higher skips more (defaults: teacache 0.1, magcache 0.12). ``warmup_steps``: the first
     calls of each branch always run the blocks. ``max_skip``: most skipped calls in a row (magcache: 2).
     """
-    dit = remove_step_cache(pipe) or pipe.dit
-    cache = StepCache(dit, method, threshold, calibration, warmup_steps, max_skip)
-    pipe.dit = cache
-    return cache
+    cache = StepCache(method, threshold, calibration, warmup_steps, max_skip)
+    remove_step_cache(pipe)
+    return cache.install(pipe.dit)
 
 
-def remove_step_cache(pipe: Any) -> WanDiT | None:
-    """Put the plain DiT back on ``pipe``; returns it (None if no cache was applied)."""
-    if not isinstance(pipe.dit, StepCache):
+def remove_step_cache(pipe: Any) -> StepCache | None:
+    """Let ``pipe.dit`` run all its blocks again; returns the cache removed (None if there was none)."""
+    cache = getattr(pipe.dit, "blocks_runner", None)
+    if not isinstance(cache, StepCache):
         return None
-    pipe.dit = pipe.dit._modules["dit"]
-    return pipe.dit
+    pipe.dit.blocks_runner = None
+    return cache
 
 
 def fit_calibration(branches: list[dict[str, list[float]]], degree: int = 4) -> dict[str, Any]:
@@ -355,13 +339,12 @@ def fit_calibration(branches: list[dict[str, list[float]]], degree: int = 4) -> 
 
 def calibrate_with_video(pipe: Any, *args: Any, degree: int = 4, **generate_kwargs: Any) -> tuple[dict, Any]:
     """``calibrate`` that also returns the uncached Video it generated (the fidelity reference)."""
-    dit = remove_step_cache(pipe) or pipe.dit
-    recorder = StepCache(dit, "teacache", threshold=0.0, warmup_steps=0, record=True)
-    pipe.dit = recorder
+    remove_step_cache(pipe)
+    recorder = StepCache("teacache", threshold=0.0, warmup_steps=0, record=True).install(pipe.dit)
     try:
         video = pipe.generate(*args, **generate_kwargs)
     finally:
-        pipe.dit = dit
+        remove_step_cache(pipe)
     recorder.reset()
     branches = [{k: list(v) for k, v in br.records.items()} for br in sorted(recorder.finished, key=lambda b: b.index)]
     fitted = fit_calibration(branches, degree)

@@ -69,10 +69,11 @@ def _activation_scale(x: Tensor, rowwise: bool) -> Tensor:
 
 
 def _device_has_fp8_mm(device: torch.device) -> bool:
-    """True where torch._scaled_mm runs: CUDA compute capability >= 8.9, or torch's CPU kernel."""
+    """True where torch._scaled_mm runs: CUDA compute capability >= 8.9, or torch's CPU kernel; on meta
+    (shapes only) too, so that the memory estimate traces the fp8-matmul path a GPU takes."""
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 9)
-    return device.type == "cpu"
+    return device.type in ("cpu", "meta")
 
 
 class FP8Linear(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from ..config import DiTConfig
+from ..config import DiTConfig, json_value
 
 T = TypeVar("T")
 
@@ -129,14 +129,8 @@ def _shape(shapes: Mapping[str, tuple[int, ...]], key: str, ndim: int, why: str)
     return shape
 
 
-def _patch(value: Any, key: str) -> tuple[int, int, int]:
-    try:
-        patch = tuple(int(p) for p in value)
-    except TypeError:
-        raise ValueError(f"{key} must be three ints, got {value!r}") from None
-    if len(patch) != 3:
-        raise ValueError(f"{key} must be three ints, got {value!r}")
-    return patch  # type: ignore[return-value]
+def _patch(cfg_json: Mapping[str, Any], key: str) -> tuple[int, int, int]:
+    return json_value(cfg_json, key, tuple[int, int, int], (1, 2, 2))
 
 
 def config_from_official(cfg_json: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> DiTConfig:
@@ -151,8 +145,8 @@ def config_from_official(cfg_json: Mapping[str, Any], shapes: Mapping[str, tuple
     model_type = cfg_json["model_type"]
     if model_type not in _MODEL_TYPES:
         raise ValueError(f"model_type must be one of {_MODEL_TYPES}, got {model_type!r}")
-    window = cfg_json.get("window_size", (-1, -1))
-    if tuple(window) != (-1, -1):
+    window = json_value(cfg_json, "window_size", tuple[int, int], (-1, -1))
+    if window != (-1, -1):
         raise ValueError(f"window_size {window!r} (local attention) is not supported; only (-1, -1)")
     text_dim = _shape(shapes, "text_embedding.0.weight", 2, "text_dim")[1]
     image_dim = image_pos_len = None
@@ -165,20 +159,20 @@ def config_from_official(cfg_json: Mapping[str, Any], shapes: Mapping[str, tuple
     elif "img_emb.emb_pos" in shapes:
         raise ValueError(f"model_type {model_type!r} but the weights have img_emb.emb_pos (flf2v)")
     return DiTConfig(
-        dim=int(cfg_json["dim"]),
-        ffn_dim=int(cfg_json["ffn_dim"]),
-        num_heads=int(cfg_json["num_heads"]),
-        num_layers=int(cfg_json["num_layers"]),
-        freq_dim=int(cfg_json["freq_dim"]),
+        dim=json_value(cfg_json, "dim", int),
+        ffn_dim=json_value(cfg_json, "ffn_dim", int),
+        num_heads=json_value(cfg_json, "num_heads", int),
+        num_layers=json_value(cfg_json, "num_layers", int),
+        freq_dim=json_value(cfg_json, "freq_dim", int),
         text_dim=int(text_dim),
-        text_len=int(cfg_json["text_len"]),
-        in_dim=int(cfg_json["in_dim"]),
-        out_dim=int(cfg_json["out_dim"]),
-        patch_size=_patch(cfg_json.get("patch_size", (1, 2, 2)), "patch_size"),
-        eps=float(cfg_json["eps"]),
+        text_len=json_value(cfg_json, "text_len", int),
+        in_dim=json_value(cfg_json, "in_dim", int),
+        out_dim=json_value(cfg_json, "out_dim", int),
+        patch_size=_patch(cfg_json, "patch_size"),
+        eps=json_value(cfg_json, "eps", float),
         # The reference never saves these two and always uses True.
-        qk_norm=bool(cfg_json.get("qk_norm", True)),
-        cross_attn_norm=bool(cfg_json.get("cross_attn_norm", True)),
+        qk_norm=json_value(cfg_json, "qk_norm", bool, True),
+        cross_attn_norm=json_value(cfg_json, "cross_attn_norm", bool, True),
         image_dim=None if image_dim is None else int(image_dim),
         image_pos_len=None if image_pos_len is None else int(image_pos_len),
     )
@@ -226,39 +220,39 @@ def config_from_diffusers(cfg_json: Mapping[str, Any]) -> DiTConfig:
     cls = cfg_json.get("_class_name", DIFFUSERS_CLASS_NAME)
     if cls != DIFFUSERS_CLASS_NAME:
         raise ValueError(f"_class_name must be {DIFFUSERS_CLASS_NAME!r}, got {cls!r}")
-    heads, head_dim = int(cfg_json["num_attention_heads"]), int(cfg_json["attention_head_dim"])
+    heads, head_dim = json_value(cfg_json, "num_attention_heads", int), json_value(cfg_json, "attention_head_dim", int)
     dim = heads * head_dim
     # diffusers builds and applies the q/k RMSNorms whatever this says; only the across-heads kind exists.
     qk_norm = cfg_json.get("qk_norm", "rms_norm_across_heads")
     if qk_norm not in ("rms_norm_across_heads", None):
         raise ValueError(f"qk_norm must be 'rms_norm_across_heads' or null, got {qk_norm!r}")
-    image_dim = cfg_json.get("image_dim")
-    added_kv = cfg_json.get("added_kv_proj_dim")
+    image_dim = json_value(cfg_json, "image_dim", int | None, None)
+    added_kv = json_value(cfg_json, "added_kv_proj_dim", int | None, None)
     if (image_dim is None) != (added_kv is None) or added_kv not in (None, dim):
         raise ValueError(
             f"added_kv_proj_dim must be {dim} (the model width) with image_dim set and null without; "
             f"got added_kv_proj_dim={added_kv!r}, image_dim={image_dim!r}"
         )
-    pos_len = cfg_json.get("pos_embed_seq_len")
-    in_dim = int(cfg_json["in_channels"])
-    out_dim = cfg_json.get("out_channels") or in_dim
+    pos_len = json_value(cfg_json, "pos_embed_seq_len", int | None, None)
+    in_dim = json_value(cfg_json, "in_channels", int)
+    out_dim = json_value(cfg_json, "out_channels", int | None, None) or in_dim
     return DiTConfig(
         dim=dim,
-        ffn_dim=int(cfg_json["ffn_dim"]),
+        ffn_dim=json_value(cfg_json, "ffn_dim", int),
         num_heads=heads,
-        num_layers=int(cfg_json["num_layers"]),
-        freq_dim=int(cfg_json["freq_dim"]),
-        text_dim=int(cfg_json["text_dim"]),
+        num_layers=json_value(cfg_json, "num_layers", int),
+        freq_dim=json_value(cfg_json, "freq_dim", int),
+        text_dim=json_value(cfg_json, "text_dim", int),
         text_len=DIFFUSERS_TEXT_LEN,
         in_dim=in_dim,
         out_dim=int(out_dim),
-        patch_size=_patch(cfg_json.get("patch_size", (1, 2, 2)), "patch_size"),
-        eps=float(cfg_json.get("eps", 1e-6)),
+        patch_size=_patch(cfg_json, "patch_size"),
+        eps=json_value(cfg_json, "eps", float, 1e-6),
         qk_norm=True,
-        cross_attn_norm=bool(cfg_json.get("cross_attn_norm", True)),
+        cross_attn_norm=json_value(cfg_json, "cross_attn_norm", bool, True),
         image_dim=None if image_dim is None else int(image_dim),
         image_pos_len=None if pos_len is None else int(pos_len),
-        rope_max_len=int(cfg_json.get("rope_max_seq_len", 1024)),
+        rope_max_len=json_value(cfg_json, "rope_max_seq_len", int, 1024),
     )
 
 

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ..config import ImageEncoderConfig, TextEncoderConfig
+from ..config import ImageEncoderConfig, TextEncoderConfig, json_value
 from ..errors import CheckpointError
 
 # ---------------------------------------------------------------------------------------------
@@ -167,19 +167,19 @@ def t5_config_from_hf(cfg_json: Mapping[str, Any]) -> TextEncoderConfig:
         raise CheckpointError(f"text encoder feed_forward_proj is {ff!r}; only 'gated-gelu' is supported")
     defaults = TextEncoderConfig()
     return TextEncoderConfig(
-        vocab_size=cfg_json["vocab_size"],
-        d_model=cfg_json["d_model"],
-        d_kv=cfg_json["d_kv"],
-        d_ff=cfg_json["d_ff"],
-        num_layers=cfg_json["num_layers"],
-        num_heads=cfg_json["num_heads"],
-        relative_attention_num_buckets=cfg_json.get(
-            "relative_attention_num_buckets", defaults.relative_attention_num_buckets
+        vocab_size=json_value(cfg_json, "vocab_size", int),
+        d_model=json_value(cfg_json, "d_model", int),
+        d_kv=json_value(cfg_json, "d_kv", int),
+        d_ff=json_value(cfg_json, "d_ff", int),
+        num_layers=json_value(cfg_json, "num_layers", int),
+        num_heads=json_value(cfg_json, "num_heads", int),
+        relative_attention_num_buckets=json_value(
+            cfg_json, "relative_attention_num_buckets", int, defaults.relative_attention_num_buckets
         ),
-        relative_attention_max_distance=cfg_json.get(
-            "relative_attention_max_distance", defaults.relative_attention_max_distance
+        relative_attention_max_distance=json_value(
+            cfg_json, "relative_attention_max_distance", int, defaults.relative_attention_max_distance
         ),
-        layer_norm_epsilon=cfg_json.get("layer_norm_epsilon", defaults.layer_norm_epsilon),
+        layer_norm_epsilon=json_value(cfg_json, "layer_norm_epsilon", float, defaults.layer_norm_epsilon),
     )
 
 
@@ -351,16 +351,18 @@ def clip_config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> ImageEncod
 def clip_config_from_hf(cfg_json: Mapping[str, Any]) -> ImageEncoderConfig:
     """ImageEncoderConfig from a transformers CLIP(Vision) ``config.json`` dict."""
     vis = cfg_json.get("vision_config", cfg_json)  # a full CLIPConfig nests the tower's config
+    if not isinstance(vis, Mapping):
+        raise ValueError(f"vision_config must be an object, got {vis!r:.80}")
     defaults = ImageEncoderConfig()
     return ImageEncoderConfig(
-        hidden_size=vis["hidden_size"],
-        intermediate_size=vis["intermediate_size"],
-        num_layers=vis["num_hidden_layers"],
-        num_heads=vis["num_attention_heads"],
-        image_size=vis.get("image_size", defaults.image_size),
-        patch_size=vis.get("patch_size", defaults.patch_size),
-        layer_norm_eps=vis.get("layer_norm_eps", defaults.layer_norm_eps),
-        hidden_act=vis.get("hidden_act", defaults.hidden_act),
+        hidden_size=json_value(vis, "hidden_size", int),
+        intermediate_size=json_value(vis, "intermediate_size", int),
+        num_layers=json_value(vis, "num_hidden_layers", int),
+        num_heads=json_value(vis, "num_attention_heads", int),
+        image_size=json_value(vis, "image_size", int, defaults.image_size),
+        patch_size=json_value(vis, "patch_size", int, defaults.patch_size),
+        layer_norm_eps=json_value(vis, "layer_norm_eps", float, defaults.layer_norm_eps),
+        hidden_act=json_value(vis, "hidden_act", str, defaults.hidden_act),
     )
 
 

@@ -7,12 +7,12 @@ the same shapes). The official names are the native ones (``segue.models.vae.Wan
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
 
-from ..config import VAEConfig
+from ..config import VAEConfig, json_value
 from ..models.vae import WanVAE
 
 T = TypeVar("T")
@@ -122,6 +122,26 @@ def diffusers_to_native(sd: Mapping[str, T]) -> dict[str, T]:
     return out
 
 
+def _encoder_stages(
+    shapes: Mapping[str, tuple[int, ...]], shape: Callable[[str], tuple[int, ...]]
+) -> tuple[list[list[int]], list[bool]]:
+    """The encoder's stages, split at each ``resample``: the output width of each residual block per
+    stage, and whether each downsampler also halves time."""
+    indices = sorted({int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.downsamples\.(\d+)\.", k))})
+    if indices != list(range(len(indices))) or not indices:
+        raise ValueError(f"encoder.downsamples indices are missing or not contiguous: {indices}")
+    stages: list[list[int]] = [[]]
+    temporal: list[bool] = []
+    for n in indices:
+        prefix = f"encoder.downsamples.{n}."
+        if f"{prefix}resample.1.weight" in shapes:
+            temporal.append(f"{prefix}time_conv.weight" in shapes)
+            stages.append([])
+        else:
+            stages[-1].append(shape(f"{prefix}residual.6.weight")[0])
+    return stages, temporal
+
+
 def config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> VAEConfig:
     """Infer the VAE size from official tensor names and shapes; ValueError if they do not fit one.
 
@@ -136,18 +156,7 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> VAEConfig:
 
     dim = shape("encoder.conv1.weight")[0]
     z_dim = shape("conv2.weight")[0]
-    indices = sorted({int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.downsamples\.(\d+)\.", k))})
-    if indices != list(range(len(indices))) or not indices:
-        raise ValueError(f"encoder.downsamples indices are missing or not contiguous: {indices}")
-    stages: list[list[int]] = [[]]  # output width of each residual block, per stage
-    temporal: list[bool] = []
-    for n in indices:
-        prefix = f"encoder.downsamples.{n}."
-        if f"{prefix}resample.1.weight" in shapes:
-            temporal.append(f"{prefix}time_conv.weight" in shapes)
-            stages.append([])
-        else:
-            stages[-1].append(shape(f"{prefix}residual.6.weight")[0])
+    stages, temporal = _encoder_stages(shapes, shape)
     counts = {len(s) for s in stages}
     if len(counts) != 1 or 0 in counts:
         raise ValueError(f"encoder stages have different numbers of residual blocks: {[len(s) for s in stages]}")
@@ -187,25 +196,25 @@ def config_from_diffusers(cfg_json: Mapping[str, Any]) -> VAEConfig:
     """VAEConfig from a diffusers ``vae/config.json`` (AutoencoderKLWan, the Wan2.1 variant only)."""
     unsupported = {
         "is_residual": (cfg_json.get("is_residual", False), False),
-        "attn_scales": (list(cfg_json.get("attn_scales", [])), []),
+        "attn_scales": (cfg_json.get("attn_scales", []), []),
         "patch_size": (cfg_json.get("patch_size"), None),
         "in_channels": (cfg_json.get("in_channels", 3), 3),
         "out_channels": (cfg_json.get("out_channels", 3), 3),
     }
-    base = cfg_json.get("base_dim", 96)
-    decoder_base = cfg_json.get("decoder_base_dim")
+    base = json_value(cfg_json, "base_dim", int, 96)
+    decoder_base = json_value(cfg_json, "decoder_base_dim", int | None, None)
     for name, (value, wanted) in unsupported.items():
         if value != wanted:
             raise ValueError(f"AutoencoderKLWan {name}={value!r} is not supported (Wan2.1 VAE needs {wanted!r})")
     default = VAEConfig()
     return VAEConfig(
         dim=base,
-        z_dim=cfg_json.get("z_dim", default.z_dim),
-        dim_mult=tuple(cfg_json.get("dim_mult", default.dim_mult)),
-        num_res_blocks=cfg_json.get("num_res_blocks", default.num_res_blocks),
-        temporal_downsample=tuple(bool(b) for b in cfg_json.get("temperal_downsample", default.temporal_downsample)),
-        latent_mean=tuple(float(v) for v in cfg_json.get("latents_mean", default.latent_mean)),
-        latent_std=tuple(float(v) for v in cfg_json.get("latents_std", default.latent_std)),
+        z_dim=json_value(cfg_json, "z_dim", int, default.z_dim),
+        dim_mult=json_value(cfg_json, "dim_mult", tuple[int, ...], default.dim_mult),
+        num_res_blocks=json_value(cfg_json, "num_res_blocks", int, default.num_res_blocks),
+        temporal_downsample=json_value(cfg_json, "temperal_downsample", tuple[bool, ...], default.temporal_downsample),
+        latent_mean=json_value(cfg_json, "latents_mean", tuple[float, ...], default.latent_mean),
+        latent_std=json_value(cfg_json, "latents_std", tuple[float, ...], default.latent_std),
         decoder_dim=None if decoder_base in (None, base) else decoder_base,
     )
 

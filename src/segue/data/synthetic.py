@@ -13,13 +13,10 @@ while the camera rests; the camera maps ``frame = (world - centre) * zoom + fram
 from __future__ import annotations
 
 import dataclasses
-import textwrap
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 35, 35), "green": (30, 170, 60), "blue": (35, 75, 235), "yellow": (250, 220, 30),
@@ -606,20 +603,3 @@ class SyntheticVideos(torch.utils.data.Dataset):
         group = -1 if c.group is None else c.group
         return {"video": video, "caption": c.caption, "path": c.path, "track": torch.from_numpy(c.track),
                 "group": group}  # fmt: skip
-
-
-def contact_sheet(clips: list[Clip], path: str | Path, every: int = 4, scale: int = 2) -> None:
-    """PNG grid: one row per clip (frames 0, every, 2*every, ... and the last), caption under each row."""
-    f, h, w, _ = clips[0].frames.shape
-    cols = sorted(set(range(0, f, every)) | {f - 1})
-    text_h = 30
-    sheet = Image.new("RGB", (len(cols) * (w * scale + 2), len(clips) * (h * scale + text_h)), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for r, c in enumerate(clips):
-        y = r * (h * scale + text_h)
-        for j, t in enumerate(cols):
-            tile = Image.fromarray(c.frames[t]).resize((w * scale, h * scale), Image.NEAREST)
-            sheet.paste(tile, (j * (w * scale + 2), y))
-        lines = textwrap.wrap(f"[{c.path}] {c.caption}", width=max(20, sheet.width // 6))[:2]
-        draw.text((2, y + h * scale + 1), "\n".join(lines), fill=(0, 0, 0))
-    sheet.save(path)

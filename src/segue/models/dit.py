@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +104,7 @@ def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
     return torch.stack(out)
 
 
-def _attention(q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype) -> Tensor:
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype) -> Tensor:
     """[B, Lq, n, d] x [B, Lk, n, d] -> [B, Lq, n*d] fp32, softmax scale 1/sqrt(d), no mask."""
     q, k, v = (u.to(dtype).transpose(1, 2) for u in (q, k, v))  # [B, n, L, d]
     out = F.scaled_dot_product_attention(q, k, v)
@@ -121,7 +122,7 @@ class SelfAttention(nn.Module):
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         dim = cfg.dim
-        self.attention = _attention
+        self.attention = sdpa_attention
         self.num_heads = cfg.num_heads
         self.q, self.k, self.v, self.o = (Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, cfg.eps) if cfg.qk_norm else nn.Identity()
@@ -158,13 +159,13 @@ class CrossAttention(nn.Module):
         q = self.norm_q(self.q(x)).unflatten(2, (n, -1))  # [B, L, n, d]
         k = self.norm_k(self.k(text)).unflatten(2, (n, -1))  # [B, text_len, n, d]
         v = self.v(text).unflatten(2, (n, -1))
-        out = _attention(q, k, v, dtype)  # [B, L, C]
+        out = sdpa_attention(q, k, v, dtype)  # [B, L, C]
         if self.k_img is not None:
             if image is None:
                 raise InputError("this DiT has an image branch: clip features are required")
             k_img = self.norm_k_img(self.k_img(image)).unflatten(2, (n, -1))  # [B, N_img, n, d]
             v_img = self.v_img(image).unflatten(2, (n, -1))
-            out = out + _attention(q, k_img, v_img, dtype)
+            out = out + sdpa_attention(q, k_img, v_img, dtype)
         return self.o(out)
 
 
@@ -234,7 +235,7 @@ class ImageEmbedding(nn.Module):
 
 @dataclass
 class Embedded:
-    """The blocks' inputs (``WanDiT.embed``): split out so step caches can run or skip the blocks."""
+    """The blocks' inputs (``WanDiT.embed``), handed to the blocks runner."""
 
     tokens: Tensor | None  # [B, L, C] fp32 (forward takes it out, so it is freed block by block)
     e: Tensor  # [B, C] time embedding (the head's modulation)
@@ -245,7 +246,17 @@ class Embedded:
     grid: tuple[int, int, int, int]  # (B, f, h, w) token grid
 
 
+# How the blocks run: ``runner(dit, emb, step) -> tokens`` [B, L, C] fp32, from ``emb.tokens`` (which the
+# runner takes out of ``emb``). ``step`` is whatever the caller passed to ``forward`` (the sampling loop's
+# segue.sampling.guidance.StepContext).
+BlocksRunner = Callable[["WanDiT", Embedded, Any], Tensor]
+
+
 class WanDiT(nn.Module):
+    # The seam for step caching: a runner installed from outside (segue.accel.cache) decides per call
+    # whether the blocks run; None runs them all (``run_blocks``). A plain attribute, not a submodule.
+    blocks_runner: BlocksRunner | None = None
+
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -327,6 +338,14 @@ class WanDiT(nn.Module):
         out = out.view(b, f, h, w, pt, ph, pw, cfg.out_dim).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, cfg.out_dim, f * pt, h * ph, w * pw)
 
+    def run_blocks(self, emb: Embedded) -> Tensor:
+        """Every block in order on ``emb.tokens`` [B, L, C] -> [B, L, C]."""
+        tokens, emb.tokens = emb.tokens, None  # the residual stream; no second reference kept alive
+        assert tokens is not None
+        for block in self.blocks:
+            tokens = block(tokens, emb.e0, emb.freqs, emb.text, emb.image)
+        return tokens
+
     def forward(
         self,
         x: Tensor,
@@ -334,11 +353,14 @@ class WanDiT(nn.Module):
         context: Tensor,
         clip: Tensor | None = None,
         y: Tensor | None = None,
+        step: Any = None,
     ) -> Tensor:
+        """x [B, out_dim, T, H, W] noisy latent, t [1] or [B] timesteps, context [B, L, text_dim], clip
+        [B, N, image_dim], y [B, in_dim - out_dim, T, H, W] -> velocity [B, out_dim, T, H, W]. ``step``
+        (the sampling loop's step context) only reaches the blocks runner."""
         emb = self.embed(x, t, context, clip, y)
-        tokens, emb.tokens = emb.tokens, None  # the blocks' residual stream; no second reference kept alive
-        for block in self.blocks:
-            tokens = block(tokens, emb.e0, emb.freqs, emb.text, emb.image)
+        runner = self.blocks_runner
+        tokens = self.run_blocks(emb) if runner is None else runner(self, emb, step)
         return self.unpatchify(tokens, emb)
 
 

@@ -334,7 +334,7 @@ class WanVAE(nn.Module):
         self.conv2 = CausalConv3d(z, z, 1)
         self.decoder = Decoder(cfg)
 
-    def _latent_stats(self, device: torch.device) -> tuple[Tensor, Tensor]:
+    def latent_stats(self, device: torch.device) -> tuple[Tensor, Tensor]:
         # mean and 1/std as float32 [1, z, 1, 1, 1], the reference's `scale = [mean, 1.0 / std]`
         mean = torch.tensor(self.cfg.latent_mean, dtype=torch.float32, device=device)
         inv_std = 1.0 / torch.tensor(self.cfg.latent_std, dtype=torch.float32, device=device)
@@ -359,7 +359,7 @@ class WanVAE(nn.Module):
         mu = self.encode_moments(video, share_prefixes)[:, : self.cfg.z_dim]  # [B, z, T, h, w]
         if not normalize:
             return mu
-        mean, inv_std = self._latent_stats(mu.device)
+        mean, inv_std = self.latent_stats(mu.device)
         return (mu - mean) * inv_std
 
     def encode_moments(self, video: Tensor, share_prefixes: bool = False) -> Tensor:
@@ -404,7 +404,7 @@ class WanVAE(nn.Module):
         if z.ndim != 5 or z.shape[1] != self.cfg.z_dim:
             raise InputError(f"latents must be [B, {self.cfg.z_dim}, T, h, w], got shape {tuple(z.shape)}")
         if normalized:
-            mean, inv_std = self._latent_stats(z.device)
+            mean, inv_std = self.latent_stats(z.device)
             z = z / inv_std + mean  # the reference divides by 1/std
         x = self.conv2(z.to(self.conv2.weight.dtype))
         n = x.shape[2]

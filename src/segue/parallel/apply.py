@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-from ..loader import load, resolve_dtype
+from ..dist import ParallelConfig, ParallelState, init_parallel
+from ..loader import load
 from ..pipeline import Pipeline
-from .mesh import ParallelConfig, ParallelState, init_parallel
+from ..placement.tensors import resolve_dtype
 
 log = logging.getLogger("segue")
 
@@ -27,6 +28,14 @@ def parallelize(pipe: Pipeline, state: ParallelState) -> Pipeline:
         from .sequence import apply_sequence_parallel
 
         apply_sequence_parallel(pipe.dit, state)
+    if pc.cfg:
+        from .cfg import CFGParallel
+
+        pipe.cfg_strategy = CFGParallel(state)
+    if state.world_size > 1:
+        from .vae import video_decoder
+
+        pipe.video_decoder = video_decoder(pipe.vae, state)
     pipe.parallel = state
     return pipe
 

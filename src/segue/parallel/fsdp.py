@@ -39,9 +39,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..dist import ParallelState
 from ..errors import CheckpointError
 from ..weights import check_keys
-from .mesh import ParallelState
 
 try:  # public since torch 2.6
     from torch.distributed.fsdp import fully_shard
@@ -66,7 +66,7 @@ def _is_sharded(module: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
-def _placement_kw(world: int) -> dict:
+def placement_kw(world: int) -> dict:
     """Shard on the first dim that splits evenly over ``world``, dim 0 (padded) when none does.
 
     FSDP pads an uneven dim 0 to equal rows per rank, so a [1, 6, C] modulation or [1, 514, C]
@@ -105,9 +105,9 @@ def shard_module(
     mesh = fsdp_mesh(state)
     blocks = list(blocks)
     for m in [*others, *blocks]:
-        fully_shard(m, mesh=mesh, reshard_after_forward=True, **_placement_kw(state.world_size))
+        fully_shard(m, mesh=mesh, reshard_after_forward=True, **placement_kw(state.world_size))
     # The root would keep its weights gathered after forward by default (a training heuristic).
-    fully_shard(root, mesh=mesh, reshard_after_forward=True, **_placement_kw(state.world_size))
+    fully_shard(root, mesh=mesh, reshard_after_forward=True, **placement_kw(state.world_size))
     if prefetch:
         for block, nxt in zip(blocks, blocks[1:]):
             block.set_modules_to_forward_prefetch([nxt])

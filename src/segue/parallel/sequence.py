@@ -39,9 +39,9 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 from torch.utils.hooks import RemovableHandle
 
+from ..dist import ParallelState
 from ..errors import InputError
 from ..models.dit import AttentionFn, WanDiT
-from .mesh import ParallelState
 
 # Bytes sent by this rank to other ranks, per kind of communication.
 _SENT: dict[str, int] = {"all_to_all": 0, "ring": 0, "all_gather": 0}

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
+from ..dist import ParallelState
 from ..errors import InputError
 from ..models.vae import AttentionBlock, CausalConv3d, FeatureCache, Resample, WanVAE
 
@@ -231,3 +232,15 @@ def parallel_decode(
         video = vae.decode(z_band, normalized=normalized, clamp=clamp, progress=progress)
     # video: [B, 3, F, 8 h_band, 8w] -> all bands stacked along H
     return _gather_rows(video, _Band(group, index, rows), dst)
+
+
+def video_decoder(vae: WanVAE, state: ParallelState) -> Callable[[Tensor], Tensor | None]:
+    """The pipeline's decode step in a parallel run (``Pipeline.video_decoder``): split over every rank
+    by latent rows (``ParallelConfig.vae``), or whole on rank 0; the video lands on rank 0, None elsewhere."""
+    if state.config.vae:
+        return functools.partial(parallel_decode, vae, group=state.world_group, dst=0)
+
+    def on_main(z: Tensor) -> Tensor | None:
+        return vae.decode(z) if state.is_main else None
+
+    return on_main

@@ -27,8 +27,7 @@ import torch
 from torch import Tensor
 
 from segue.errors import InputError
-
-SOLVERS = ("unipc", "dpm++", "euler", "lcm")
+from segue.settings import SOLVERS  # the names live with the other settings checks
 
 NUM_TRAIN_TIMESTEPS = 1000
 # First sigma of the 1000-step training grid `1 - linspace(1, 1/1000, 1000)`, stored in float32 by the

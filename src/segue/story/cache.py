@@ -13,14 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import weakref
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..io import atomic_path
 
 log = logging.getLogger("segue")
 
@@ -116,21 +116,12 @@ class ShotCache:
         from safetensors.numpy import save
 
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)  # the cache folder and its two-letter shard
         frames = np.ascontiguousarray(frames, dtype=np.uint8)
         meta = {"format": FORMAT, "key": key, "digest": _frames_digest(frames), "info": json.dumps(info or {})}
         data = save({"frames": frames}, metadata=meta)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".part", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path) as tmp:  # flushed and renamed whole; removed on any error or interrupt
+            tmp.write_bytes(data)
         return path
 
 

@@ -82,7 +82,7 @@ def _resolve(pipe: Pipeline, first: Image.Image, st: dict[str, Any], frames, siz
     try:
         return pipe.resolve(
             (first.height, first.width), frames, max_area, size, st.get("steps"), st.get("shift"),
-            st.get("guidance"), st.get("solver"), st.get("seed", 0), st.get("guidance_steps"),
+            st.get("guidance"), st.get("solver"), st.get("seed", 0), st.get("guidance_steps"), has_last=True,
         )  # fmt: skip
     except InputError as e:
         raise InputError(f"{what}: {e}") from None
@@ -161,7 +161,10 @@ def render_story(
     model = {"name": pipe.config.name, "source": pipe.source, "identity": identity, "speed": list(pipe.applied)}
     report = build_report(frames, fps, story.keyframes, keyframe_frames, shots_report, joins, settings, model,
                           time.perf_counter() - t_start, story.loop)  # fmt: skip
-    return Video(frames, fps, None, {"report": report, "settings": settings, "speed": list(pipe.applied)})
+    inputs = tuple((str(p), f"keyframes[{i}] image") for i, p in enumerate(story.inputs))
+    if story.where != "story":
+        inputs += ((story.where, "story file"),)
+    return Video(frames, fps, None, {"report": report, "settings": settings, "speed": list(pipe.applied)}, inputs)
 
 
 def _render_shot(

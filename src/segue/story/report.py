@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from ..evaluate import psnr
-from ..media import atomic_path
+from ..io import atomic_write_text
 from ..pipeline import fit_last_frame, image_to_tensor, to_uint8
 from .color import delta_e, mean_color_delta_e
 
@@ -144,7 +144,4 @@ def jsonable(x: Any) -> Any:
 def write_report(report: dict[str, Any], path: str | Path) -> Path:
     """Write the report as strict JSON (no NaN or Infinity), atomically."""
     dest = Path(path)
-    text = json.dumps(jsonable(report), indent=2, allow_nan=False) + "\n"
-    with atomic_path(dest) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return dest
+    return atomic_write_text(dest, json.dumps(jsonable(report), indent=2, allow_nan=False) + "\n")

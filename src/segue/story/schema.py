@@ -126,6 +126,44 @@ def load_story(story: dict[str, Any] | str | Path) -> Story:
     _check_keys(base_settings, tuple(SETTINGS), f"{where}: settings")
     _check_settings(base_settings, f"{where}: settings")
 
+    keyframes, names, inputs = _load_keyframes(data, where, base)
+    shot_list = _list_of_tables(data, "shots", where)
+    n_kf, want = len(keyframes), len(keyframes) if loop else len(keyframes) - 1
+    if len(shot_list) != want:
+        kind = "a loop" if loop else "an open film"
+        hint = "(a loop has one shot per keyframe)" if loop else "(one shot between each two keyframes)"
+        raise InputError(f"{where}: {n_kf} keyframe{'s' * (n_kf != 1)} need {want} shot{'s' * (want != 1)} "
+                         f"in {kind} {hint}, found {len(shot_list)}")  # fmt: skip
+    if want == 0:
+        raise InputError(f"{where}: one keyframe makes no film; add a second keyframe and a shot, or set loop = true")
+    shots = [_load_shot(i, dict(sh), base_settings, n_kf, where) for i, sh in enumerate(shot_list)]
+    return Story(keyframes, names, shots, loop, where, inputs)
+
+
+def _load_shot(i: int, sh: dict[str, Any], base_settings: dict[str, Any], n_kf: int, where: str) -> Shot:
+    what = f"{where}: shots[{i}]"
+    _check_keys(sh, SHOT_KEYS, what, film_only=FILM_ONLY)
+    _check_settings(sh, what)
+    prompt = sh.get("prompt", "")
+    if not isinstance(prompt, str):
+        raise InputError(f"{what}: prompt must be a string, got {type(prompt).__name__}")
+    merged = {**base_settings, **{k: v for k, v in sh.items() if k != "prompt"}}
+    carry = merged.pop("carry", DEFAULT_CARRY)
+    color_match = merged.pop("color_match", False)
+    if carry and (carry - 1) % TEMPORAL:
+        lo = (carry - 1) // TEMPORAL * TEMPORAL + 1
+        raise InputError(f"{what}: carry must be 0 or 4n+1 (1, 5, 9, ...) so the shot stays 4n+1 frames long; "
+                         f"got {carry}, nearest valid: {lo} or {lo + TEMPORAL}")  # fmt: skip
+    frames = merged.get("frames")
+    if frames is not None and (frames < 1 or (frames - 1) % TEMPORAL):
+        lo = max(1, (frames - 1) // TEMPORAL * TEMPORAL + 1)
+        raise InputError(f"{what}: frames must be 4n+1 (5, 9, ..., 81); got {frames}, nearest valid: "
+                         f"{lo} or {lo + TEMPORAL}")  # fmt: skip
+    end = (i + 1) % n_kf
+    return Shot(i, i, end, prompt, merged, carry, color_match)
+
+
+def _load_keyframes(data: dict[str, Any], where: str, base: Path) -> tuple[list[Image.Image], list[str], list[Path]]:
     kf_list = _list_of_tables(data, "keyframes", where)
     if not kf_list:
         raise InputError(f"{where}: a story needs at least one keyframe ([[keyframes]] with image = ...)")
@@ -146,39 +184,7 @@ def load_story(story: dict[str, Any] | str | Path) -> Story:
             names.append(f"keyframes[{i}]")
         else:
             raise InputError(f"{where}: keyframes[{i}] image must be a file name, got {type(image).__name__}")
-
-    shot_list = _list_of_tables(data, "shots", where)
-    n_kf, want = len(keyframes), len(keyframes) if loop else len(keyframes) - 1
-    if len(shot_list) != want:
-        kind = "a loop" if loop else "an open film"
-        hint = "(a loop has one shot per keyframe)" if loop else "(one shot between each two keyframes)"
-        raise InputError(f"{where}: {n_kf} keyframe{'s' * (n_kf != 1)} need {want} shot{'s' * (want != 1)} "
-                         f"in {kind} {hint}, found {len(shot_list)}")  # fmt: skip
-    if want == 0:
-        raise InputError(f"{where}: one keyframe makes no film; add a second keyframe and a shot, or set loop = true")
-    shots = []
-    for i, sh in enumerate(shot_list):
-        what, sh = f"{where}: shots[{i}]", dict(sh)
-        _check_keys(sh, SHOT_KEYS, what, film_only=FILM_ONLY)
-        _check_settings(sh, what)
-        prompt = sh.get("prompt", "")
-        if not isinstance(prompt, str):
-            raise InputError(f"{what}: prompt must be a string, got {type(prompt).__name__}")
-        merged = {**base_settings, **{k: v for k, v in sh.items() if k != "prompt"}}
-        carry = merged.pop("carry", DEFAULT_CARRY)
-        color_match = merged.pop("color_match", False)
-        if carry and (carry - 1) % TEMPORAL:
-            lo = (carry - 1) // TEMPORAL * TEMPORAL + 1
-            raise InputError(f"{what}: carry must be 0 or 4n+1 (1, 5, 9, ...) so the shot stays 4n+1 frames long; "
-                             f"got {carry}, nearest valid: {lo} or {lo + TEMPORAL}")  # fmt: skip
-        frames = merged.get("frames")
-        if frames is not None and (frames < 1 or (frames - 1) % TEMPORAL):
-            lo = max(1, (frames - 1) // TEMPORAL * TEMPORAL + 1)
-            raise InputError(f"{what}: frames must be 4n+1 (5, 9, ..., 81); got {frames}, nearest valid: "
-                             f"{lo} or {lo + TEMPORAL}")  # fmt: skip
-        end = (i + 1) % n_kf
-        shots.append(Shot(i, i, end, prompt, merged, carry, color_match))
-    return Story(keyframes, names, shots, loop, where, inputs)
+    return keyframes, names, inputs
 
 
 def _list_of_tables(data: dict[str, Any], key: str, where: str) -> list[dict[str, Any]]:

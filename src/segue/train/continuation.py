@@ -18,7 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from ..bundle import materialize_tokenizer, read_bundle_lineage, read_bundle_met
 from ..config import ModelConfig, VAEConfig
 from ..data.synthetic import GROUP_SIZE, LOOP_GROUPS, Scene, SyntheticVideos, check_loop_groups, check_loops
 from ..errors import InputError
+from ..io import atomic_write_text
 from ..loader import load, resolve_device
 from ..models.dit import WanDiT
 from ..models.encoders import ImageEncoder, TextEncoder
@@ -49,7 +50,7 @@ from .recipe import (
     stage_train_config,
     train_vae_run,
 )
-from .trainer import LossFn, TrainConfig, Trainer, _atomic_write_text, _rng_state, _set_rng_state
+from .trainer import LossFn, TrainConfig, Trainer, rng_state, set_rng_state
 
 
 @dataclass(frozen=True)
@@ -619,13 +620,13 @@ def seconds_per_step(parts: Mapping[str, torch.nn.Module], loss_fn: LossFn, data
     timed apart from the training: with ``cfg.num_workers`` processes collating, a step takes the longer of
     its training and its share of the collating; without, both. The models and torch's random state are
     left as they were."""
-    rng = _rng_state()
+    rng = rng_state()
     with tempfile.TemporaryDirectory() as tmp:
         copies = {k: copy.deepcopy(m) for k, m in parts.items()}
         short = replace(cfg, steps=steps, schedule="constant", warmup=0, cooldown=0, out_dir=tmp, resume=False,
                         num_workers=0)  # fmt: skip
         times = Trainer(copies, loss_fn, data, short).time_steps(steps)[steps // 2 :]
-    _set_rng_state(rng)
+    set_rng_state(rng)
     data_s = statistics.median(t for t, _ in times)
     train_s = statistics.median(t for _, t in times)
     if cfg.num_workers == 0:
@@ -662,6 +663,7 @@ def continue_from_bundle(
     steps_scale: float = 1.0,
     time_budget: float | None = None,
     workers: int = 0,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Path:
     """Run continuation ``name`` on ``bundle``'s weights into ``out_dir`` (resumes); returns the new bundle.
 
@@ -669,8 +671,9 @@ def continue_from_bundle(
     latent cache is built (timed on copies of the models, ``seconds_per_step``), at most its own count; the
     warmup stays, the cooldown scales with the steps, so the stage ends cooled down inside the budget. The
     count is recorded (``budget.json``) and a resumed run keeps it. ``workers``: processes that render the
-    cache's clips and collate the DiT's batches (for a GPU, whose steps outrun one CPU core's data)."""
-    started = time.monotonic()
+    cache's clips and collate the DiT's batches (for a GPU, whose steps outrun one CPU core's data). ``clock``:
+    seconds, for the budget (tests pass their own, so no result depends on the machine's speed)."""
+    started = clock()
     if time_budget is not None and not time_budget > 0:
         raise InputError(f"time budget must be positive seconds, got {time_budget}")
     if workers < 0:
@@ -703,7 +706,7 @@ def continue_from_bundle(
     phase_steps = {"vae": scaled(c.vae_steps) if c.vae_steps else 0, "dit": steps,
                    "decoder": scaled(c.decoder_steps) if c.decoder_steps else 0}  # fmt: skip
     record = {"continuation": asdict(c), "steps": steps, "phase_steps": phase_steps, "from": bundle.name}
-    (out / "continuation.json").write_text(json.dumps(record, indent=2))
+    atomic_write_text(out / "continuation.json", json.dumps(record, indent=2))
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         materialize_tokenizer(tok_files, tok_dir)
@@ -762,16 +765,16 @@ def continue_from_bundle(
         tc = train_config(steps)
         if time_budget is not None and not budget_file.is_file():
             per_step = seconds_per_step(parts, objective(segments[0][1]), clips, tc)
-            left = time_budget - (time.monotonic() - started)
+            left = time_budget - (clock() - started)
             steps = budget_steps(left, per_step, steps)
             info = {"time_budget_s": time_budget, "seconds_left": round(left, 1),
                     "seconds_per_step": round(per_step, 4), "steps": steps, "of": tc.steps}  # fmt: skip
-            _atomic_write_text(json.dumps(info, indent=2), budget_file)
+            atomic_write_text(budget_file, json.dumps(info, indent=2))
             print(f"time budget: {left:.0f} s left at {per_step:.3f} s/step: {steps} of {tc.steps} steps",
                   file=sys.stderr, flush=True)  # fmt: skip
             tc = train_config(steps)
             record["steps"] = phase_steps["dit"] = steps
-            _atomic_write_text(json.dumps(record, indent=2), out / "continuation.json")
+            atomic_write_text(out / "continuation.json", json.dumps(record, indent=2))
         trainer = Trainer(parts, objective(segments[0][1]), clips, tc)
         # one run per weight segment; the first resumes from the latest checkpoint, which may lie past its end
         ends = [round(s * steps / c.stage.steps) for s, _ in segments[1:]] + [steps]

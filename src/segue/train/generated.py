@@ -24,8 +24,9 @@ from torch.utils.data import Dataset
 
 from ..data.synthetic import SyntheticVideos, object_mask, render_frames
 from ..errors import InputError
-from .latents import _fmt_seconds
+from ..io import atomic_torch_save
 from .recipe import crop_origin
+from .trainer import fmt_seconds
 
 PART = 64  # clips per stored part: an interrupted run loses at most one part's work
 
@@ -58,13 +59,11 @@ def generate_latents(
             first, last = Image.fromarray(clip.frames[0]), Image.fromarray(clip.frames[-1])
             video = pipe.generate(first, last, clip.caption, frames=data.frames, size=(w, h), seed=i, decode=False)
             latents.append(video.latent.to(torch.float16))
-        tmp = path.with_suffix(".tmp")
-        torch.save(torch.stack(latents), tmp)  # [n, z, T, h, w]
-        tmp.replace(path)  # a part is whole or absent
+        atomic_torch_save(path, torch.stack(latents))  # [n, z, T, h, w]; a part is whole or absent
         done += 1
         if progress:
             per = (time.perf_counter() - t0) / (done * PART)
-            eta = _fmt_seconds(per * PART * (parts - k - 1))
+            eta = fmt_seconds(per * PART * (parts - k - 1))
             print(f"generated latents {k + 1}/{parts} parts  {per:.2f} s/clip  eta {eta}", file=sys.stderr, flush=True)
     return out
 

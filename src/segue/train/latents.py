@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -50,12 +51,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.synthetic import LOOP_GROUPS
 from ..errors import InputError
+from ..io import atomic_torch_save, atomic_write_text
 from .flow import MODES, FLF2VObjective, dit_loss, encode_clip_frames, fold_time, given_frames, mask_from_given
-from .trainer import _atomic_save, _atomic_write_text, _fmt_seconds, sample_seed
+from .trainer import fmt_seconds, sample_seed
 
 PROGRESS_EVERY_S = 30.0  # the cache's progress line between shards (a 1024-clip shard takes minutes on a CPU)
 
 CACHE_VERSION = 1
+SHARD_NAME = re.compile(r"shard-\d{5}\.pt")  # the names build_latent_cache writes into meta.pt
 ENCODED_MODES = ("first_last", "first", "random_subset")  # the modes with one conditioning encode per clip
 SUBSET_SEED = 0x5EB5E7  # mixed with the clip index: the fixed random subset of each clip
 # which two slots of the stored frames CLIP sees for each mode (first and last given frame)
@@ -201,7 +204,7 @@ def build_latent_cache(
             raise InputError(f"the latent cache at {path} was built with other settings ({', '.join(diff)}); remove it")
     else:
         path.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(json.dumps(config, indent=2), cfg_file)
+        atomic_write_text(cfg_file, json.dumps(config, indent=2))
     if (path / "meta.pt").is_file():
         return path
 
@@ -218,21 +221,21 @@ def build_latent_cache(
             return
         last_report, last_done = now, done
         per = (now - t0) / max(1, done - done_before)
-        eta = _fmt_seconds(per * (n_clips - done))
+        eta = fmt_seconds(per * (n_clips - done))
         print(f"latent cache {done}/{n_clips} clips  {per:.3f} s/clip  eta {eta}", file=sys.stderr, flush=True)
 
     for rng, name in zip(shards, names):
         if (path / name).is_file():
             done_before = rng.stop
             continue
-        _atomic_save(_build_shard(vae, dataset, rng, encoded, batch_size, dtype, report, workers), path / name)
+        atomic_torch_save(path / name, _build_shard(vae, dataset, rng, encoded, batch_size, dtype, report, workers))
         report(rng.stop, force=True)
 
     # "none": the latent of an all-zero conditioning video, the same for every clip
     video = dataset[0]["video"]
     with torch.no_grad():
         zero = vae.encode(torch.zeros_like(video)[None].float().to(vae.conv1.weight.device))[0].to("cpu", dtype)
-    _atomic_save({"config": config, "shards": names, "none": zero}, path / "meta.pt")
+    atomic_torch_save(path / "meta.pt", {"config": config, "shards": names, "none": zero})
     return path
 
 
@@ -279,7 +282,7 @@ def build_object_masks(
     n = json.loads((path / "config.json").read_text())["n_clips"]
     items = _ObjectMasks(dataset, n, temporal, spatial, dilate)
     masks = torch.cat(list(DataLoader(items, batch_size=256, num_workers=workers)))  # workers 0: in-process
-    _atomic_save({"dilate": dilate, "objects": masks}, path / "objects.pt")
+    atomic_torch_save(path / "objects.pt", {"dilate": dilate, "objects": masks})
     return path
 
 
@@ -294,6 +297,9 @@ class CachedClips(Dataset):
         if not (path / "meta.pt").is_file():
             raise InputError(f"no finished latent cache at {path} (meta.pt is missing)")
         meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+        bad = [n for n in meta["shards"] if not isinstance(n, str) or not SHARD_NAME.fullmatch(n)]
+        if bad:  # a name read from a file never leads out of the cache folder
+            raise InputError(f"{path / 'meta.pt'}: shard names {bad[:3]!r} are not shard-NNNNN.pt files of {path}")
         shards = [torch.load(path / n, map_location="cpu", weights_only=True) for n in meta["shards"]]
         self.config = meta["config"]
         self.modes = [*self.config["modes"], "none"]

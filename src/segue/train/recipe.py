@@ -18,6 +18,7 @@ import torch
 from ..bundle import save_bundle
 from ..config import DiTConfig, GenerationDefaults, ImageEncoderConfig, ModelConfig, TextEncoderConfig, VAEConfig
 from ..data.synthetic import SyntheticVideos, vocabulary
+from ..io import atomic_write_text
 from ..loader import resolve_device
 from ..models.dit import WanDiT
 from ..models.encoders import ImageEncoder, TextEncoder
@@ -215,7 +216,7 @@ def is_done(path: Path) -> bool:
 def mark_done(path: Path, info: dict) -> None:
     """Mark a run folder's phase finished, recording ``info`` (its step count, its clips) in the marker."""
     path.mkdir(parents=True, exist_ok=True)
-    (path / "done").write_text(json.dumps(info, indent=2))
+    atomic_write_text(path / "done", json.dumps(info, indent=2))
 
 
 def load_ema(run: Path, part: str) -> dict[str, torch.Tensor]:
@@ -316,7 +317,8 @@ def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scal
     p = PRESETS[name]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "preset.json").write_text(json.dumps({"preset": name, "steps_scale": steps_scale, **asdict(p)}, indent=2))
+    record = {"preset": name, "steps_scale": steps_scale, **asdict(p)}
+    atomic_write_text(out / "preset.json", json.dumps(record, indent=2))
     torch.manual_seed(p.seed)
 
     def steps(n: int) -> int:
@@ -381,7 +383,7 @@ def train_preset(name: str, out_dir: str | Path, device: str = "cpu", steps_scal
             data = SyntheticVideos("train", length=p.data_length, frames=stage.frames, size=stage.size, loops=p.loops)
             cached = uses_cache(stage, run)
             run.mkdir(parents=True, exist_ok=True)
-            (run / "data.json").write_text(json.dumps({"cached": cached}))
+            atomic_write_text(run / "data.json", json.dumps({"cached": cached}))
             if cached:
                 if not is_done(cache_dir):
                     n = min(p.cache_clips, p.data_length)

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import pickle
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -39,8 +40,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
 
+from ..dist import ParallelState
 from ..errors import CheckpointError, InputError
-from ..parallel.mesh import ParallelConfig, ParallelState, init_parallel
+from ..io import atomic_torch_save, atomic_write_text
 
 LossFn = Callable[[Mapping[str, nn.Module], Any], Tensor]
 
@@ -118,24 +120,6 @@ def sample_seed(run_seed: int, position: int) -> int:
     return (x ^ (x >> 32)) % 2**63
 
 
-def init_data_parallel(fsdp: bool = False, device: str | torch.device | None = None) -> ParallelState:
-    """The ParallelState of a data-parallel run (every rank a replica) under torchrun; one process
-    without torchrun gives a trivial state. ``fsdp`` shards the trainable parts with FSDP2."""
-    if fsdp:
-        return init_parallel(ParallelConfig(fsdp=True), device)
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return init_parallel(ParallelConfig(), device)
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and str(device or "cuda").startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
-    if device is None:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    return ParallelState(ParallelConfig(), dist.get_rank(), dist.get_world_size(), dev, 0, 0, 0, dist.group.WORLD)
-
-
 def _split(total: int, world: int, rank: int) -> tuple[int, int]:
     """[start, stop) of rank's contiguous share of ``total`` items (the first ranks get one more)."""
     base, extra = divmod(total, world)
@@ -147,44 +131,66 @@ def _is_dtensor(t: Any) -> bool:
     return hasattr(t, "device_mesh") and hasattr(t, "to_local")
 
 
-def _fmt_seconds(s: float) -> str:
+def fmt_seconds(s: float) -> str:
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+def rng_state() -> dict[str, Any]:
+    """Every RNG state as tensors and plain values only, so a checkpoint loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: Mapping[str, Any]) -> None:
+def set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+# The only names ``ckpt/latest`` may hold: a checkpoint this trainer wrote, straight inside ``ckpt/``.
+CHECKPOINT_NAME = re.compile(r"step-\d{8}\.pt")
 
 
 def latest_checkpoint_path(ckpt_dir: str | Path) -> Path | None:
-    """The checkpoint that ``ckpt_dir/latest`` names, or None when the folder holds none yet."""
+    """The checkpoint that ``ckpt_dir/latest`` names, or None when the folder holds none yet. The name must be
+    one this trainer writes (``step-NNNNNNNN.pt``): a name read from a file never leads out of the folder."""
     latest = Path(ckpt_dir) / "latest"
     if not latest.is_file():
         return None
-    return Path(ckpt_dir) / latest.read_text().strip()
+    try:
+        name = latest.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {latest}: {e}") from None
+    if not CHECKPOINT_NAME.fullmatch(name):
+        raise CheckpointError(f"{latest} names {name[:80]!r}; allowed: a checkpoint file name step-NNNNNNNN.pt")
+    return Path(ckpt_dir) / name
+
+
+def load_training_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint read with ``weights_only=True``: tensors and plain values, never pickled code.
+    A checkpoint holding other objects (one written before RNG states were stored as tensors, or a crafted
+    file) is refused with a CheckpointError."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path} holds pickled Python objects other than tensors and plain values (a checkpoint from an older "
+            "segue, or a crafted file); segue does not unpickle them: start this stage afresh (remove its ckpt "
+            "folder)"
+        ) from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path} is not a readable training checkpoint (truncated or corrupt?): {e}") from None
+    if not isinstance(ck, dict) or not {"step", "model", "ema"} <= ck.keys():
+        raise CheckpointError(f"{path} is not a segue training checkpoint (no step, model and ema)")
+    return ck
 
 
 def latest_ema(run: str | Path) -> tuple[int | None, dict[str, dict[str, Tensor]]]:
@@ -196,7 +202,7 @@ def latest_ema(run: str | Path) -> tuple[int | None, dict[str, dict[str, Tensor]
     path = latest_checkpoint_path(run / "ckpt")
     if path is None:
         raise FileNotFoundError(f"{run}: neither ema.pt nor a checkpoint (ckpt/latest)")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = load_training_checkpoint(path)
     return ck["step"], with_ema(ck["model"], ck["ema"].items())
 
 
@@ -217,7 +223,7 @@ class Trainer:
     """Trains ``model_parts`` on ``data`` with ``loss_fn``; ``run()`` goes to ``cfg.steps``.
 
     ``data`` is a map-style dataset (``__len__`` and ``__getitem__``; items collated with
-    ``default_collate``) or any re-iterable of items. ``state`` comes from ``init_data_parallel``
+    ``default_collate``) or any re-iterable of items. ``state`` comes from ``segue.dist.init_data_parallel``
     (None: one process).
     """
 
@@ -275,11 +281,11 @@ class Trainer:
         """FSDP2 over all ranks for the parts with ``.blocks`` (the DiT): each block is a group, then the
         part itself. The other parts (small encoders, which their objectives call through methods other
         than ``forward``, so FSDP's hooks would not gather them) stay replicated, data parallel."""
-        from ..parallel.fsdp import _placement_kw, fsdp_mesh, fully_shard
+        from ..parallel.fsdp import fsdp_mesh, fully_shard, placement_kw
 
         assert self.state is not None
         mesh = fsdp_mesh(self.state)
-        kw = _placement_kw(self.world)
+        kw = placement_kw(self.world)
         for part in self.parts.values():
             blocks = getattr(part, "blocks", None)
             if not isinstance(blocks, nn.ModuleList) or not any(p.requires_grad for p in part.parameters()):
@@ -449,7 +455,7 @@ class Trainer:
             self.close()
             ema = self.ema_state_dicts()
             if self.rank == 0:
-                _atomic_save(ema, self.out_dir / "ema.pt")
+                atomic_torch_save(self.out_dir / "ema.pt", ema)
         return losses
 
     def _take_step(self) -> tuple[float, float, float, float, float]:
@@ -483,7 +489,7 @@ class Trainer:
         if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
             recent = self._times[-self.cfg.log_every :]
             per = sum(recent) / len(recent)
-            eta = _fmt_seconds(per * (self.cfg.steps - self.step))
+            eta = fmt_seconds(per * (self.cfg.steps - self.step))
             print(
                 f"step {self.step}/{self.cfg.steps}  loss {loss:.4f}  lr {lr:.2e}  |g| {grad_norm:.3f}  "
                 f"{per:.2f} s/step  eta {eta}",
@@ -520,10 +526,10 @@ class Trainer:
         the newest ``keep_ckpts``. Every rank must call it (gathers under FSDP and the RNG states)."""
         model, optim = self.model_state_dicts(), self._optimizer_state()
         ema = {n: self._full(t) for n, t in self.ema.items()}
-        rng = [_rng_state()]
+        rng = [rng_state()]
         if self.world > 1:
             rng = [None] * self.world
-            dist.all_gather_object(rng, _rng_state(), group=self.group)
+            dist.all_gather_object(rng, rng_state(), group=self.group)
         path = self.ckpt_dir / f"step-{self.step:08d}.pt"
         if self.rank == 0:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -538,8 +544,8 @@ class Trainer:
                 "world": self.world,
                 "config": asdict(self.cfg),
             }
-            _atomic_save(state, path)
-            _atomic_write_text(path.name, self.ckpt_dir / "latest")
+            atomic_torch_save(path, state)
+            atomic_write_text(self.ckpt_dir / "latest", path.name)
             old = sorted(self.ckpt_dir.glob("step-*.pt"))[: -self.cfg.keep_ckpts]
             for p in old:
                 p.unlink()
@@ -552,7 +558,7 @@ class Trainer:
         path = Path(path) if path is not None else self.latest_checkpoint()
         if path is None or not path.exists():
             raise CheckpointError(f"no checkpoint at {path or self.ckpt_dir}")
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        ck = load_training_checkpoint(path)
         if ck["config"]["batch_size"] != self.cfg.batch_size or ck["config"]["seed"] != self.cfg.seed:
             raise CheckpointError("the checkpoint's global batch size or seed differ from this run's (data order)")
         if self.sharded:
@@ -566,7 +572,7 @@ class Trainer:
                     t.copy_(ck["ema"][n])
         self.scheduler.load_state_dict(ck["scheduler"])
         rng = ck["rng"]
-        _set_rng_state(rng[self.rank] if len(rng) == self.world else rng[0])
+        set_rng_state(rng[self.rank] if len(rng) == self.world else rng[0])
         self.step = ck["step"]
         self._iter = None
         self._trim_log()
@@ -597,4 +603,4 @@ class Trainer:
         if self.rank != 0 or not log.exists():
             return
         keep = [ln for ln in log.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-        _atomic_write_text("".join(ln + "\n" for ln in keep), log)
+        atomic_write_text(log, "".join(ln + "\n" for ln in keep))

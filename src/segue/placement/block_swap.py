@@ -17,41 +17,26 @@ copy stream after the copy; the compute stream waits on it before the block's ke
 on it before overwriting the slot). The host never blocks. One copy per block. On another device
 (CPU) the same code runs with plain synchronous copies and no streams.
 
-``segue.offload`` applies it in the "block-swap" and "low" memory profiles.
+``segue.placement.apply`` applies it in the profiles with ``block_swap`` (block-swap, low).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .errors import InputError
-from .memory import DEFAULT_PREFETCH, DEFAULT_RESIDENT, _nbytes, _tensors
+from ..errors import InputError
+from .profiles import DEFAULT_PREFETCH, DEFAULT_RESIDENT
+from .tensors import module_tensors, nbytes, place, want_pin
 
 __all__ = ["BlockSwap"]
 
 _ALIGN = 256  # byte alignment of each tensor inside a packed block buffer
-
-
-# ---------------------------------------------------------------------------------------------
-# Moving a module's tensors (shared with segue.offload): Tensor.data swaps keep every Parameter
-# object (and any reference the model or an optimiser holds) valid, and tied weights (umT5's
-# embedding) stay one tensor.
-
-
-def _place(tensors: Iterable[Tensor], device: torch.device) -> None:
-    for t in tensors:
-        if t.device != device:
-            t.data = t.data.to(device)
-
-
-def _want_pin(device: torch.device, pin: bool | None) -> bool:
-    return device.type == "cuda" and torch.cuda.is_available() if pin is None else pin
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,7 +49,7 @@ def _align(n: int) -> int:
 
 def _view(buf: Tensor, offset: int, like: Tensor) -> Tensor:
     """The bytes ``buf[offset:]`` seen as a tensor of ``like``'s dtype and shape."""
-    return buf[offset : offset + _nbytes(like)].view(like.dtype).view(like.shape)
+    return buf[offset : offset + nbytes(like)].view(like.dtype).view(like.shape)
 
 
 @dataclass
@@ -102,9 +87,9 @@ class BlockSwap:
         self.resident = min(resident, len(self.blocks))
         self.prefetch = prefetch
         self.cuda = self.device.type == "cuda"
-        pin = _want_pin(self.device, pin)
+        pin = want_pin(self.device, pin)
         for block in self.blocks[: self.resident]:
-            _place(_tensors(block), self.device)
+            place(module_tensors(block), self.device)
         self.swapped: list[_Swapped] = []
         for i, block in enumerate(self.blocks[self.resident :], start=self.resident):
             self.swapped.append(self._pack(i, block, pin))
@@ -129,13 +114,13 @@ class BlockSwap:
 
     @staticmethod
     def _pack(index: int, block: nn.Module, pin: bool) -> _Swapped:
-        tensors = _tensors(block)
+        tensors = module_tensors(block)
         offsets, total = [], 0
         for t in tensors:
             if type(t) not in (Tensor, nn.Parameter) or t.layout != torch.strided or t.is_meta:
                 raise TypeError(f"block {index}: cannot swap a {type(t).__name__} ({t.layout}, {t.device})")
             offsets.append(total)
-            total = _align(total + _nbytes(t))
+            total = _align(total + nbytes(t))
         home = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
         views = []
         for t, off in zip(tensors, offsets):
@@ -222,5 +207,5 @@ class BlockSwap:
             for t, v in zip(s.tensors, s.home_views):
                 t.data = v.clone() if to.type == "cpu" else v.to(to)
         for block in self.blocks[: self.resident]:
-            _place(_tensors(block), to)
+            place(module_tensors(block), to)
         self.swapped, self.slots, self.owner = [], [], []

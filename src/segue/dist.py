@@ -1,4 +1,8 @@
-"""The process layout of a parallel run: which ranks share what.
+"""Process groups: joining a torchrun job, and the layout of a parallel run (which ranks share what).
+
+``init_parallel(config)`` joins the job and builds the groups of a parallel generation;
+``init_data_parallel()`` those of a training run (every rank a replica). Both join through
+``join_process_group``, the one place that picks the backend and this rank's device.
 
 A run of ``world = cfg * ring * ulysses`` processes (torchrun) is laid out on a 3-D device mesh
 ``(cfg, ring, ulysses)``; rank = (c * ring + r) * ulysses + u, so Ulysses groups are runs of
@@ -16,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from ..errors import InputError
+from .errors import InputError
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,25 @@ def _groups(pc: ParallelConfig, world: int, rank: int) -> dict[str, ProcessGroup
     return out
 
 
+def launched() -> bool:
+    """Whether this process was started by torchrun (or anything that sets its variables)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def join_process_group(device: str | torch.device | None = None) -> torch.device:
+    """Join the torchrun process group (env://; NCCL for CUDA, gloo otherwise) once, and return this
+    rank's device: ``device``, or ``cuda:LOCAL_RANK`` where there is a GPU, else the CPU."""
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and str(device or "cuda").startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+    if device is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
+
+
 def init_parallel(pc: ParallelConfig, device: str | torch.device | None = None) -> ParallelState:
     """Join the torchrun process group (env://) and lay the ranks out; checks the world size.
 
@@ -115,8 +138,7 @@ def init_parallel(pc: ParallelConfig, device: str | torch.device | None = None) 
     """
     if not dist.is_available():
         raise InputError("this PyTorch build has no torch.distributed")
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if not launched:
+    if not launched():
         if pc.world_size != 1:
             raise InputError(
                 f"this layout needs {pc.world_size} processes: start it with "
@@ -124,20 +146,13 @@ def init_parallel(pc: ParallelConfig, device: str | torch.device | None = None) 
             )
         dev = torch.device(device or "cpu")
         return ParallelState(pc, 0, 1, dev, 0, 0, 0)
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and str(device or "cuda").startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
+    dev = join_process_group(device)
     rank, world = dist.get_rank(), dist.get_world_size()
     if world != pc.world_size and not (pc.fsdp and world % pc.world_size == 0):
         raise InputError(
             f"{world} processes started, but the layout needs (2 if --cfg-parallel else 1) x ring {pc.ring} x "
             f"ulysses {pc.ulysses} = {pc.world_size}" + (" (or, with --fsdp, a multiple of it)" if pc.fsdp else "")
         )
-    if device is None:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
     c, r, u = layout(rank, pc)
     groups = _groups(pc, world, rank)
     mesh = None
@@ -149,3 +164,12 @@ def init_parallel(pc: ParallelConfig, device: str | torch.device | None = None) 
     except Exception:  # the mesh is a convenience for FSDP; the explicit groups are what we use
         mesh = None
     return ParallelState(pc, rank, world, dev, c, r, u, dist.group.WORLD, mesh=mesh, **groups)
+
+
+def init_data_parallel(fsdp: bool = False, device: str | torch.device | None = None) -> ParallelState:
+    """The ParallelState of a data-parallel run (every rank a replica) under torchrun; one process
+    without torchrun gives a trivial state. ``fsdp`` shards the trainable parts with FSDP2."""
+    if fsdp or not launched():
+        return init_parallel(ParallelConfig(fsdp=fsdp), device)
+    dev = join_process_group(device)
+    return ParallelState(ParallelConfig(), dist.get_rank(), dist.get_world_size(), dev, 0, 0, 0, dist.group.WORLD)

@@ -1,7 +1,7 @@
-"""Estimated device memory of one generation under each memory profile (``segue.offload``), on any machine.
+"""Estimated device memory of one generation under each memory profile (``profiles.PROFILES``), on any machine.
 
 ``estimate_memory(config, profile, frames, height, width)`` gives the device bytes of each phase and the
-peak; ``memory_table()`` lists them for every profile; ``segue.offload.pick_profile`` ("auto") compares
+peak; ``memory_table()`` lists them for every profile; ``segue.placement.apply.pick_profile`` ("auto") compares
 the peaks with the free GPU memory.
 
 Estimated peak device memory for FLF2V-14B at 1280x720, 81 frames (75,600 tokens), bf16 DiT, CFG as
@@ -31,11 +31,7 @@ counter on real tensors gives the same numbers for the tiny model (tests/test_of
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import importlib
-import importlib.util
-import unittest.mock
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -47,45 +43,13 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .config import ModelConfig
-from .errors import InputError
+from ..config import ModelConfig
+from . import profiles
+from .profiles import DEFAULT_BAND_ROWS, DEFAULT_PREFETCH, DEFAULT_RESIDENT, Profile
+from .tensors import module_tensors, weight_bytes
 from .tiled_vae import decoder_halo, tiled_decode
 
 __all__ = ["LiveBytes", "estimate_memory", "memory_table", "trace_peak"]
-
-# Profile knobs shared with segue.offload (which imports them from here: this module is the lower layer).
-_FP8_PROFILES = ("fp8", "low")
-_SWAP_PROFILES = ("block-swap", "low")
-# How each profile runs fp8 weights: "low" dequantizes per layer (no fp8 copy of the activations).
-_FP8_MATMUL = {"fp8": None, "low": False}  # quantize_fp8's scaled_mm argument
-
-DEFAULT_BAND_ROWS = 16  # latent rows per VAE band: at 720p 9.7 GB decode peak instead of 18.8 GB
-DEFAULT_RESIDENT = 0  # blocks kept on the device besides the swap slots
-DEFAULT_PREFETCH = 1  # blocks copied ahead of the running one
-
-
-# ---------------------------------------------------------------------------------------------
-# Byte counts of a module's tensors.
-
-
-def _tensors(module: nn.Module) -> list[Tensor]:
-    """Unique parameters and buffers of ``module`` (by identity; tied ones once)."""
-    seen: dict[int, Tensor] = {}
-    for t in (*module.parameters(), *module.buffers()):
-        seen.setdefault(id(t), t)
-    return list(seen.values())
-
-
-def _nbytes(t: Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-def _weight_bytes(module: nn.Module) -> int:
-    return sum(_nbytes(t) for t in _tensors(module))
-
-
-def _fp8_available() -> bool:
-    return importlib.util.find_spec("segue.accel.fp8") is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,31 +122,27 @@ def trace_peak(fn: Callable[[], Any], ignore: Iterable[Tensor] = ()) -> int:
 
 
 @functools.lru_cache(maxsize=8)
-def _meta_dit(cfg: Any, dtype: torch.dtype, fp8: str | None) -> nn.Module:
-    """The DiT on meta in the run dtype; with ``fp8`` (a profile name) its blocks quantized as there."""
-    from .models.dit import WanDiT, apply_dtype_policy
+def _meta_dit(cfg: Any, dtype: torch.dtype, fp8_matmul: bool | None, fp8: bool) -> nn.Module:
+    """The DiT on meta in the run dtype; with ``fp8`` its blocks quantized as a profile does."""
+    from ..models.dit import WanDiT, apply_dtype_policy
 
     with torch.device("meta"):
         dit = apply_dtype_policy(WanDiT(cfg), dtype)
-    if fp8 is not None:
-        from .accel.fp8 import quantize_fp8
+    if fp8:
+        from ..accel.fp8 import quantize_fp8
 
-        # "fp8" takes the fp8-matmul path on the GPU: trace that path (scaled_mm=True) on meta
-        quantize_fp8(dit, scaled_mm=True if _FP8_MATMUL[fp8] is None else _FP8_MATMUL[fp8])
+        # a profile that lets the GPU pick takes the fp8-matmul path there: trace that path on meta
+        quantize_fp8(dit, scaled_mm=True if fp8_matmul is None else fp8_matmul)
     return dit.eval()
 
 
-def _fp8_matmul_on_meta() -> contextlib.AbstractContextManager[Any]:
-    """While tracing, let fp8 layers take their GPU fp8-matmul path on meta tensors."""
-    fp8 = importlib.import_module("segue.accel.fp8")
-    if not hasattr(fp8, "_device_has_fp8_mm"):  # its internals changed: trace the weight-only path
-        return contextlib.nullcontext()
-    return unittest.mock.patch.object(fp8, "_device_has_fp8_mm", lambda device: True)
+def _profile_dit(cfg: Any, dtype: torch.dtype, profile: Profile) -> nn.Module:
+    return _meta_dit(cfg, dtype, profile.fp8_matmul, profile.fp8)
 
 
 @functools.lru_cache(maxsize=4)
 def _meta_vae(cfg: Any) -> nn.Module:
-    from .models.vae import WanVAE
+    from ..models.vae import WanVAE
 
     with torch.device("meta"):
         return WanVAE(cfg).eval()
@@ -195,10 +155,10 @@ def _latent_shape(cfg: ModelConfig, frames: int, height: int, width: int) -> tup
 
 @functools.lru_cache(maxsize=32)
 def _dit_activations(
-    cfg: ModelConfig, frames: int, height: int, width: int, dtype: torch.dtype, batch: int, fp8: str | None
+    cfg: ModelConfig, frames: int, height: int, width: int, dtype: torch.dtype, batch: int, profile: Profile
 ) -> int:
     """Trace of one DiT forward (batch 2 = CFG as one batch) on meta, inputs included."""
-    dit = _meta_dit(cfg.dit, dtype, fp8)
+    dit = _profile_dit(cfg.dit, dtype, profile)
     t, h, w = _latent_shape(cfg, frames, height, width)
     d = cfg.dit
 
@@ -211,10 +171,9 @@ def _dit_activations(
                 n_img = d.image_pos_len or cfg.image.num_tokens
                 clip = torch.empty(batch, n_img, d.image_dim)
             context = torch.empty(batch, d.text_len, d.text_dim)
-            with _fp8_matmul_on_meta() if fp8 is not None else contextlib.nullcontext():
-                dit(x, torch.empty(1), context, clip, y)
+            dit(x, torch.empty(1), context, clip, y)
 
-    return trace_peak(run, _tensors(dit))
+    return trace_peak(run, module_tensors(dit))
 
 
 @functools.lru_cache(maxsize=32)
@@ -230,7 +189,7 @@ def _vae_trace(cfg: ModelConfig, frames: int, height: int, width: int, mode: str
             else:
                 vae.decode(torch.empty(1, cfg.vae.z_dim, t, h, w))
 
-    return trace_peak(run, _tensors(vae))
+    return trace_peak(run, module_tensors(vae))
 
 
 def _tiled_buffers(cfg: ModelConfig, t: int, h: int, w: int) -> int:
@@ -259,13 +218,13 @@ def _tiled_trace(cfg: ModelConfig, frames: int, height: int, width: int, band_ro
         with torch.device("meta"):
             tiled_decode(vae, torch.empty(1, cfg.vae.z_dim, t_probe, rows, w), rows)  # type: ignore[arg-type]
 
-    band = trace_peak(run, _tensors(vae)) - _tiled_buffers(cfg, t_probe, rows, w)
+    band = trace_peak(run, module_tensors(vae)) - _tiled_buffers(cfg, t_probe, rows, w)
     return _tiled_buffers(cfg, t, h, w) + band
 
 
 @functools.lru_cache(maxsize=4)
 def _param_counts(cfg: ModelConfig) -> dict[str, int]:
-    from .parallel.cost import param_counts
+    from ..parallel.cost import param_counts
 
     return param_counts(cfg)
 
@@ -309,41 +268,35 @@ def estimate_memory(
     phase), ``host`` (CPU bytes holding offloaded weights). ``dtype`` is the DiT/umT5 run dtype;
     the other options are ``apply_profile``'s.
     """
-    from .offload import PROFILES  # here, not at the top: segue.offload imports this module
-
-    if profile not in PROFILES:
-        raise InputError(f"unknown memory profile {profile!r}; choose one of: {', '.join(PROFILES)}")
-    fp8 = profile if profile in _FP8_PROFILES else None
-    if fp8 is not None and not _fp8_available():
-        raise InputError(f"profile {profile!r} needs segue.accel.fp8, which is not installed")
+    prof = profiles.get(profile)
     counts = _param_counts(config)
     wb = torch.finfo(dtype).bits // 8
     t5 = counts["t5"] * wb
     clip = counts["clip"] * (2 if dtype != torch.float32 else 4)  # CLIP runs fp16 beside a low-precision DiT
     vae = counts["vae"] * 4  # the VAE runs fp32
 
-    dit = _meta_dit(config.dit, dtype, fp8)
-    block_bytes = [_weight_bytes(b) for b in dit.blocks]
-    dit_all = _weight_bytes(dit)
-    if profile in _SWAP_PROFILES:
+    dit = _profile_dit(config.dit, dtype, prof)
+    block_bytes = [weight_bytes(b) for b in dit.blocks]
+    dit_all = weight_bytes(dit)
+    if prof.block_swap:
         on_device = min(len(block_bytes), resident + prefetch + 1)
         dit_dev = dit_all - sum(block_bytes) + sum(sorted(block_bytes)[-on_device:])
     else:
         dit_dev = dit_all
 
     batch = 2 if cfg_batch else 1
-    acts = _dit_activations(config, frames, height, width, dtype, batch, fp8)
+    acts = _dit_activations(config, frames, height, width, dtype, batch, prof)
     t, h, w = _latent_shape(config, frames, height, width)
     acts += 10 * config.vae.z_dim * t * h * w * 4  # noise, latent, y, velocities, solver history
     enc = _vae_trace(config, frames, height, width, "encode")
-    if profile in _SWAP_PROFILES:
+    if prof.tiled_decode:
         dec = _tiled_trace(config, frames, height, width, band_rows)
     else:
         dec = _vae_trace(config, frames, height, width, "decode")
     text_acts, image_acts = _encoder_activations(config)
 
-    text_on_cpu = profile == "low" if text_encoder_on_cpu is None else text_encoder_on_cpu
-    if profile == "gpu":  # all resident; each phase adds only its activations
+    text_on_cpu = prof.text_encoder_on_cpu if text_encoder_on_cpu is None else text_encoder_on_cpu
+    if not prof.offload:  # all resident; each phase adds only its activations
         weights = dit_dev + clip + vae + (0 if text_on_cpu else t5)
         phases = {"text_encode": text_acts, "image_encode": image_acts, "vae_encode": enc, "vae_decode": dec}
         host = t5 if text_on_cpu else 0
@@ -355,7 +308,7 @@ def estimate_memory(
             "vae_encode": vae + enc,
             "vae_decode": vae + dec,
         }
-        home_blocks = sum(block_bytes[resident:]) if profile in _SWAP_PROFILES else 0
+        home_blocks = sum(block_bytes[resident:]) if prof.block_swap else 0
         host = t5 + clip + vae + home_blocks
     if text_on_cpu:
         phases["text_encode"] = 0  # umT5 runs on the CPU
@@ -369,8 +322,7 @@ def memory_table(
     model: str = "flf2v-14b", frames: int = 81, height: int = 720, width: int = 1280, **kwargs: Any
 ) -> str:
     """A markdown table of ``estimate_memory`` for every profile (decimal GB)."""
-    from .config import get_config
-    from .offload import PROFILES
+    from ..config import get_config
 
     cfg = get_config(model)
     rows = [
@@ -378,9 +330,7 @@ def memory_table(
         "|---|---|---|---|---|---|---|---|",
     ]
     keys = ("weights", "dit_activations", "vae_encode", "vae_decode", "text_encode", "peak", "host")
-    for name in PROFILES:
-        if name in _FP8_PROFILES and not _fp8_available():
-            continue
+    for name in profiles.PROFILES:
         est = estimate_memory(cfg, name, frames, height, width, **kwargs)
         rows.append(f"| {name} | " + " | ".join(f"{est[k] / 1e9:.1f} GB" for k in keys) + " |")
     return "\n".join(rows)

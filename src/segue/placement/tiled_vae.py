@@ -30,8 +30,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .errors import InputError
-from .models.vae import AttentionBlock, CausalConv3d, Decoder, FeatureCache, Resample, ResidualBlock, WanVAE
+from ..errors import InputError
+from ..models.vae import AttentionBlock, CausalConv3d, Decoder, FeatureCache, Resample, ResidualBlock, WanVAE
 
 __all__ = ["band_overhead", "decoder_halo", "tiled_decode"]
 
@@ -120,7 +120,7 @@ def tiled_decode(
     if band_rows < 1:
         raise InputError(f"band_rows must be at least 1, got {band_rows}")
     if normalized:
-        mean, inv_std = vae._latent_stats(z.device)
+        mean, inv_std = vae.latent_stats(z.device)
         x = z / inv_std + mean  # as WanVAE.decode
     else:
         x = z
