@@ -45,7 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="make a video from a first (and last) frame and a prompt")
-    g.add_argument("--ckpt-dir", type=Path, help="checkpoint folder (official or diffusers layout)")
     g.add_argument("--first", required=True, help="first frame (image file)")
     g.add_argument("--last", help="last frame (image file); without it, first-frame-only generation")
     g.add_argument("--prompt", default="", help="what happens between the frames")
@@ -73,60 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true",
                    help="let --frames-dir replace a folder of files that segue did not write")  # fmt: skip
     g.add_argument("--save-latent", type=Path, help="also save the final latent [z, T, h, w] (torch .pt)")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU)")
-    sp = g.add_argument_group("speed and memory (docs/performance.md)")
-    sp.add_argument(
-        "--memory",
-        default="auto",
-        metavar="PROFILE",
-        help="auto (from free GPU memory), gpu, offload, block-swap, fp8 (lossy) or low (lossy)",
-    )
-    sp.add_argument(
-        "--attention",
-        default="auto",
-        metavar="KERNEL",
-        help="auto, sdpa, flash, cudnn, efficient, math, fa3, sage (lossy)",
-    )
-    sp.add_argument("--compile", action="store_true", help="regional torch.compile of the DiT blocks")
-    sp.add_argument(
-        "--cfg-batch",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="run both CFG passes as one batch of two (default: on GPU when it fits)",
-    )
-    sp.add_argument(
-        "--exact",
-        action="store_true",
-        help="the reference's arithmetic on GPU too: no fused QKV/fp32 RoPE, SDPA, two CFG passes",
-    )
-    sp.add_argument("--step-cache", choices=("teacache", "magcache"), help="reuse DiT residuals across steps (lossy)")
-    sp.add_argument("--cache-threshold", type=float, help="higher skips more steps")
-    sp.add_argument("--cache-calibration", help="calibration JSON from segue calibrate-cache")
-    sp.add_argument(
-        "--lora",
-        action="append",
-        default=[],
-        metavar="FILE[:SCALE]",
-        help="merge a LoRA (diffusers, official or kohya names); repeat to stack",
-    )
-    sp.add_argument(
-        "--few-step",
-        action="store_true",
-        help="settings of 4-step distilled LoRAs (lightx2v/CausVid): 4 steps, no CFG, shift 5, lcm",
-    )
-    sp.add_argument("--text-encoder-cpu", action="store_true", help="run the text encoder on the CPU")  # fmt: skip
-    par = g.add_argument_group("parallel (start with torchrun --nproc_per_node=N -m segue generate ...)")
-    par.add_argument("--ulysses", type=int, default=1, help="Ulysses sequence-parallel degree (heads all-to-all)")
-    par.add_argument("--ring", type=int, default=1, help="ring-attention sequence-parallel degree")
-    par.add_argument("--cfg-parallel", action="store_true", help="conditional/unconditional passes on two halves")
-    par.add_argument("--fsdp", action="store_true", help="shard DiT and text-encoder weights over all ranks")
-    par.add_argument("--no-vae-parallel", action="store_true", help="decode on rank 0 only")
-    par.add_argument(
-        "--sp-reference-padding",
-        action="store_true",
-        help="leave padded tokens unmasked in attention, as the reference's distributed run does",
-    )
+    g.add_argument("--report", type=Path, help="also write a JSON report: keyframe PSNR/CIEDE2000, colour drift")
+    add_model_options(g)
+
+    st = sub.add_parser("story", help="make one film from many keyframes and the shots between them (a TOML/JSON file)")
+    st.add_argument("story", type=Path, help="story file (.toml, or .json): docs/storyboard.md")
+    st.add_argument("--out", type=Path, required=True, help="output film: .mp4, .webm or .gif")
+    st.add_argument("--frames-dir", type=Path,
+                    help="also write PNG frames (a new folder, or one segue wrote: replaced whole)")  # fmt: skip
+    st.add_argument("--overwrite", action="store_true",
+                    help="let --frames-dir replace a folder of files that segue did not write")  # fmt: skip
+    st.add_argument("--report", type=Path, help="also write a JSON report: shots reused, keyframe fidelity, seams")
+    st.add_argument("--cache-dir", type=Path, help="shot cache (default: .segue-cache/ beside --out)")
+    st.add_argument("--no-cache", action="store_true", help="render every shot, keep nothing")
+    st.add_argument("--color-match", action="store_true", help="anchor each shot's colours at its two keyframes")
+    add_model_options(st)
 
     i = sub.add_parser("info", help="describe a checkpoint folder: layout, components, sizes, what is missing")
     i.add_argument("ckpt_dir", type=Path)
@@ -205,6 +165,65 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_model_options(g: argparse.ArgumentParser) -> None:
+    """The model, speed and parallel options shared by ``generate`` and ``story``."""
+    g.add_argument("--ckpt-dir", type=Path, help="checkpoint folder (official or diffusers layout)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU)")
+    sp = g.add_argument_group("speed and memory (docs/performance.md)")
+    sp.add_argument(
+        "--memory",
+        default="auto",
+        metavar="PROFILE",
+        help="auto (from free GPU memory), gpu, offload, block-swap, fp8 (lossy) or low (lossy)",
+    )
+    sp.add_argument(
+        "--attention",
+        default="auto",
+        metavar="KERNEL",
+        help="auto, sdpa, flash, cudnn, efficient, math, fa3, sage (lossy)",
+    )
+    sp.add_argument("--compile", action="store_true", help="regional torch.compile of the DiT blocks")
+    sp.add_argument(
+        "--cfg-batch",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run both CFG passes as one batch of two (default: on GPU when it fits)",
+    )
+    sp.add_argument(
+        "--exact",
+        action="store_true",
+        help="the reference's arithmetic on GPU too: no fused QKV/fp32 RoPE, SDPA, two CFG passes",
+    )
+    sp.add_argument("--step-cache", choices=("teacache", "magcache"), help="reuse DiT residuals across steps (lossy)")
+    sp.add_argument("--cache-threshold", type=float, help="higher skips more steps")
+    sp.add_argument("--cache-calibration", help="calibration JSON from segue calibrate-cache")
+    sp.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="merge a LoRA (diffusers, official or kohya names); repeat to stack",
+    )
+    sp.add_argument(
+        "--few-step",
+        action="store_true",
+        help="settings of 4-step distilled LoRAs (lightx2v/CausVid): 4 steps, no CFG, shift 5, lcm",
+    )
+    sp.add_argument("--text-encoder-cpu", action="store_true", help="run the text encoder on the CPU")  # fmt: skip
+    par = g.add_argument_group("parallel (start with torchrun --nproc_per_node=N -m segue generate ...)")
+    par.add_argument("--ulysses", type=int, default=1, help="Ulysses sequence-parallel degree (heads all-to-all)")
+    par.add_argument("--ring", type=int, default=1, help="ring-attention sequence-parallel degree")
+    par.add_argument("--cfg-parallel", action="store_true", help="conditional/unconditional passes on two halves")
+    par.add_argument("--fsdp", action="store_true", help="shard DiT and text-encoder weights over all ranks")
+    par.add_argument("--no-vae-parallel", action="store_true", help="decode on rank 0 only")
+    par.add_argument(
+        "--sp-reference-padding",
+        action="store_true",
+        help="leave padded tokens unmasked in attention, as the reference's distributed run does",
+    )
+
+
 class _Progress:
     """A tqdm bar on stderr (step, it/s, ETA), opened at the first step so it knows the total."""
 
@@ -240,55 +259,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              a.solver, a.seed, a.guidance_steps, flags=True)  # fmt: skip
 
     request()
-    from .io import Protected
+    from .io import Protected, check_output_file
     from .media import check_outputs, load_image
 
     protected = Protected().add(args.first, "first frame").add(args.last, "last frame")
     protected.add(args.ckpt_dir, "checkpoint").add(args.cache_calibration, "cache calibration")
     check_outputs(args.out, args.frames_dir, args.save_latent, protected, args.overwrite)
+    if args.report is not None:
+        check_output_file(args.report, "report", protected)
     first = load_image(args.first, "first frame")
     if args.last is not None:
         load_image(args.last, "last frame")
 
-    import torch
-
-    from .loader import checkpoint_plan, load_plan
-
     t0 = time.perf_counter()
-    parallel = _parallel_config(args)
-    speed = _speed_options(args)
-    for lora, _ in speed.loras:
-        protected.add(lora, "LoRA")
-    if args.few_step:
-        from .lora import FEW_STEP
-
-        for key, value in FEW_STEP.items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
-    if parallel is not None:
-        given = [f for f, v in (("--memory", args.memory != "auto"), ("--attention", args.attention != "auto"),
-                 ("--compile", args.compile), ("--cfg-batch", args.cfg_batch is not None), ("--exact", args.exact),
-                 ("--step-cache", args.step_cache), ("--lora", args.lora),
-                 ("--text-encoder-cpu", args.text_encoder_cpu)) if v]  # fmt: skip
-        if given:
-            raise InputError(f"{', '.join(given)}: one-process options; a parallel run saves memory with --fsdp")
-    plan = checkpoint_plan(args.ckpt_dir)
-    protected.add(plan.folder, "checkpoint")
+    plan, parallel, speed = _model_plan(args, protected)
     out, _, _ = check_outputs(args.out, args.frames_dir, args.save_latent, protected, args.overwrite)
     resolve_settings(request(), plan.config, (first.height, first.width), args.last is not None, host_memory(),
                      flags=True)  # fmt: skip
-
-    if parallel is not None:
-        from .parallel.apply import load_parallel
-
-        pipe = load_parallel(args.ckpt_dir, parallel, device=args.device, dtype=args.dtype)
-        main_rank = pipe.parallel.is_main
-        if not main_rank:
-            logging.getLogger().setLevel(logging.WARNING)  # one voice: rank 0 logs and shows progress
-    else:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        pipe = load_plan(plan, device=device, dtype=args.dtype, speed=speed)
-        main_rank = True
+    pipe, main_rank = _load_pipeline(args, plan, parallel, speed)
     log.info("model ready in %.1fs", time.perf_counter() - t0)
     progress = _Progress(enabled=not args.quiet and main_rank)
     try:
@@ -304,8 +292,104 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
     video.save(out, frames_dir=args.frames_dir, latent_path=args.save_latent, overwrite=args.overwrite,
                protected=protected)  # fmt: skip
+    if args.report is not None:
+        from .story.report import clip_report, write_report
+
+        write_report(clip_report(pipe, video, args.first, args.last), args.report)
     t, h, w, _ = video.frames.shape
     log.info("wrote %s: %d frames %dx%d at %d fps (%.1fs total)", out, t, w, h, video.fps, time.perf_counter() - t0)
+    print(out, flush=True)
+    return 0
+
+
+def _model_plan(args: argparse.Namespace, protected):
+    """The checkpoint's plan (its config, no weights yet), the parallel layout and the speed options, checked.
+    ``--few-step`` fills the sampling settings the command line left unset."""
+    from .loader import checkpoint_plan
+
+    parallel = _parallel_config(args)
+    speed = _speed_options(args)
+    for lora, _ in speed.loras:
+        protected.add(lora, "LoRA")
+    if args.few_step:
+        from .lora import FEW_STEP
+
+        for key, value in FEW_STEP.items():
+            if hasattr(args, key) and getattr(args, key) is None:  # story files hold their own settings
+                setattr(args, key, value)
+    if parallel is not None:
+        given = [f for f, v in (("--memory", args.memory != "auto"), ("--attention", args.attention != "auto"),
+                 ("--compile", args.compile), ("--cfg-batch", args.cfg_batch is not None), ("--exact", args.exact),
+                 ("--step-cache", args.step_cache), ("--lora", args.lora),
+                 ("--text-encoder-cpu", args.text_encoder_cpu)) if v]  # fmt: skip
+        if given:
+            raise InputError(f"{', '.join(given)}: one-process options; a parallel run saves memory with --fsdp")
+    plan = checkpoint_plan(args.ckpt_dir)
+    protected.add(plan.folder, "checkpoint")
+    return plan, parallel, speed
+
+
+def _load_pipeline(args: argparse.Namespace, plan, parallel, speed):
+    """The pipeline the model options ask for, and whether this process is the one that writes (rank 0)."""
+    import torch
+
+    from .loader import load_plan
+
+    if parallel is not None:
+        from .parallel.apply import load_parallel
+
+        pipe = load_parallel(args.ckpt_dir, parallel, device=args.device, dtype=args.dtype)
+        main_rank = pipe.parallel.is_main
+        if not main_rank:
+            logging.getLogger().setLevel(logging.WARNING)  # one voice: rank 0 logs and shows progress
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        pipe = load_plan(plan, device=device, dtype=args.dtype, speed=speed)
+        main_rank = True
+    return pipe, main_rank
+
+
+def cmd_story(args: argparse.Namespace) -> int:
+    from .io import Protected, check_output_file
+    from .media import check_outputs
+    from .story.report import write_report
+    from .story.schema import load_story
+
+    # every check that needs no model first: the story file, its keyframes, the outputs
+    story = load_story(args.story)
+    protected = Protected().add(args.story, "story file")
+    for i, path in enumerate(story.inputs):
+        protected.add(path, f"keyframes[{i}] image")
+    protected.add(args.ckpt_dir, "checkpoint").add(args.cache_calibration, "cache calibration")
+    check_outputs(args.out, args.frames_dir, None, protected, args.overwrite)
+    if args.report is not None:
+        check_output_file(args.report, "report", protected)
+    t0 = time.perf_counter()
+    plan, parallel, speed = _model_plan(args, protected)
+    out, _, _ = check_outputs(args.out, args.frames_dir, None, protected, args.overwrite)
+    pipe, main_rank = _load_pipeline(args, plan, parallel, speed)
+    if args.few_step:
+        from .lora import FEW_STEP
+
+        for shot in story.shots:
+            for key, value in FEW_STEP.items():
+                shot.settings.setdefault(key, value)
+    log.info("model ready in %.1fs", time.perf_counter() - t0)
+    cache_dir = None if args.no_cache else args.cache_dir or out.parent / ".segue-cache"
+    progress = _Progress(enabled=not args.quiet and main_rank)
+    try:
+        video = pipe.story(story, cache_dir=cache_dir, progress=progress, color_match=args.color_match)
+    finally:
+        progress.close()
+    if video is None:  # another rank of a parallel run: rank 0 writes
+        return 0
+    video.save(out, frames_dir=args.frames_dir, overwrite=args.overwrite, protected=protected)
+    if args.report is not None:
+        write_report(video.info["report"], args.report)
+    reused = sum(s["reused"] for s in video.info["report"]["shots"])
+    t, h, w, _ = video.frames.shape
+    log.info("wrote %s: %d frames %dx%d at %d fps, %d of %d shots reused (%.1fs total)", out, t, w, h, video.fps,
+             reused, len(story.shots), time.perf_counter() - t0)  # fmt: skip
     print(out, flush=True)
     return 0
 
@@ -435,8 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    commands = {"generate": cmd_generate, "info": cmd_info, "make-tiny": cmd_make_tiny, "train": cmd_train,
-                "eval": cmd_eval, "make-pairs": cmd_make_pairs, "sweep": cmd_sweep,
+    commands = {"generate": cmd_generate, "story": cmd_story, "info": cmd_info, "make-tiny": cmd_make_tiny,
+                "train": cmd_train, "eval": cmd_eval, "make-pairs": cmd_make_pairs, "sweep": cmd_sweep,
                 "calibrate-cache": cmd_calibrate_cache}  # fmt: skip
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,27 +62,61 @@ def fit_last_frame(last: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return scaled[:, top : top + height, left : left + width]
 
 
-def frame_mask(frames: int, lat_t: int, lat_h: int, lat_w: int, has_last: bool, temporal: int = 4) -> torch.Tensor:
-    """Mask [4, T_lat, lat_h, lat_w]: which pixel frames are given, folded 4 per latent frame."""
-    m = torch.ones(1, frames, lat_h, lat_w)
-    m[:, 1 : frames - 1 if has_last else frames] = 0
+def frame_mask(
+    frames: int, lat_t: int, lat_h: int, lat_w: int, given: bool | Iterable[int], temporal: int = 4
+) -> torch.Tensor:
+    """Mask [4, T_lat, lat_h, lat_w]: which pixel frames are given, folded 4 per latent frame.
+
+    ``given`` lists the given pixel frames (any positions in [0, frames)); ``True`` / ``False`` is the
+    reference's FLF2V / I2V case: the first frame and the last one when it is given."""
+    positions = given_positions(frames, given)
+    m = torch.zeros(1, frames, lat_h, lat_w)
+    m[:, positions] = 1
     # the first latent stands for one pixel frame: repeat it so every latent covers `temporal` frames
     m = torch.cat([m[:, :1].repeat_interleave(temporal, dim=1), m[:, 1:]], dim=1)  # [1, F+3, h, w]
     return m.view(1, lat_t, temporal, lat_h, lat_w).transpose(1, 2)[0]  # [4, T_lat, h, w]
 
 
+def given_positions(frames: int, given: bool | Iterable[int]) -> list[int]:
+    """Sorted given pixel-frame positions; a bool means FLF2V (``True``: first and last) or I2V (first)."""
+    if isinstance(given, bool):
+        return [0, frames - 1] if given and frames > 1 else [0]
+    positions = sorted(set(given))
+    bad = [p for p in positions if not 0 <= p < frames]
+    if bad:
+        raise InputError(f"given frame positions {bad} outside the clip's {frames} frames (0..{frames - 1})")
+    return positions
+
+
 def conditioning_video(
-    first: torch.Tensor, last: torch.Tensor | None, frames: int, height: int, width: int
+    first: torch.Tensor | Mapping[int, torch.Tensor], last: torch.Tensor | None, frames: int, height: int, width: int
 ) -> torch.Tensor:
-    """[3, F, H, W]: the given frames bicubic-resized (on CPU, as the reference) and zeros elsewhere."""
+    """[3, F, H, W]: the given frames bicubic-resized (on CPU, as the reference) and zeros elsewhere.
 
-    def resize(x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x[None].cpu(), size=(height, width), mode="bicubic").transpose(0, 1)  # [3, 1, H, W]
+    ``first`` is the first frame ([3, h, w]) with ``last`` the last one or None (FLF2V / I2V), or a mapping
+    from pixel-frame position to frame for any set of given frames (``last`` then None)."""
+    if isinstance(first, Mapping):
+        given = dict(first)
+    else:
+        given = {0: first, **({frames - 1: last} if last is not None else {})}
+    video = torch.zeros(3, frames, height, width)
+    for pos in given_positions(frames, given):
+        # one frame per call, as the reference resizes them
+        video[:, pos] = F.interpolate(given[pos][None].cpu(), size=(height, width), mode="bicubic")[0]
+    return video
 
-    parts = [resize(first), torch.zeros(3, frames - (2 if last is not None else 1), height, width)]
-    if last is not None:
-        parts.append(resize(last))
-    return torch.cat(parts, dim=1)
+
+def given_frames(
+    first: torch.Tensor, last: torch.Tensor | None, given: Mapping[int, Any] | None, frames: int
+) -> dict[int, torch.Tensor]:
+    """Position -> frame [3, h, w] of every given frame: the keyframes, then ``given`` (images or uint8
+    [H, W, 3] arrays) at their positions, checked to lie inside the clip."""
+    out = {0: first, **({frames - 1: last} if last is not None else {})}
+    for pos in given_positions(frames, given or {}):
+        img = given[pos]  # type: ignore[index]
+        img = Image.fromarray(np.asarray(img, dtype=np.uint8)) if isinstance(img, np.ndarray) else img
+        out[pos] = image_to_tensor(load_image(img, f"given frame {pos}"))
+    return out
 
 
 def untrained_note(defaults: GenerationDefaults, frames: int, height: int, width: int) -> str | None:
@@ -258,11 +292,14 @@ class Pipeline:
         progress: Progress | None = None,
         guidance_steps: int | None = None,
         decode: bool = True,
+        given: Mapping[int, ImageLike | np.ndarray] | None = None,
     ) -> Video | None:
         """Generate a clip from ``first`` (and ``last``) keyframes. ``size`` is (width, height) and
         overrides ``max_area``. ``guidance_steps`` limits guidance to the first that many steps (where the
         layout and the path are decided). Unset settings come from the model's defaults. ``decode=False``
-        skips the VAE decode: the Video has no frames, only its ``latent``. In a parallel run (torchrun)
+        skips the VAE decode: the Video has no frames, only its ``latent``. ``given`` adds frames at any
+        pixel-frame positions (0-based; e.g. frames carried from a previous shot), through the same mask
+        branch; at 0 or the last position it replaces that keyframe. In a parallel run (torchrun)
         every rank calls this; rank 0 gets the Video, the others None. Every setting is checked first
         (segue.settings: InputError naming the argument); ``progress(step, total)`` is called with 0 before
         the first step and after each."""
@@ -277,9 +314,10 @@ class Pipeline:
         first_t = image_to_tensor(first_img)
         s = resolve_settings(request, self.config, first_t.shape[1:], last_img is not None, host_memory())
         last_t = fit_last_frame(image_to_tensor(last_img), *first_t.shape[1:]) if last_img is not None else None
-        given = ((first, "first frame"), (last, "last frame"), (self.source, "checkpoint"))
-        inputs = tuple((str(p), what) for p, what in given if isinstance(p, (str, Path)) and str(p))
+        sources = ((first, "first frame"), (last, "last frame"), (self.source, "checkpoint"))
+        inputs = tuple((str(p), what) for p, what in sources if isinstance(p, (str, Path)) and str(p))
         negative = negative_prompt or self.config.defaults.negative_prompt
+        cond_frames = given_frames(first_t, last_t, given, s.frames)
 
         cfg = self.config
         stride, tf = cfg.vae.spatial_factor, cfg.vae.temporal_factor
@@ -290,8 +328,8 @@ class Pipeline:
         clip = self.encode_images(first_t, last_t)
         y = None
         if cfg.dit.image_dim is not None:
-            mask = frame_mask(s.frames, lat_t, lat_h, lat_w, last_t is not None, tf)
-            cond = conditioning_video(first_t, last_t, s.frames, s.height, s.width)
+            mask = frame_mask(s.frames, lat_t, lat_h, lat_w, cond_frames, tf)
+            cond = conditioning_video(cond_frames, None, s.frames, s.height, s.width)
             cond_latent = self.vae.encode(cond[None].to(self.device))[0]  # [z, T, h, w]
             y = torch.cat([mask.to(self.device), cond_latent.float()])[None]  # [1, 4 + z, T, h, w]
         t_cond = time.perf_counter() - t0
@@ -312,6 +350,21 @@ class Pipeline:
         if video is None:
             return None  # a parallel run's other ranks: only rank 0 holds the video
         return Video(to_uint8(video), cfg.defaults.fps, latent.cpu(), info, inputs)
+
+    def story(
+        self,
+        story: dict[str, Any] | str | Path,
+        cache_dir: str | Path | None = None,
+        progress: Progress | None = None,
+        color_match: bool = False,
+    ) -> Video | None:
+        """Render a story (a dict, or a TOML/JSON file: keyframes and the shots between them, docs/storyboard.md)
+        into one film; ``info["report"]`` holds its report. ``cache_dir`` keeps each shot by content so a
+        later run re-renders only the shots that changed (None: no cache). ``color_match`` anchors every
+        shot's colours at its keyframes."""
+        from .story.film import render_story
+
+        return render_story(self, story, cache_dir=cache_dir, progress=progress, color_match_all=color_match)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor | None:
         """VAE-decode [z, T, h, w] -> [3, F, H, W]; None where a parallel run's decoder leaves no video."""

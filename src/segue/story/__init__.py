@@ -1,0 +1,1 @@
+"""Storyboards: many keyframes, one film (schema, rendering, shot cache, colour, report)."""
