@@ -36,8 +36,9 @@ from segue.models.encoders import ImageEncoder, TextEncoder
 from segue.models.vae import WanVAE
 from segue.tokenizer import load_tokenizer
 from segue.train.anchored_vae import AnchoredVAEObjective
+from segue.train.checkpoints import latest_ema
 from segue.train.phases import crop_origin
-from segue.train.trainer import TrainConfig, Trainer, latest_ema
+from segue.train.trainer import TrainConfig, Trainer
 
 
 class Offset(torch.utils.data.Dataset):
