@@ -1,6 +1,6 @@
 """segue serve on the built-in model: throughput, latency for N clients, and the queue's overhead per job.
 
-    python bench/serve.py                              # 1 worker; 1 and 4 clients (about 3 min on 2 idle cores)
+    python bench/serve.py                              # 1 worker; 1 and 4 clients (a few minutes on 2 cores)
     python bench/serve.py --workers 2 --clients 1,8 --jobs 40
 
 1. bare: in this process, the model loaded once, ``pipe.generate`` on the same request (warm, ``--jobs``
@@ -145,11 +145,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--clients", default="1,4", help="client counts, comma-separated")
-    p.add_argument("--jobs", type=int, default=20, help="jobs per measurement")
+    p.add_argument("--jobs", type=int, default=12, help="jobs per measurement")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per worker and for the bare run (default: cores / workers)")  # fmt: skip
     p.add_argument("--frames", default="17")
     p.add_argument("--steps", default="3")
     args = p.parse_args()
-    threads = max(1, (os.cpu_count() or 1) // args.workers)  # what segue serve gives each worker
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)  # what segue serve gives each worker
     fields = {"frames": args.frames, "steps": args.steps, "prompt": "a ball rolls to the right"}
     t_gen, t_full = bare(args.jobs, threads, fields)
     with tempfile.TemporaryDirectory() as tmp:

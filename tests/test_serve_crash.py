@@ -1,5 +1,6 @@
 """Crashes, with real SIGKILLs: a worker killed mid-job (the job completes on its retry, the worker is replaced),
-then the whole service killed with jobs queued and running and started again (every job completes once)."""
+then the whole service killed with jobs queued and running and started again (every job completes once);
+and a SIGTERM, which gives the running job back untouched."""
 
 from __future__ import annotations
 
@@ -79,5 +80,15 @@ def test_the_whole_service_killed_then_restarted_completes_every_job_once(server
                 assert outputs(data, j) == [f"out-{recorded_output(data, j)}"]
             finished = {j: c.get(f"/v1/videos/{j}").json()["finished_at"] for j in jobs}
             assert finished == {j: d["finished_at"] for j, d in done.items()}  # each completed once
+
+            # SIGTERM, by contrast, gives the running job back untouched and leaves no file behind
+            last = submit(c, seed=20, steps="200")["id"]
+            wait_for(lambda: c.get(f"/v1/videos/{last}").json()["step"] >= 2, 60, "the last job to run")
     finally:
-        again.stop()
+        rc = again.stop()
+    assert rc == 143 and "terminated (SIGTERM)" in again.output()
+    with sqlite3.connect(data / "queue.db") as db:
+        assert db.execute("SELECT status, attempts FROM jobs WHERE id = ?", (last,)).fetchone() == ("queued", 0)
+        assert db.execute("SELECT count(*) FROM workers").fetchone() == (0,)
+    assert outputs(data, last) == []
+    assert not [p for p in data.rglob("*") if ".part" in p.name]

@@ -154,3 +154,9 @@ def test_listing_pages_unknown_ids_and_delete(c: httpx.Client, server: Server) -
     assert health["queue_depth"] == 2 and health["workers_alive"] == 0 and health["model"]["size_step"] == 8
     metrics = c.get("/metrics").text
     assert 'segue_jobs{status="queued"} 2.0' in metrics and "segue_step_seconds_count" in metrics
+
+
+def test_the_api_process_never_loads_torch(server: Server, c: httpx.Client) -> None:
+    submit(c, seed=9)  # a submission checked against the model's config
+    maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
+    assert "libtorch" not in maps and "numpy" in maps  # the model's config came from a child process
