@@ -3,14 +3,12 @@
     python bench/serve.py                              # 1 worker; 1 and 4 clients (a few minutes on 2 cores)
     python bench/serve.py --workers 2 --clients 1,8 --jobs 40
 
-1. bare: in this process, the model loaded once, ``pipe.generate`` on the same request (warm, ``--jobs``
-   times): seconds per call; and the same call followed by what a worker writes (mp4, thumbnail, zip of
-   PNG frames, report).
-2. queue overhead: ``segue serve`` (a child process, ``--workers`` workers with the same torch threads)
-   given ``--jobs`` jobs at once; a job's service time is the span from the first job's start to the last
-   one's finish over the jobs (server timestamps), per worker. Overhead = service time - bare generate;
-   its ratio to the bare call is stated (the target at 1 worker: under 5%).
-3. clients: N threads each submitting a job and waiting for it (Server-Sent Events), ``--jobs`` jobs in all:
+1. bare and served, in rounds: this process (the model loaded once, the same torch threads as a worker) makes
+   one warm ``pipe.generate`` call and writes what a worker writes after it (mp4, thumbnail, zip of PNG
+   frames, report), then ``segue serve`` (a child process) runs the same request as a job. A job's service
+   time is its claim to its completion (server timestamps: the worker's whole cost per job in a backlog).
+   Overhead = service time - bare call, its ratio to the bare call stated (the target at 1 worker: < 5%).
+2. clients: N threads each submitting a job and waiting for it (Server-Sent Events), ``--jobs`` jobs in all:
    jobs per minute over the wall time, and p50/p95 of the latency (submission to completion, server
    timestamps).
 """
@@ -44,32 +42,35 @@ def keyframe(seed: int, w: int = 64, h: int = 64) -> bytes:
     return buf.getvalue()
 
 
-def bare(jobs: int, threads: int, fields: dict[str, str]) -> tuple[float, float]:
-    """(seconds per warm ``pipe.generate``, seconds per generate + the worker's output files)."""
-    import torch
+class Bare:
+    """The model loaded in this process: one ``pipe.generate`` call as a worker makes it, and the files a worker
+    writes after it (mp4, thumbnail, zip of PNG frames, report)."""
 
-    import segue
-    from segue.serve.render import write_outputs
-    from segue.story.report import clip_report
+    def __init__(self, threads: int, fields: dict[str, str]) -> None:
+        import torch
 
-    torch.set_num_threads(threads)
-    pipe = segue.load()
-    first, last = Image.open(io.BytesIO(keyframe(1))), Image.open(io.BytesIO(keyframe(2)))
-    kw = {k: int(v) for k, v in fields.items() if k in ("frames", "steps")}
-    pipe.generate(first, last, fields.get("prompt", ""), **kw)  # warm-up
-    gen, full = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for i in range(jobs):
-            t0 = time.perf_counter()
-            video = pipe.generate(first, last, fields.get("prompt", ""), seed=i, **kw)
-            t1 = time.perf_counter()
-            out = Path(tmp) / f"j{i}"
-            out.mkdir()
-            write_outputs(video.frames, video.fps, clip_report(pipe, video, first, last), out)
-            t2 = time.perf_counter()
-            gen.append(t1 - t0)
-            full.append(t2 - t0)
-    return statistics.mean(gen), statistics.mean(full)
+        import segue
+
+        torch.set_num_threads(threads)
+        self.pipe = segue.load()
+        self.first, self.last = Image.open(io.BytesIO(keyframe(1))), Image.open(io.BytesIO(keyframe(2)))
+        self.kw = {k: int(v) for k, v in fields.items() if k in ("frames", "steps")}
+        self.prompt = fields.get("prompt", "")
+        self.tmp = tempfile.TemporaryDirectory()
+        self.run(0)  # warm-up
+
+    def run(self, seed: int) -> tuple[float, float]:
+        """(seconds of the generate call, seconds of writing what a worker writes)."""
+        from segue.serve.render import write_outputs
+        from segue.story.report import clip_report
+
+        t0 = time.perf_counter()
+        video = self.pipe.generate(self.first, self.last, self.prompt, seed=seed, **self.kw)
+        t1 = time.perf_counter()
+        out = Path(self.tmp.name) / f"j{seed}"
+        out.mkdir()
+        write_outputs(video.frames, video.fps, clip_report(self.pipe, video, self.first, self.last), out)
+        return t1 - t0, time.perf_counter() - t1
 
 
 class Service:
@@ -108,13 +109,18 @@ class Service:
         self.proc.wait(timeout=120)
 
 
-def backlog(svc: Service, jobs: int, workers: int, fields: dict[str, str]) -> float:
-    """Seconds of service per job per worker, ``jobs`` jobs submitted at once."""
+def interleaved(svc: Service, bare: Bare, jobs: int, fields: dict[str, str]) -> dict[str, float]:
+    """Rounds of one bare call then one served job (so a change of the machine's load hits both alike): mean
+    seconds of the bare call, of its output files, and of the served job from its claim to its completion."""
+    gen, files, served = [], [], []
     with httpx.Client(base_url=svc.url, timeout=60) as c:
-        ids = [svc.submit(c, 1000 + i, fields) for i in range(jobs)]
-        done = [svc.wait(c, i) for i in ids]
-    span = max(j["finished_at"] for j in done) - min(j["started_at"] for j in done)
-    return span * workers / jobs
+        for i in range(jobs):
+            g, f = bare.run(1000 + i)
+            job = svc.wait(c, svc.submit(c, 1000 + i, fields))
+            gen.append(g)
+            files.append(f)
+            served.append(job["finished_at"] - job["started_at"])
+    return {"gen": statistics.mean(gen), "files": statistics.mean(files), "served": statistics.mean(served)}
 
 
 def clients(svc: Service, n: int, jobs: int, fields: dict[str, str]) -> tuple[float, float, float]:
@@ -153,12 +159,12 @@ def main() -> None:
     args = p.parse_args()
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)  # what segue serve gives each worker
     fields = {"frames": args.frames, "steps": args.steps, "prompt": "a ball rolls to the right"}
-    t_gen, t_full = bare(args.jobs, threads, fields)
+    bare = Bare(threads, fields)
     with tempfile.TemporaryDirectory() as tmp:
         svc = Service(args.workers, threads, Path(tmp) / "data")
         try:
             svc.wait(httpx.Client(base_url=svc.url, timeout=60), svc.submit(httpx.Client(base_url=svc.url), 0, fields))
-            per_job = backlog(svc, args.jobs, args.workers, fields)
+            t = interleaved(svc, bare, args.jobs, fields)
             rows = [(n, *clients(svc, n, args.jobs, fields)) for n in (int(x) for x in args.clients.split(","))]
         finally:
             svc.stop()
@@ -167,12 +173,11 @@ def main() -> None:
     print()
     print("| measure | seconds per job |")
     print("|---|---|")
-    print(f"| bare pipe.generate (this process) | {t_gen:.3f} |")
-    print(f"| bare pipe.generate + output files | {t_full:.3f} |")
-    print(f"| served, backlog, per job per worker | {per_job:.3f} |")
-    over = per_job - t_gen
-    print(f"| queue overhead per job (served - bare generate) | {over:.3f} ({100 * over / t_gen:+.1f}% of bare) |")
-    print(f"| of which output files (bare + files - bare) | {t_full - t_gen:.3f} |")
+    over = t["served"] - t["gen"]
+    print(f"| bare pipe.generate (this process) | {t['gen']:.3f} |")
+    print(f"| served job, claim to completion (a worker) | {t['served']:.3f} |")
+    print(f"| queue overhead per job (served - bare) | {over:.3f} ({100 * over / t['gen']:+.1f}% of bare) |")
+    print(f"| of which the output files (mp4, thumbnail, zip, report; timed on the bare run) | {t['files']:.3f} |")
     print()
     print("| clients | jobs/min | p50 latency (s) | p95 latency (s) |")
     print("|---|---|---|---|")
