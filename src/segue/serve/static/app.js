@@ -1,0 +1,99 @@
+// segue studio: the page `segue serve` shows at /. Screens by the address's #fragment (clip, story, queue),
+// the model's defaults from /health, and the token prompt the API's 401 answers open.
+
+import { call, onTokenNeeded } from "./js/api.js";
+import { ClipView } from "./js/clip.js";
+import { QueueView } from "./js/queue.js";
+import { StoryView } from "./js/story.js";
+
+const VIEWS = ["clip", "story", "queue"];
+
+// The model part of /health, whatever its detail: { name, defaults: {frames, fps, ...}, size_step }.
+function modelInfo(health) {
+  const m = health?.model;
+  if (!m) return { name: "", defaults: {} };
+  if (typeof m === "string") return { name: m, defaults: {} };
+  return { ...m, name: m.name || "", defaults: m.defaults || {} };
+}
+
+function describeHealth(health, model) {
+  const bits = [];
+  if (model.name) bits.push(`model ${model.name}`);
+  const workers = health.workers_alive ?? health.workers;
+  if (workers != null) bits.push(`${typeof workers === "object" ? (workers.alive ?? JSON.stringify(workers)) : workers} worker(s)`);
+  if (health.queue_depth != null) bits.push(`${health.queue_depth} waiting`);
+  return bits.join(" · ");
+}
+
+// The token prompt: a modal dialog, asked once per browser session (the API module keeps the token).
+function askToken(dialog) {
+  const input = dialog.querySelector("#token-input");
+  const error = dialog.querySelector("#token-error");
+  return (refused) =>
+    new Promise((resolve) => {
+      error.textContent = refused ? "The server refused that token; try again." : "";
+      input.value = "";
+      dialog.addEventListener(
+        "close",
+        () => resolve(dialog.returnValue === "ok" && input.value ? input.value : null),
+        { once: true },
+      );
+      dialog.returnValue = "";
+      dialog.showModal();
+      input.focus();
+    });
+}
+
+function route(views) {
+  const name = VIEWS.includes(location.hash.slice(1)) ? location.hash.slice(1) : "clip";
+  for (const v of VIEWS) {
+    document.getElementById(`${v}-view`).hidden = v !== name;
+    const link = document.querySelector(`nav a[data-view="${v}"]`);
+    if (v === name) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
+  if (name === "queue") views.queue.show();
+  return name;
+}
+
+async function main() {
+  const dialog = document.getElementById("token-dialog");
+  onTokenNeeded(askToken(dialog));
+
+  const views = {};
+  const useFrame = (file, target) => {
+    if (target === "story") views.story.addFrame(file);
+    else views.clip.useFrame(file, target);
+  };
+  views.queue = new QueueView(document.getElementById("queue-view"), { useFrame });
+  views.story = new StoryView(document.getElementById("story-view"), {
+    useFrame,
+    onSubmitted: (job) => views.queue.add(job),
+  });
+  views.clip = new ClipView(document.getElementById("clip-view"), {
+    onSubmitted: (job) => {
+      views.queue.add(job);
+      location.hash = "#queue"; // the clip's progress is watched there
+    },
+  });
+
+  window.addEventListener("hashchange", () => {
+    const name = route(views);
+    document.getElementById(`${name}-title`).focus();
+  });
+  route(views);
+
+  const status = document.getElementById("health");
+  try {
+    const health = await call("GET", "/health");
+    const model = modelInfo(health);
+    status.textContent = describeHealth(health, model);
+    views.clip.setModel(model);
+    views.story.setModel(model);
+  } catch (err) {
+    status.textContent = `The server did not answer /health: ${err.message}`;
+  }
+  document.body.dataset.ready = "true";
+}
+
+main();
