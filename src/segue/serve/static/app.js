@@ -66,22 +66,20 @@ async function main() {
     else views.clip.useFrame(file, target);
   };
   views.queue = new QueueView(document.getElementById("queue-view"), { useFrame });
-  views.story = new StoryView(document.getElementById("story-view"), {
-    useFrame,
-    onSubmitted: (job) => views.queue.add(job),
-  });
+  views.story = new StoryView(document.getElementById("story-view"), { useFrame });
   views.clip = new ClipView(document.getElementById("clip-view"), {
-    onSubmitted: (job) => {
-      views.queue.add(job);
+    onSubmitted: () => {
       location.hash = "#queue"; // the clip's progress is watched there
     },
   });
 
   window.addEventListener("hashchange", () => {
+    if (!VIEWS.includes(location.hash.slice(1))) return; // #main (the skip link) is no screen
     const name = route(views);
     document.getElementById(`${name}-title`).focus();
   });
   route(views);
+  views.queue.show(); // the list early: the running count, and the token prompt at once when one is needed
 
   const status = document.getElementById("health");
   try {

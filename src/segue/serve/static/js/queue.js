@@ -14,10 +14,10 @@ export class QueueView {
     this.message = root.querySelector("#queue-message");
     this.cards = new Map(); // id -> JobCard
     this.lastId = "";
-    this.loaded = false;
     this.filter.addEventListener("change", () => this.reload());
     root.querySelector("#queue-refresh").addEventListener("click", () => this.reload());
     this.more.addEventListener("click", () => this.load(true));
+    store.onSubmitted((job) => this.add(job));
     store.onAnyChange((job) => {
       if (job.deleted) this.cards.delete(job.id);
       this.updateCount();
@@ -32,15 +32,16 @@ export class QueueView {
     await this.load(false);
   }
 
-  async show() {
-    if (!this.loaded) await this.reload();
+  // The first time: the list (once, however often the screen is shown while it loads).
+  show() {
+    this.first ??= this.reload();
+    return this.first;
   }
 
   async load(older) {
     this.message.hidden = true;
     try {
       const page = await store.list({ status: this.filter.value, after: older ? this.lastId : "" });
-      this.loaded = true;
       for (const job of page.data) this.place(job, false);
       this.lastId = page.last_id || this.lastId;
       this.more.hidden = !page.has_more;
@@ -50,7 +51,7 @@ export class QueueView {
     }
   }
 
-  // A job submitted on this page: on top of the list (when the filter shows it).
+  // A job submitted on this page: on top of the list (the filter is reset to show it).
   add(job) {
     if (this.filter.value && this.filter.value !== job.status) this.filter.value = "";
     return this.place(job, true);

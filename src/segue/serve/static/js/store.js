@@ -12,6 +12,7 @@ const jobs = new Map(); // id -> job (the API's object)
 const inputs = new Map(); // id -> { fields: {name: string}, files: {name: File} } of jobs sent from this page
 const listeners = new Map(); // id -> Set of fn(job)
 const anyListeners = new Set(); // fn(job) for every change
+const submitListeners = new Set(); // fn(job) for every job this page submits
 const streams = new Map(); // id -> AbortController
 let pollTimer = null;
 
@@ -27,6 +28,10 @@ export function subscribe(id, fn) {
 
 export function onAnyChange(fn) {
   anyListeners.add(fn);
+}
+
+export function onSubmitted(fn) {
+  submitListeners.add(fn);
 }
 
 // Records a job (from a list, a submission or an event) and tells its views.
@@ -57,7 +62,9 @@ export async function submit(fields, files) {
   for (const [name, file] of Object.entries(files)) body.append(name, file, file.name);
   const job = await call("POST", "/v1/videos", { body });
   inputs.set(job.id, { fields: { ...fields }, files: { ...files } });
-  return put(job);
+  const known = put(job);
+  for (const fn of submitListeners) fn(known);
+  return known;
 }
 
 export function canRepeat(id) {
@@ -151,11 +158,12 @@ async function follow(id) {
 }
 
 function onEvent(id, data) {
-  if (!data || typeof data !== "object") return;
-  const job = jobs.get(id);
-  if (!job) return;
+  if (!data || typeof data !== "object" || (data.id && data.id !== id) || !jobs.has(id)) return;
+  if (data.deleted) {
+    forget(id);
+    return;
+  }
   const update = { id, ...data };
-  if (data.id && data.id !== id) return;
   // a final event may carry less than the job: fetch it whole when it ends
   put(update);
   if (TERMINAL.has(update.status) && !update.report && update.status === "completed") refresh(id).catch(() => {});

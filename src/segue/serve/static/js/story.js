@@ -18,7 +18,7 @@ function number(text) {
 }
 
 export class StoryView {
-  constructor(root, { useFrame, onSubmitted }) {
+  constructor(root, { useFrame }) {
     this.root = root;
     this.form = root.querySelector("#story-form");
     this.strip = root.querySelector("#story-strip");
@@ -27,7 +27,6 @@ export class StoryView {
     this.errors = new FieldErrors(this.form, this.form.querySelector(".form-error"));
     this.renderBox = root.querySelector("#story-render");
     this.useFrame = useFrame;
-    this.onSubmitted = onSubmitted;
     this.model = null;
     this.keyframes = []; // [{ key, image: {file, url, width, height} }]
     this.shots = []; // [{ prompt, frames }]: shot i runs from keyframe i to i+1 (the last: back to 0 in a loop)
@@ -295,7 +294,6 @@ export class StoryView {
     try {
       const job = await store.submit(fields, files);
       this.status.textContent = `Queued as ${job.id}.`;
-      this.onSubmitted(job);
       this.showJob(job);
     } catch (err) {
       this.status.textContent = "";
