@@ -48,10 +48,10 @@ class Server:
         self.token = token
         self.log = data.parent / f"{data.name}.log"
         cmd = [sys.executable, "-m", "segue", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--data", str(data), "--workers", "1"]  # fmt: skip
+               "--data", str(data), "--workers", "1", "--threads", "2"]  # fmt: skip
         if token:
             cmd += ["--token", token]
-        env = {**os.environ, "OMP_NUM_THREADS": "2"}
+        env = {k: v for k, v in os.environ.items() if k != "SEGUE_TOKEN"}  # a token only where a test gives one
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + SERVER_START_S

@@ -82,9 +82,12 @@ def newest_card(page):
 
 def test_clip_end_to_end(server, open_page, shots_dir):
     page, _ = open_page(server.url + "/")
-    # the model's defaults fill the settings (the built-in model: 17 frames at 8 fps, 3 steps, guidance 2)
-    status, health = server.request("GET", "/health")
-    assert page.locator("#clip-steps").input_value() != ""
+    # the model's defaults fill the settings
+    defaults = server.request("GET", "/health")[1]["model"]["defaults"]
+    expect(page.locator("#clip-frames")).to_have_value(str(defaults["frames"]))
+    expect(page.locator("#clip-steps")).to_have_value(str(defaults["steps"]))
+    expect(page.locator("#clip-guidance")).to_have_value(f"{defaults['guidance']:g}")
+    expect(page.locator("#clip-frames-note")).to_contain_text(f"at {defaults['fps']} fps")
     page.set_input_files("#clip-first", file_payload("first.png", keyframe(0, (96, 64))))
     drop_file(page, '.drop[data-slot="last"]', "last.png", keyframe(2, (64, 96)))  # drag and drop
     expect(page.locator('.drop[data-slot="first"] .size')).to_have_text("first.png: 96×64")
@@ -92,7 +95,8 @@ def test_clip_end_to_end(server, open_page, shots_dir):
     expect(page.locator("#clip-fit")).to_contain_text(re.compile(r"Output: \d+×\d+"))
     expect(page.locator("#clip-fit")).to_contain_text("Last keyframe 64×96: scaled to cover it and centre-cropped")
     page.fill("#clip-prompt", "the dark disc rolls to the right")
-    page.fill("#clip-steps", "8")
+    page.fill("#clip-frames", "5")
+    page.fill("#clip-steps", "4")
     seed_before = page.locator("#clip-seed").input_value()
     page.click("text=New seed")
     assert page.locator("#clip-seed").input_value() != seed_before
@@ -106,7 +110,7 @@ def test_clip_end_to_end(server, open_page, shots_dir):
     seen = [s for s in page.evaluate("window.__seen") if s["id"] == job_id]
     moving = sorted({s["value"] for s in seen if 0 < s["value"] < 100})
     assert moving, f"the progress bar never showed a value between 0 and 100: {seen[-5:]}"
-    assert any(re.search(r"step [1-7] of 8", s["text"]) for s in seen), [s["text"] for s in seen]
+    assert any(re.search(r"step [1-3] of 4", s["text"]) for s in seen), [s["text"] for s in seen]
 
     # the video plays inline, on a loop; the report's keyframe fidelity is shown
     video = card.locator("video")
@@ -114,6 +118,9 @@ def test_clip_end_to_end(server, open_page, shots_dir):
     assert video.evaluate("v => v.loop && v.duration > 0")
     page.wait_for_function("v => v.currentTime > 0 || v.ended", arg=video.element_handle(), timeout=30_000)
     report = server.job(job_id)["report"]
+    page.click("nav >> text=Clip")  # the size the page said the keyframes would be fitted to is the video's
+    expect(page.locator("#clip-fit")).to_contain_text(f"Output: {report['width']}×{report['height']}.")
+    page.click("nav >> text=Queue")
     rows = card.locator(".fidelity tbody tr")
     expect(rows).to_have_count(2)
     expect(rows.nth(0)).to_contain_text(f"{report['keyframes'][0]['psnr']:.2f}")
@@ -204,7 +211,7 @@ def test_storyboard_renders_only_the_changed_shots(server, open_page, shots_dir)
     for i, prompt in enumerate(["the disc rolls right", "the disc rolls on"]):
         page.fill(f"#story-shot-{i}-prompt", prompt)
         page.fill(f"#story-shot-{i}-frames", "5")
-    page.fill("#story-steps", "6")
+    page.fill("#story-steps", "3")
     page.check("#story-color-match")
     screenshot(page, shots_dir, "studio-storyboard.png")
 
@@ -237,6 +244,7 @@ def test_storyboard_renders_only_the_changed_shots(server, open_page, shots_dir)
 def test_cancel(server, open_page):
     page, _ = open_page(server.url + "/")
     page.set_input_files("#clip-first", file_payload("a.png", keyframe(0)))
+    page.fill("#clip-frames", "5")
     page.fill("#clip-steps", "400")
     page.click("button:text('Make the clip')")
     card, job_id = newest_card(page)
@@ -376,6 +384,7 @@ def test_token_asked_once_per_session(token_server, open_page, shots_dir):
     page.click("nav >> text=Clip")
     page.set_input_files("#clip-first", file_payload("a.png", keyframe(0)))
     page.fill("#clip-frames", "5")
+    page.fill("#clip-steps", "1")
     page.click("button:text('Make the clip')")
     card, job_id = newest_card(page)
     expect(card).to_have_attribute("data-status", "completed", timeout=WAIT_MS)
