@@ -148,6 +148,21 @@ def keyframe(i: int, size: tuple[int, int] = (64, 64)) -> bytes:
     return buf.getvalue()
 
 
+def clip_keyframes(seed: int, picks: tuple[int, ...], size: int = 64) -> tuple[list[Image.Image], str]:
+    """Frames ``picks`` of a procedural clip like those the built-in model learned from, and its caption."""
+    from segue.data.synthetic import make_clip
+
+    clip = make_clip(seed, frames=17, size=(size, size))
+    return [Image.fromarray(clip.frames[i]) for i in picks], clip.caption
+
+
+def png(image: Image.Image, box: tuple[int, int, int, int] | None = None) -> bytes:
+    """PNG bytes of ``image``, cropped to ``box`` (left, top, right, bottom) when given."""
+    buf = io.BytesIO()
+    (image.crop(box) if box else image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def file_payload(name: str, data: bytes) -> dict[str, Any]:
     return {"name": name, "mimeType": "image/png", "buffer": data}
 

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect, sync_playwright
 
 from tests.studio_browser import (
     CHROMIUM,
@@ -18,14 +19,14 @@ from tests.studio_browser import (
     WATCH_JS,
     Console,
     Server,
+    clip_keyframes,
     drop_file,
     file_payload,
     keyframe,
+    png,
     screenshot,
 )
 
-playwright_api = pytest.importorskip("playwright.sync_api", reason="the test extra installs playwright")
-expect = playwright_api.expect
 WAIT_MS = JOB_S * 1000
 
 
@@ -45,7 +46,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def browser():
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)"
-    with playwright_api.sync_playwright() as p:
+    with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b
         b.close()
@@ -88,13 +89,14 @@ def test_clip_end_to_end(server, open_page, shots_dir):
     expect(page.locator("#clip-steps")).to_have_value(str(defaults["steps"]))
     expect(page.locator("#clip-guidance")).to_have_value(f"{defaults['guidance']:g}")
     expect(page.locator("#clip-frames-note")).to_contain_text(f"at {defaults['fps']} fps")
-    page.set_input_files("#clip-first", file_payload("first.png", keyframe(0, (96, 64))))
-    drop_file(page, '.drop[data-slot="last"]', "last.png", keyframe(2, (64, 96)))  # drag and drop
-    expect(page.locator('.drop[data-slot="first"] .size')).to_have_text("first.png: 96×64")
-    expect(page.locator('.drop[data-slot="last"] .size')).to_have_text("last.png: 64×96")
+    (first, last), caption = clip_keyframes(19, (0, 16), size=128)
+    page.set_input_files("#clip-first", file_payload("first.png", png(first, (0, 16, 128, 112))))  # 128x96
+    drop_file(page, '.drop[data-slot="last"]', "last.png", png(last, (16, 0, 112, 128)))  # 96x128, drag and drop
+    expect(page.locator('.drop[data-slot="first"] .size')).to_have_text("first.png: 128×96")
+    expect(page.locator('.drop[data-slot="last"] .size')).to_have_text("last.png: 96×128")
     expect(page.locator("#clip-fit")).to_contain_text(re.compile(r"Output: \d+×\d+"))
-    expect(page.locator("#clip-fit")).to_contain_text("Last keyframe 64×96: scaled to cover it and centre-cropped")
-    page.fill("#clip-prompt", "the dark disc rolls to the right")
+    expect(page.locator("#clip-fit")).to_contain_text("Last keyframe 96×128: scaled to cover it and centre-cropped")
+    page.fill("#clip-prompt", caption)
     page.fill("#clip-frames", "5")
     page.fill("#clip-steps", "4")
     seed_before = page.locator("#clip-seed").input_value()
@@ -180,6 +182,11 @@ def test_again_and_delete(server, open_page):
     reseed_card.locator("[data-act=cancel]").click()
     expect(reseed_card).to_have_attribute("data-status", "cancelled", timeout=WAIT_MS)
 
+    # after a reload the browser still has the keyframes it sent: "again" stays offered
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-ready", "true")
+    page.click("nav >> text=Queue")
+    expect(card.locator("[data-act=again]")).to_be_visible()
     card.locator("[data-act=delete]").click()
     expect(page.locator(f'.job[data-id="{first_id}"]')).to_have_count(0)
     assert server.request("GET", f"/v1/videos/{first_id}")[0] == 404
@@ -187,12 +194,14 @@ def test_again_and_delete(server, open_page):
 
 def test_storyboard_renders_only_the_changed_shots(server, open_page, shots_dir):
     page, _ = open_page(server.url + "/#story")
-    page.set_input_files("#story-add-input", [file_payload("k1.png", keyframe(1)), file_payload("k0.png", keyframe(0))])
-    drop_file(page, "#story-add", "k2.png", keyframe(2))
+    frames, caption = clip_keyframes(7, (0, 8, 16, 12))
+    k0, k1, k2, k3 = (png(f) for f in frames)
+    page.set_input_files("#story-add-input", [file_payload("k1.png", k1), file_payload("k0.png", k0)])
+    drop_file(page, "#story-add", "k2.png", k2)
     strip = page.locator("#story-strip > li")
     expect(strip).to_have_count(3)
     # reorder: drag the second keyframe onto the first, then move it back and forth with the keyboard
-    page.drag_and_drop("#story-strip > li:nth-child(2)", "#story-strip > li:nth-child(1)")
+    page.drag_and_drop("#story-strip > li:nth-child(2) img", "#story-strip > li:nth-child(1) img")
     expect(strip.nth(0).locator(".size")).to_contain_text("k0.png")
     strip.nth(0).locator("[data-move=later]").click()
     expect(strip.nth(1).locator(".size")).to_contain_text("k0.png")
@@ -202,13 +211,13 @@ def test_storyboard_renders_only_the_changed_shots(server, open_page, shots_dir)
     # remove and add again
     strip.nth(2).locator("[data-move=remove]").click()
     expect(strip).to_have_count(2)
-    page.set_input_files("#story-add-input", file_payload("k2.png", keyframe(2)))
+    page.set_input_files("#story-add-input", file_payload("k2.png", k2))
     expect(strip).to_have_count(3)
     expect(page.locator("fieldset.shot")).to_have_count(2)
     page.check("#story-loop")
     expect(page.locator("fieldset.shot")).to_have_count(3)
     page.uncheck("#story-loop")
-    for i, prompt in enumerate(["the disc rolls right", "the disc rolls on"]):
+    for i, prompt in enumerate([caption, caption]):
         page.fill(f"#story-shot-{i}-prompt", prompt)
         page.fill(f"#story-shot-{i}-frames", "5")
     page.fill("#story-steps", "3")
@@ -222,7 +231,7 @@ def test_storyboard_renders_only_the_changed_shots(server, open_page, shots_dir)
     expect(render.locator(".shots li")).to_have_text([re.compile(r"Shot 1: rendered"), re.compile(r"Shot 2: rendered")])
 
     # a new third keyframe: only shot 2 (keyframe 2 -> 3) renders again, and the page says so
-    page.set_input_files('[data-field="keyframes[2]"]', file_payload("k3.png", keyframe(3)))
+    page.set_input_files('[data-field="keyframes[2]"]', file_payload("k3.png", k3))
     expect(strip.nth(2).locator(".size")).to_contain_text("k3.png")
     page.evaluate(WATCH_JS)
     page.click("button:text('Render the film')")
@@ -339,13 +348,16 @@ def test_keyboard_alone(server, open_page):
 def test_phone_width(server, open_page, shots_dir):
     page, _ = open_page(server.url + "/", width=390, height=844)
     overflow = "() => document.documentElement.scrollWidth - window.innerWidth"
-    page.set_input_files("#clip-first", file_payload("first.png", keyframe(0, (256, 256))))
-    page.set_input_files("#clip-last", file_payload("last.png", keyframe(2, (256, 256))))
+    (first, last), caption = clip_keyframes(19, (0, 16), size=256)
+    page.set_input_files("#clip-first", file_payload("first.png", png(first)))
+    page.set_input_files("#clip-last", file_payload("last.png", png(last)))
+    page.fill("#clip-prompt", caption)
     expect(page.locator("#clip-fit")).to_contain_text("Output:")
     assert page.evaluate(overflow) <= 0
     screenshot(page, shots_dir, "studio-phone-clip.png", full_page=False)
     page.click("nav >> text=Storyboard")
-    page.set_input_files("#story-add-input", [file_payload(f"k{i}.png", keyframe(i)) for i in range(3)])
+    frames, _ = clip_keyframes(7, (0, 8, 16))
+    page.set_input_files("#story-add-input", [file_payload(f"k{i}.png", png(f)) for i, f in enumerate(frames)])
     expect(page.locator("#story-strip > li")).to_have_count(3)
     assert page.evaluate(overflow) <= 0
     page.click("nav >> text=Queue")

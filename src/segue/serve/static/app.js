@@ -4,6 +4,7 @@
 import { call, onTokenNeeded } from "./js/api.js";
 import { ClipView } from "./js/clip.js";
 import { QueueView } from "./js/queue.js";
+import * as store from "./js/store.js";
 import { StoryView } from "./js/story.js";
 
 const VIEWS = ["clip", "story", "queue"];
@@ -19,10 +20,37 @@ function modelInfo(health) {
 function describeHealth(health, model) {
   const bits = [];
   if (model.name) bits.push(`model ${model.name}`);
-  const workers = health.workers_alive ?? health.workers;
-  if (workers != null) bits.push(`${typeof workers === "object" ? (workers.alive ?? JSON.stringify(workers)) : workers} worker(s)`);
-  if (health.queue_depth != null) bits.push(`${health.queue_depth} waiting`);
+  const alive = health.workers_alive;
+  if (Number.isInteger(alive)) {
+    const of = Number.isInteger(health.workers) && health.workers !== alive ? ` of ${health.workers}` : "";
+    bits.push(`${alive}${of} worker${alive === 1 && !of ? "" : "s"} ready`);
+  }
+  if (Number.isInteger(health.queue_depth)) bits.push(`${health.queue_depth} waiting`);
   return bits.join(" · ");
+}
+
+const HEALTH_MS = 10_000;
+
+// /health now and every HEALTH_MS while the page is visible; the model's defaults go to the forms once.
+async function watchHealth(views) {
+  const status = document.getElementById("health");
+  let model = null;
+  for (;;) {
+    try {
+      const health = await call("GET", "/health");
+      if (!model) {
+        model = modelInfo(health);
+        views.clip.setModel(model);
+        views.story.setModel(model);
+      }
+      status.textContent = describeHealth(health, model);
+    } catch (err) {
+      status.textContent = `The server did not answer /health: ${err.message}`;
+    }
+    document.body.dataset.ready = "true";
+    do await new Promise((r) => setTimeout(r, HEALTH_MS));
+    while (document.hidden);
+  }
 }
 
 // The token prompt: a modal dialog, asked once per browser session (the API module keeps the token).
@@ -78,20 +106,11 @@ async function main() {
     const name = route(views);
     document.getElementById(`${name}-title`).focus();
   });
+  await store.init();
   route(views);
   views.queue.show(); // the list early: the running count, and the token prompt at once when one is needed
 
-  const status = document.getElementById("health");
-  try {
-    const health = await call("GET", "/health");
-    const model = modelInfo(health);
-    status.textContent = describeHealth(health, model);
-    views.clip.setModel(model);
-    views.story.setModel(model);
-  } catch (err) {
-    status.textContent = `The server did not answer /health: ${err.message}`;
-  }
-  document.body.dataset.ready = "true";
+  watchHealth(views);
 }
 
 main();

@@ -77,6 +77,23 @@ export function shotSummary(states) {
   return `${r}Reused unchanged: shot${reused.length > 1 ? "s" : ""} ${listWords(reused)} (same keyframes and settings).`;
 }
 
+// The settings worth a glance: a clip's resolved ones; a storyboard's keyframes, loop and seed.
+function settingsText(job, story) {
+  if (story) {
+    const n = story.keyframes?.length ?? 0;
+    const seed = story.settings?.seed;
+    return [plural(n, "keyframe") + (story.loop ? ", loop" : ""), seed != null ? `seed ${seed}` : ""];
+  }
+  const s = job.settings || {};
+  return [
+    s.frames != null ? `${s.frames} frames` : "",
+    s.size ? String(s.size).replace("x", "×") : "",
+    s.steps != null ? plural(s.steps, "step") : "",
+    s.guidance != null ? `guidance ${s.guidance}` : "",
+    s.seed != null ? `seed ${s.seed}` : "",
+  ];
+}
+
 export class JobCard {
   // useFrame(file, target) puts a picked frame into a form ("first", "last" or "story").
   constructor(job, { useFrame, template = document.getElementById("job-template") }) {
@@ -119,11 +136,10 @@ export class JobCard {
     p.badge.textContent = STATUS_TEXT[job.status] || job.status;
     p.badge.dataset.status = job.status;
     this.el.dataset.status = job.status;
-    const created = job.created_at ? new Date(job.created_at * (job.created_at < 1e12 ? 1000 : 1)) : null;
-    const seed = story ? story.settings?.seed : job.settings?.seed;
+    const created = job.created_at ? new Date(job.created_at * 1000) : null;
     p.meta.textContent = [
       created && !Number.isNaN(created.getTime()) ? created.toLocaleString() : "",
-      seed != null ? `seed ${seed}` : "",
+      ...settingsText(job, story),
       job.attempts > 1 ? `attempt ${job.attempts}` : "",
       `id ${job.id}`,
     ].filter(Boolean).join(" · ");
@@ -135,9 +151,7 @@ export class JobCard {
     this.button("cancel").hidden = !live;
     this.button("delete").hidden = live;
     for (const act of ["again", "again-seed"]) {
-      const b = this.button(act);
-      b.disabled = !store.canRepeat(job.id);
-      b.title = b.disabled ? "Sent from another page: its keyframes are not in this one" : "";
+      this.button(act).hidden = !store.canRepeat(job.id); // its keyframes were sent from another browser
     }
     if (job.status === "completed") this.showResult(job);
   }
@@ -152,6 +166,10 @@ export class JobCard {
     bits.push(`${Math.round(progress)}%`);
     if (job.status === "in_progress" && job.eta_s != null) bits.push(`about ${formatSeconds(job.eta_s)} left`);
     if (job.status === "queued") bits.push("waiting for a worker");
+    if (job.status === "cancelled" || job.status === "failed") {
+      p.progressText.textContent = job.step ? `stopped at step ${job.step} of ${job.steps}` : "stopped before its first step";
+      return;
+    }
     p.progressText.textContent = bits.join(" · ");
   }
 

@@ -3,6 +3,7 @@
 
 import { ApiError, call, readEvents } from "./api.js";
 import { newSeed } from "./fields.js";
+import * as saved from "./inputs.js";
 
 export const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 const MAX_STREAMS = 3; // a browser opens ~6 connections per host: leave room for everything else
@@ -10,11 +11,18 @@ const POLL_MS = 2000;
 
 const jobs = new Map(); // id -> job (the API's object)
 const inputs = new Map(); // id -> { fields: {name: string}, files: {name: File} } of jobs sent from this page
+let savedIds = new Set(); // ids whose inputs this browser kept from earlier visits
 const listeners = new Map(); // id -> Set of fn(job)
 const anyListeners = new Set(); // fn(job) for every change
 const submitListeners = new Set(); // fn(job) for every job this page submits
 const streams = new Map(); // id -> AbortController
+const resting = new Map(); // id -> time before which its events are not asked for again (the stream kept failing)
 let pollTimer = null;
+
+// Before the first list: which jobs this browser can send again.
+export async function init() {
+  savedIds = await saved.ids();
+}
 
 export function get(id) {
   return jobs.get(id);
@@ -48,6 +56,8 @@ export function put(job) {
 function forget(id) {
   jobs.delete(id);
   inputs.delete(id);
+  savedIds.delete(id);
+  saved.drop(id);
   streams.get(id)?.abort();
   streams.delete(id);
   for (const fn of listeners.get(id) || []) fn(null);
@@ -62,19 +72,20 @@ export async function submit(fields, files) {
   for (const [name, file] of Object.entries(files)) body.append(name, file, file.name);
   const job = await call("POST", "/v1/videos", { body });
   inputs.set(job.id, { fields: { ...fields }, files: { ...files } });
+  saved.save(job.id, fields, files).then(() => savedIds.add(job.id));
   const known = put(job);
   for (const fn of submitListeners) fn(known);
   return known;
 }
 
 export function canRepeat(id) {
-  return inputs.has(id);
+  return inputs.has(id) || savedIds.has(id);
 }
 
 // The same request again, with a new seed when asked (a story's seed is in its settings).
 export async function repeat(id, { reseed = false } = {}) {
-  const sent = inputs.get(id);
-  if (!sent) throw new ApiError(0, "this job was sent from another page: its keyframes are not here to send again");
+  const sent = inputs.get(id) || (await saved.load(id));
+  if (!sent) throw new ApiError(0, "this job was sent from another browser: its keyframes are not here to send again");
   const fields = { ...sent.fields };
   if (reseed) {
     const seed = newSeed();
@@ -116,9 +127,10 @@ export async function list({ status = "", limit = 20, after = "" } = {}) {
 function track() {
   const live = [...jobs.values()].filter((j) => !TERMINAL.has(j.status));
   live.sort((a, b) => (a.status === "in_progress" ? 0 : 1) - (b.status === "in_progress" ? 0 : 1));
+  const now = Date.now();
   for (const job of live) {
     if (streams.size >= MAX_STREAMS) break;
-    if (!streams.has(job.id)) follow(job.id);
+    if (!streams.has(job.id) && !(resting.get(job.id) > now)) follow(job.id);
   }
   const unfollowed = live.some((j) => !streams.has(j.id));
   if (unfollowed && !pollTimer) pollTimer = setTimeout(poll, POLL_MS);
@@ -154,6 +166,7 @@ async function follow(id) {
     await new Promise((r) => setTimeout(r, 500 * failures));
   }
   if (streams.get(id) === ctrl) streams.delete(id);
+  if (failures) resting.set(id, Date.now() + 30_000); // polled meanwhile
   track();
 }
 

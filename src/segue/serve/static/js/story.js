@@ -140,7 +140,6 @@ export class StoryView {
     const li = document.createElement("li");
     li.className = "kf";
     li.dataset.key = String(kf.key);
-    li.draggable = true;
     const id = `story-kf-${kf.key}`;
     const { file, url, width, height } = kf.image;
     li.innerHTML = `
@@ -154,6 +153,8 @@ export class StoryView {
           <button type="button" data-move="remove">Remove</button>
         </div>
       </div>`;
+    const frame = li.querySelector(".kf-frame");
+    frame.draggable = true; // the picture and its buttons: a drag in the shot's text selects text
     const img = li.querySelector("img");
     img.src = url;
     img.alt = `Keyframe ${i + 1}: ${file.name}`;
@@ -174,7 +175,7 @@ export class StoryView {
     later.addEventListener("click", () => this.move(i, i + 1, i + 1 === n - 1 ? "earlier" : "later"));
     remove.addEventListener("click", () => this.removeAt(i));
     if (hasShot) li.append(this.shotFields(i, n, defaultFrames));
-    this.bindDrag(li, i);
+    this.bindDrag(li, frame, i);
     return li;
   }
 
@@ -185,9 +186,9 @@ export class StoryView {
     box.className = "shot";
     box.innerHTML = `
       <legend></legend>
-      <div class="field"><label for="${id}-prompt">Prompt</label><textarea id="${id}-prompt" rows="2"></textarea></div>
+      <div class="field"><label for="${id}-prompt">Prompt</label><textarea id="${id}-prompt" rows="3"></textarea></div>
       <div class="field"><label for="${id}-frames">Frames</label><input id="${id}-frames" type="number" inputmode="numeric"></div>`;
-    box.querySelector("legend").textContent = `Shot ${i + 1}: keyframe ${i + 1} → ${((i + 1) % n) + 1}`;
+    box.querySelector("legend").textContent = `Shot ${i + 1} (keyframes ${i + 1} → ${((i + 1) % n) + 1})`;
     const prompt = box.querySelector("textarea");
     const frames = box.querySelector("input");
     prompt.dataset.field = `shots[${i}].prompt`;
@@ -199,15 +200,14 @@ export class StoryView {
     return box;
   }
 
-  // Reorder by dragging a card onto another; files dropped on a card replace its keyframe.
-  bindDrag(li, i) {
-    li.addEventListener("dragstart", (e) => {
-      if (e.target !== li) return;
+  // Reorder by dragging a keyframe onto another; files dropped on a card replace its keyframe.
+  bindDrag(li, handle, i) {
+    handle.addEventListener("dragstart", (e) => {
       e.dataTransfer.setData(DRAG_TYPE, String(i));
       e.dataTransfer.effectAllowed = "move";
       li.classList.add("dragging");
     });
-    li.addEventListener("dragend", () => li.classList.remove("dragging"));
+    handle.addEventListener("dragend", () => li.classList.remove("dragging"));
     li.addEventListener("dragover", (e) => {
       const types = [...e.dataTransfer.types];
       if (!types.includes(DRAG_TYPE) && !carriesFiles(e)) return;
