@@ -253,7 +253,7 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
                        help="postgresql://USER@HOST/DB: one queue for many machines (default: SQLite)")  # fmt: skip
         p.add_argument("--lease", type=float, default=30.0,
                        help="seconds a job stays claimed without a heartbeat before it runs again")  # fmt: skip
-        p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
+        p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
         add_model_options(p, parallel=False)
 
 

@@ -51,11 +51,14 @@ def prepare_data(path: Path) -> Path:
 
 
 def model_options(args: argparse.Namespace) -> list[str]:
-    """The model, speed and memory flags of ``args`` as a worker's command line takes them."""
+    """The model, speed and memory flags of ``args`` as a worker's command line takes them. Without
+    ``--threads`` the machine's cores are shared out among the workers: N workers each spinning up every
+    core's worth of threads slow each other down several times over on a CPU."""
+    threads = args.threads if args.threads is not None else max(1, (os.cpu_count() or 1) // max(1, args.workers))
     out: list[str] = []
     for flag, value in (("--ckpt-dir", args.ckpt_dir), ("--device", args.device), ("--dtype", args.dtype),
                         ("--step-cache", args.step_cache), ("--cache-threshold", args.cache_threshold),
-                        ("--cache-calibration", args.cache_calibration), ("--threads", args.threads)):  # fmt: skip
+                        ("--cache-calibration", args.cache_calibration), ("--threads", threads)):  # fmt: skip
         if value is not None:
             out += [flag, str(value)]
     out += ["--memory", args.memory, "--attention", args.attention]
@@ -121,16 +124,20 @@ def serve(args: argparse.Namespace) -> int:
     data = prepare_data(args.data)
     queue = open_queue(args.db, data)
     queue.create_schema()
-    model = describe(args.ckpt_dir, args.few_step)
     secret = load_secret(data, args.webhook_secret)
-    state = ServeState(queue, data, model, token=args.token, max_upload=int(args.max_upload_mb * 2**20),
-                       max_pixels=args.max_pixels, lease_s=args.lease, workers=args.workers)  # fmt: skip
-    app = create_app(state)
     options = ["--data", str(data), "--lease", str(args.lease), *model_options(args)]
     env = {**os.environ, DB_ENV: queue.url}
     supervisor = Supervisor(queue, args.workers, worker_command(global_flags(args), options), env=env)
+    supervisor.start()  # the workers load the model while the config is read
+    try:
+        model = describe(args.ckpt_dir, args.few_step)
+    except BaseException:
+        supervisor.stop()
+        raise
+    state = ServeState(queue, data, model, token=args.token, max_upload=int(args.max_upload_mb * 2**20),
+                       max_pixels=args.max_pixels, lease_s=args.lease, workers=args.workers)  # fmt: skip
+    app = create_app(state)
     deliverer = Deliverer(queue, secret, retries=args.webhook_retries, backoff=args.webhook_backoff)
-    supervisor.start()
     deliverer.start()
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"

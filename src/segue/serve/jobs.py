@@ -143,5 +143,11 @@ class JobFiles:
         path = self.outputs(job.output) / VARIANTS[variant][0]
         return path if path.is_file() else None
 
+    def remove_other_outputs(self, claim: str) -> None:
+        """Remove the outputs folders of earlier attempts (a worker killed mid-write leaves one behind)."""
+        for folder in self.root.glob("out-*"):
+            if folder.name != f"out-{claim}":
+                shutil.rmtree(folder, ignore_errors=True)
+
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

@@ -105,6 +105,7 @@ class Worker:
             return self.queue.progress(job.id, claim, step, total, percent, eta, shot)
 
         progress = Progress(write, self.lost)
+        files.remove_other_outputs(claim)  # earlier attempts' folders: theirs can never complete
         try:
             out.mkdir()
         except FileNotFoundError:  # deleted before it started
