@@ -354,6 +354,7 @@ def test_phone_width(server, open_page, shots_dir):
     page.fill("#clip-prompt", caption)
     expect(page.locator("#clip-fit")).to_contain_text("Output:")
     assert page.evaluate(overflow) <= 0
+    page.evaluate("window.scrollTo(0, 0)")
     screenshot(page, shots_dir, "studio-phone-clip.png", full_page=False)
     page.click("nav >> text=Storyboard")
     frames, _ = clip_keyframes(7, (0, 8, 16))
