@@ -193,7 +193,7 @@ def test_again_and_delete(server, open_page):
 
 
 def test_storyboard_renders_only_the_changed_shots(server, open_page, shots_dir):
-    page, _ = open_page(server.url + "/#story")
+    page, console = open_page(server.url + "/#story")
     frames, caption = clip_keyframes(7, (0, 8, 16, 12))
     k0, k1, k2, k3 = (png(f) for f in frames)
     page.set_input_files("#story-add-input", [file_payload("k1.png", k1), file_payload("k0.png", k0)])
@@ -223,6 +223,15 @@ def test_storyboard_renders_only_the_changed_shots(server, open_page, shots_dir)
     page.fill("#story-steps", "3")
     page.check("#story-color-match")
     screenshot(page, shots_dir, "studio-storyboard.png")
+
+    # a shot's bad frame count: the API's message under that shot's field, and no job
+    console.allow(r"status of 422")
+    page.fill("#story-shot-1-frames", "6")
+    page.click("button:text('Render the film')")
+    expect(page.locator("#story-shot-1-frames-error")).to_contain_text("shots[1]: frames must be 4n+1")
+    expect(page.locator("#story-shot-1-frames")).to_be_focused()
+    expect(page.locator("#story-render")).to_be_hidden()
+    page.fill("#story-shot-1-frames", "5")
 
     page.click("button:text('Render the film')")
     render = page.locator("#story-render .job")

@@ -3,13 +3,11 @@
 // shot's state, so an edit that touches one keyframe shows which shots were rendered again.
 
 import { JobCard } from "./card.js";
-import { FieldErrors, fittedSize, newSeed, parseSize } from "./fields.js";
+import { FieldErrors, fieldOf, fittedSize, newSeed, parseSize } from "./fields.js";
 import { carriesFiles, droppedImage, readImage } from "./keyframes.js";
 import * as store from "./store.js";
 
 const DRAG_TYPE = "application/x-segue-keyframe";
-const SETTING_NAMES = ["seed", "steps", "guidance", "shift", "solver", "size", "max_area", "carry", "color_match",
-  "frames", "negative_prompt", "guidance_steps"]; // names the server may give in a story's message
 
 // "12" -> 12 and "2.5" -> 2.5; anything else stays text for the server to name in its message.
 function number(text) {
@@ -266,17 +264,20 @@ export class StoryView {
     };
   }
 
-  // The field of a story message: "story: shots[1]: frames ..." -> shots[1].frames; keyframes[2] -> its card.
+  // The field of a story error: the server names "story" for all of them, so the message decides.
+  // "story: shots[1]: frames must ..." -> that shot's frames; "keyframes[2] ..." or a file field -> that card;
+  // a film setting it names ("size 9x9: ...") -> that field.
   fieldOfMessage(err) {
-    const m = /shots\[(\d+)\]/.exec(err.message);
-    if (m) {
-      const rest = err.message.slice(m.index + m[0].length);
-      return rest.includes("prompt") ? `shots[${m[1]}].prompt` : `shots[${m[1]}].frames`;
-    }
-    const k = /keyframes\[(\d+)\]/.exec(err.message);
-    if (k) return `keyframes[${k[1]}]`;
-    const named = SETTING_NAMES.find((name) => new RegExp(`\\b${name}\\b`).test(err.message));
-    return named && this.form.querySelector(`[data-field="${named}"]`) ? named : null;
+    const file = /^keyframe(\d+)$/.exec(err.param || "");
+    if (file) return `keyframes[${file[1]}]`;
+    const shot = /shots\[(\d+)\]:?\s*(.*)/.exec(err.message);
+    const text = shot ? shot[2] : err.message;
+    if (shot && /^frames\b/.test(text)) return `shots[${shot[1]}].frames`;
+    if (shot && /^prompt\b/.test(text)) return `shots[${shot[1]}].prompt`;
+    const kf = /keyframes\[(\d+)\]/.exec(err.message);
+    if (kf) return `keyframes[${kf[1]}]`;
+    const settings = [...this.form.querySelectorAll(".settings [data-field]")].map((el) => el.dataset.field);
+    return fieldOf(text, settings) ?? (shot ? `shots[${shot[1]}].prompt` : null);
   }
 
   async submit() {
@@ -297,8 +298,8 @@ export class StoryView {
       this.showJob(job);
     } catch (err) {
       this.status.textContent = "";
-      const name = err.param && this.form.querySelector(`[data-field="${err.param}"]`) ? err.param : this.fieldOfMessage(err);
-      this.errors.show(name, err.message);
+      const own = err.param && this.form.querySelector(`[data-field="${CSS.escape(err.param)}"]`);
+      this.errors.show(own ? err.param : this.fieldOfMessage(err), err.message);
     } finally {
       button.disabled = false;
     }
