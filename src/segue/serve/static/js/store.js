@@ -18,6 +18,7 @@ const submitListeners = new Set(); // fn(job) for every job this page submits
 const streams = new Map(); // id -> AbortController
 const resting = new Map(); // id -> time before which its events are not asked for again (the stream kept failing)
 let pollTimer = null;
+let polling = false;
 
 // Before the first list: which jobs this browser can send again.
 export async function init() {
@@ -129,17 +130,41 @@ function track() {
   live.sort((a, b) => (a.status === "in_progress" ? 0 : 1) - (b.status === "in_progress" ? 0 : 1));
   const now = Date.now();
   for (const job of live) {
+    if (streams.has(job.id) || resting.get(job.id) > now) continue;
+    if (streams.size >= MAX_STREAMS && job.status === "in_progress") {
+      // a running job's progress matters more than a waiting one's start: take a waiting job's stream
+      const waiting = [...streams.keys()].find((id) => jobs.get(id)?.status === "queued");
+      if (waiting) {
+        streams.get(waiting).abort();
+        streams.delete(waiting);
+      }
+    }
     if (streams.size >= MAX_STREAMS) break;
-    if (!streams.has(job.id) && !(resting.get(job.id) > now)) follow(job.id);
+    follow(job.id);
   }
   const unfollowed = live.some((j) => !streams.has(j.id));
-  if (unfollowed && !pollTimer) pollTimer = setTimeout(poll, POLL_MS);
+  if (unfollowed && !pollTimer && !polling) pollTimer = setTimeout(poll, POLL_MS);
 }
 
 async function poll() {
   pollTimer = null;
-  const waiting = [...jobs.values()].filter((j) => !TERMINAL.has(j.status) && !streams.has(j.id));
-  await Promise.all(waiting.map((j) => refresh(j.id).catch(() => {})));
+  polling = true;
+  try {
+    let waiting = [...jobs.values()].filter((j) => !TERMINAL.has(j.status) && !streams.has(j.id));
+    if (waiting.length > MAX_STREAMS) {
+      // many waiting: one request for the whole queue, then one each for those that left it
+      const page = await call("GET", "/v1/videos?status=queued&limit=100").catch(() => null);
+      const queued = new Set();
+      for (const job of page?.data || []) {
+        if (jobs.has(job.id)) put(job);
+        queued.add(job.id);
+      }
+      if (page) waiting = waiting.filter((j) => !queued.has(j.id));
+    }
+    await Promise.all(waiting.map((j) => refresh(j.id).catch(() => {})));
+  } finally {
+    polling = false;
+  }
   track();
 }
 
