@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from segue.errors import InputError
+from segue.serve.command import open_queue
 from segue.serve.jobs import MAX_ATTEMPTS, Job, new_claim, new_id
-from segue.serve.queue import Queue, open_queue
+from segue.serve.queue import Queue
 from serve_support import pg_schema_url, pg_url_or_skip
 
 

@@ -19,10 +19,26 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
+from .queue import Queue
+from .queue_sqlite import SqliteQueue
 
 log = logging.getLogger("segue.serve")
 LOOPBACK_NAMES = ("localhost",)
 DB_ENV = "SEGUE_DB"  # the queue URL handed to workers (a password in argv would show in ps)
+
+
+def open_queue(db: str | None, data: Path) -> Queue:
+    """The queue at ``db`` (``postgresql://...``), or SQLite in the data folder when ``db`` is None or a
+    ``sqlite:///PATH`` URL."""
+    if db is None:
+        return SqliteQueue(Path(data) / "queue.db")
+    if db.startswith(("postgresql://", "postgres://")):
+        from .queue_pg import PostgresQueue
+
+        return PostgresQueue(db)
+    if db.startswith("sqlite:///"):
+        return SqliteQueue(Path(db[len("sqlite:///") :]))
+    raise InputError(f"--db {db.split('@')[-1]!r}: give a postgresql://USER@HOST/DB URL or sqlite:///PATH")
 
 
 def is_loopback(host: str) -> bool:
@@ -115,7 +131,6 @@ def serve(args: argparse.Namespace) -> int:
 
     from .app import ServeState, create_app
     from .modelinfo import describe
-    from .queue import open_queue
     from .supervisor import Supervisor, worker_command
     from .webhooks import Deliverer, load_secret
 
@@ -154,7 +169,6 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def worker(args: argparse.Namespace) -> int:
-    from .queue import open_queue
 
     db = args.db or os.environ.get(DB_ENV)
     if args.lease <= 0:
@@ -167,7 +181,7 @@ def worker(args: argparse.Namespace) -> int:
     return run_worker(args, queue, data)
 
 
-def supervise_workers(args: argparse.Namespace, queue, data: Path) -> int:  # noqa: ANN001
+def supervise_workers(args: argparse.Namespace, queue: Queue, data: Path) -> int:
     """``segue worker --workers N``: N supervised workers and no API, until SIGTERM or Ctrl-C."""
     from .supervisor import Supervisor, worker_command
 
@@ -186,7 +200,7 @@ def supervise_workers(args: argparse.Namespace, queue, data: Path) -> int:  # no
     return 0
 
 
-def run_worker(args: argparse.Namespace, queue, data: Path) -> int:  # noqa: ANN001
+def run_worker(args: argparse.Namespace, queue: Queue, data: Path) -> int:
     """One worker in this process: load the model once, then render jobs until stopped."""
     import torch
 

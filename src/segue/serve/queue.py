@@ -12,7 +12,7 @@ Every state change is one statement on the jobs table, so it is atomic in both d
   counted) or, after ``MAX_ATTEMPTS`` claims, ends ``failed`` with the reason.
 
 Connections are per thread. The dialects (``queue_sqlite``, ``queue_pg``) give the connection, the schema and
-the locking clause; ``open_queue`` picks one by the URL.
+the locking clause; ``segue.serve.command.open_queue`` picks one by the URL.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import contextlib
 import json
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
@@ -250,21 +249,3 @@ class Queue:
     def webhook_done(self, job_id: str, state: str, next_at: float | None, error: str | None) -> None:
         self.run("UPDATE jobs SET webhook_state = ?, webhook_next_at = ?, webhook_error = ? WHERE id = ?",
                  (state, next_at, error, job_id))  # fmt: skip
-
-
-def open_queue(db: str | None, data: Path) -> Queue:
-    """The queue at ``db`` (``postgresql://...``), or SQLite in the data folder when ``db`` is None or a
-    ``sqlite:///PATH`` URL."""
-    if db is None:
-        from .queue_sqlite import SqliteQueue
-
-        return SqliteQueue(Path(data) / "queue.db")
-    if db.startswith(("postgresql://", "postgres://")):
-        from .queue_pg import PostgresQueue
-
-        return PostgresQueue(db)
-    if db.startswith("sqlite:///"):
-        from .queue_sqlite import SqliteQueue
-
-        return SqliteQueue(Path(db[len("sqlite:///") :]))
-    raise InputError(f"--db {db.split('@')[-1]!r}: give a postgresql://USER@HOST/DB URL or sqlite:///PATH")
