@@ -1,4 +1,4 @@
-// Form helpers shared by the clip and storyboard forms: an API error shown next to the field it concerns,
+// Form pieces shared by the clip and storyboard forms: an API error shown next to the field it concerns,
 // seeds, and the output size a keyframe is fitted to (the same arithmetic as segue.settings).
 
 // The field an API message concerns. The server's messages name the setting first ("frames must be 4n+1 ...",
