@@ -294,7 +294,7 @@ def test_a_full_disk_in_python_is_an_output_error_and_leaves_nothing(clip, tmp_p
         real(frames[:2], folder)
         Image.fromarray(frames[2]).save("/dev/full", format="PNG")
 
-    monkeypatch.setattr("segue.pipeline.write_png_frames", full)
+    monkeypatch.setattr("segue.video.write_png_frames", full)
     with pytest.raises(OutputError, match="No space left on device"):
         clip.save(tmp_path / "v.mp4", frames_dir=tmp_path / "png", latent_path=tmp_path / "z.pt")
     assert list(tmp_path.iterdir()) == []
