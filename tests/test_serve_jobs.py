@@ -25,7 +25,7 @@ SECRET = "webhook-secret-for-tests"
 def server(tmp_path_factory: pytest.TempPathFactory):
     data = tmp_path_factory.mktemp("serve-jobs") / "data"
     s = Server(data, "--workers", "1", "--threads", "1", "--lease", "10", "--webhook-secret", SECRET,
-               "--webhook-backoff", "0.2").start()  # fmt: skip
+               "--webhook-backoff", "0.2", "--allow-private-webhooks").start()  # fmt: skip
     s.wait_workers(1)
     yield s
     assert s.stop() in (0, 143)

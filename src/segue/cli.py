@@ -241,6 +241,8 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--webhook-secret", default=os.environ.get("SEGUE_WEBHOOK_SECRET") or None,
                     help="webhook signing key (default: $SEGUE_WEBHOOK_SECRET, else DATA/webhook-secret)")  # fmt: skip
     sv.add_argument("--webhook-retries", type=int, default=5, help="deliveries tried per webhook")
+    sv.add_argument("--allow-private-webhooks", action="store_true",
+                    help="webhook_url may name loopback and private hosts (default: public only)")  # fmt: skip
     sv.add_argument("--webhook-backoff", type=float, default=2.0, help="seconds before the first retry (doubling)")
     wk = sub.add_parser("worker", help="run workers alone (no API) on a queue shared with segue serve")
     wk.add_argument("--workers", type=int, default=1, help="worker processes, each loading the model once")

@@ -68,6 +68,7 @@ class ServeState:
     max_pixels: int = 4096 * 4096  # of one uploaded image
     lease_s: float = 30.0
     workers: int = 0  # worker processes this server started
+    allow_private_webhooks: bool = False  # webhooks may go to loopback and private addresses
 
 
 class APIError(HTTPException):
@@ -321,7 +322,7 @@ def create_app(state: ServeState) -> FastAPI:
 def submit_job(state: ServeState, fields: dict[str, str], files: dict[str, bytes], key: str | None) -> tuple[Job, bool]:
     """Check, write the inputs, insert; an idempotency race's loser removes its files and returns the winner."""
     try:
-        sub = parse(fields, files, state.model, state.max_pixels)
+        sub = parse(fields, files, state.model, state.max_pixels, state.allow_private_webhooks)
     except RequestError as e:
         raise APIError(422, str(e), e.param) from None
     except InputError as e:

@@ -150,9 +150,11 @@ def serve(args: argparse.Namespace) -> int:
         supervisor.stop()
         raise
     state = ServeState(queue, data, model, token=args.token, max_upload=int(args.max_upload_mb * 2**20),
-                       max_pixels=args.max_pixels, lease_s=args.lease, workers=args.workers)  # fmt: skip
+                       max_pixels=args.max_pixels, lease_s=args.lease, workers=args.workers,
+                       allow_private_webhooks=args.allow_private_webhooks)  # fmt: skip
     app = create_app(state)
-    deliverer = Deliverer(queue, secret, retries=args.webhook_retries, backoff=args.webhook_backoff)
+    deliverer = Deliverer(queue, secret, retries=args.webhook_retries, backoff=args.webhook_backoff,
+                          allow_private=args.allow_private_webhooks)  # fmt: skip
     deliverer.start()
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"

@@ -16,7 +16,6 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from PIL import Image, UnidentifiedImageError
 
@@ -25,6 +24,7 @@ from ..media import load_image
 from ..settings import check_request, host_memory, resolve_settings
 from ..story.schema import load_story
 from .modelinfo import ModelInfo
+from .webhook_target import TargetError, check_target
 
 INT_FIELDS = ("frames", "steps", "seed", "max_area", "guidance_steps")
 FLOAT_FIELDS = ("guidance", "shift")
@@ -32,7 +32,6 @@ TEXT_FIELDS = ("prompt", "negative_prompt", "solver", "size", "color_match", "we
 CLIP_FIELDS = (*TEXT_FIELDS, *INT_FIELDS, *FLOAT_FIELDS)
 CLIP_FILES = ("first", "last")
 MAX_PROMPT = 10_000  # characters
-MAX_URL = 2048
 
 
 class RequestError(InputError):
@@ -102,11 +101,11 @@ def _bool(name: str, text: str) -> bool:
     raise RequestError(f"{name} must be true or false, got {text!r:.40}", name)
 
 
-def check_webhook_url(text: str) -> str:
-    u = urlsplit(text)
-    if len(text) > MAX_URL or u.scheme not in ("http", "https") or not u.hostname:
-        raise RequestError(f"webhook_url must be an http:// or https:// URL of at most {MAX_URL} characters, "
-                           f"got {text!r:.60}", "webhook_url")  # fmt: skip
+def check_webhook_url(text: str, allow_private: bool) -> str:
+    try:
+        check_target(text, allow_private)
+    except TargetError as e:
+        raise RequestError(str(e), "webhook_url") from None
     return text
 
 
@@ -118,11 +117,17 @@ def _param_of(message: str) -> str | None:
     return None
 
 
-def parse(fields: Mapping[str, str], files: Mapping[str, bytes], model: ModelInfo, max_pixels: int) -> Submission:
+def parse(
+    fields: Mapping[str, str],
+    files: Mapping[str, bytes],
+    model: ModelInfo,
+    max_pixels: int,
+    private_hooks: bool = False,
+) -> Submission:
     """Check a whole submission; RequestError (one line, with its field) for the first thing wrong."""
     story = fields.get("story") or None
     webhook = fields.get("webhook_url") or None
-    webhook = check_webhook_url(webhook) if webhook is not None else None
+    webhook = check_webhook_url(webhook, private_hooks) if webhook is not None else None
     if story is not None:
         sub = parse_story(story, fields, files, model, max_pixels)
     else:

@@ -8,7 +8,9 @@ HMAC over the bytes it got and compares in constant time (``verify``).
 Delivery is durable: the job's row says a webhook is pending when the job ends (in the same statement), and
 a deliverer thread in each API process takes due ones (``Queue.due_webhook``, held against other deliverers),
 POSTs with a timeout, and on anything but a 2xx answer tries again after ``backoff * 2**(attempt-1)`` seconds,
-up to ``retries`` attempts, then marks it failed with the last error. It is delivered at least once: a crash
+up to ``retries`` attempts, then marks it failed with the last error. Before each POST the URL's host is
+resolved and checked again (``webhook_target``: public addresses only, unless ``allow_private``) and the
+POST goes to the address checked; a refused address counts as a failed attempt. It is delivered at least once: a crash
 between the POST and the write of its result sends it again; receivers dedupe by job id.
 """
 
@@ -28,6 +30,7 @@ import httpx
 
 from ..io import atomic_path
 from .queue import Queue
+from .webhook_target import TargetError, check_target, pinned
 
 log = logging.getLogger("segue.serve")
 HEADER = "Segue-Signature"
@@ -60,9 +63,9 @@ class Deliverer(threading.Thread):
     """Delivers due webhooks until ``stop()``."""
 
     def __init__(self, queue: Queue, secret: str, retries: int = 5, backoff: float = 2.0, timeout: float = 10.0,
-                 poll: float = 0.5) -> None:  # fmt: skip
+                 poll: float = 0.5, allow_private: bool = False) -> None:  # fmt: skip
         super().__init__(name="segue-webhooks", daemon=True)
-        self.queue, self.secret = queue, secret
+        self.queue, self.secret, self.allow_private = queue, secret, allow_private
         self.retries, self.backoff, self.timeout, self.poll = retries, backoff, timeout, poll
         self.stopping = threading.Event()
 
@@ -89,9 +92,16 @@ class Deliverer(threading.Thread):
                    "Segue-Delivery": f"{job.id}.{job.webhook_attempts}", "User-Agent": "segue-serve"}  # fmt: skip
         error = None
         try:
-            answer = client.post(job.webhook_url or "", content=body, headers=headers)
+            url, extensions = job.webhook_url or "", {}
+            addresses = check_target(url, self.allow_private)  # DNS may have changed since the submission
+            if addresses:
+                url, host, extensions = pinned(url, addresses[0])
+                headers.update(host)
+            answer = client.post(url, content=body, headers=headers, extensions=extensions)
             if not 200 <= answer.status_code < 300:
                 error = f"answered {answer.status_code}"
+        except TargetError as e:
+            error = str(e)
         except httpx.HTTPError as e:
             error = f"{type(e).__name__}: {e}"
         if error is None:
