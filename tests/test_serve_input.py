@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from serve_support import Server, png, submit
 
@@ -164,3 +166,64 @@ def test_the_api_process_never_loads_torch(server: Server, c: httpx.Client) -> N
     submit(c, seed=9)  # a submission checked against the model's config
     maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
     assert "libtorch" not in maps and "numpy" in maps  # the model's config came from a child process
+
+
+def test_remix_reuses_the_inputs_and_changes_only_what_it_is_given(c: httpx.Client, server: Server) -> None:
+    src = submit(c, seed=11, prompt="a red ball", guidance="3.5", color_match="true")
+    r = c.post(f"/v1/videos/{src['id']}/remix", json={"seed": 12, "prompt": "a blue ball", "steps": 3})
+    assert r.status_code == 201, r.text
+    new = r.json()
+    assert new["remix_of"] == src["id"] and new["id"] != src["id"] and new["status"] == "queued"
+    changed = {"seed": 12, "prompt": "a blue ball", "steps": 3}
+    assert new["settings"] == {**src["settings"], **changed}
+    for name in ("first.png", "last.png"):
+        old, made = (Image.open(server.data / "jobs" / j / "inputs" / name) for j in (src["id"], new["id"]))
+        assert np.array_equal(np.asarray(old), np.asarray(made))
+    again = c.post(f"/v1/videos/{new['id']}/remix").json()  # no body: the same request again
+    assert again["settings"] == new["settings"] and again["remix_of"] == new["id"]
+    assert c.get(f"/v1/videos/{src['id']}").json()["remix_of"] is None
+    one = submit(c, seed=13, files={"first": png(5)})
+    assert not c.post(f"/v1/videos/{one['id']}/remix", json={"seed": 1}).json()["settings"]["last"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "words"),
+    [
+        ({"frames": 10}, 422, "frames", "frames must be 4n+1 (5, 9, ..., 81); got 10, nearest valid: 9 or 13"),
+        ({"solver": "heun"}, 422, "solver", "unknown solver 'heun' (solver)"),
+        ({"seed": "x"}, 422, "seed", "seed must be an integer, got 'x'"),
+        ({"size": "32x32"}, 422, "size", "unknown field 'size'; a remix takes: prompt, negative_prompt, seed"),
+        ({"seed": [1]}, 422, "seed", "seed must be a number, text or true/false, got list"),
+        ({"webhook_url": "http://10.0.0.2/"}, 422, "webhook_url", "which is private"),
+        ([1, 2], 422, None, "the remix body must be a JSON object of settings, got list"),
+    ],
+)
+def test_a_bad_remix_is_422_and_makes_no_job(c: httpx.Client, body, status, param, words) -> None:
+    src = submit(c, seed=21)
+    before = c.get("/v1/videos", params={"limit": 100}).json()["data"]
+    r = c.post(f"/v1/videos/{src['id']}/remix", json=body)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]["message"] and r.json()["error"]["param"] == param
+    assert c.get("/v1/videos", params={"limit": 100}).json()["data"] == before
+
+
+def test_remix_of_an_unknown_job_is_404_and_of_one_without_inputs_409(c: httpx.Client, server: Server) -> None:
+    for bad in ("video_" + "0" * 24, "video_%2e%2e", "nope"):
+        assert c.post(f"/v1/videos/{bad}/remix", json={}).status_code == 404
+    src = submit(c, seed=31)
+    (server.data / "jobs" / src["id"] / "inputs" / "first.png").unlink()
+    r = c.post(f"/v1/videos/{src['id']}/remix", json={})
+    assert r.status_code == 409 and "its input first.png is missing" in r.json()["error"]["message"]
+
+
+def test_remix_of_a_storyboard_changes_the_film_wide_settings_only(c: httpx.Client) -> None:
+    story = {"settings": {"seed": 4, "steps": 2, "size": "16x16"}, "keyframes": [{"image": "a"}, {"image": "b"}],
+             "shots": [{"prompt": "go", "frames": 5, "seed": 9}]}  # fmt: skip
+    src = post(c, {"story": json.dumps(story)}, {"a": png(1), "b": png(2)}).json()
+    new = c.post(f"/v1/videos/{src['id']}/remix", json={"seed": 77, "color_match": True}).json()
+    assert new["remix_of"] == src["id"] and new["kind"] == "story" and new["settings"]["color_match"] is True
+    assert new["settings"]["story"]["settings"]["seed"] == 77
+    assert new["settings"]["story"]["shots"] == [{"prompt": "go", "frames": 5}]  # the shot's own seed gave way
+    r = c.post(f"/v1/videos/{src['id']}/remix", json={"prompt": "stop"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "prompt"
+    assert "a storyboard's remix takes: seed, steps" in r.json()["error"]["message"]

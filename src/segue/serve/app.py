@@ -4,6 +4,7 @@ This process holds no model and imports no torch: it checks a submission (``subm
 under names it makes, and inserts the job; workers (other processes) render it. Errors are one line as
 ``{"error": {"message", "type", "param", "code"}}``: 422 for a bad field (``param`` names it), 413 for a body
 over the cap, 401 without the token, 404 for an unknown id, 409 for content asked of an unfinished job.
+A remix rebuilds a job's request from its stored settings and input files (``remix.py``) and submits it.
 The page in ``static/`` is served at ``/`` after the API routes.
 """
 
@@ -32,6 +33,7 @@ from .jobs import COMPLETED, FAILED, IN_PROGRESS, QUEUED, STATUSES, TERMINAL, VA
 from .metrics import render_metrics
 from .modelinfo import ModelInfo
 from .queue import Queue
+from .remix import MissingInput, check_overrides, remix_request
 from .submit import CLIP_FIELDS, RequestError, Submission, parse
 
 STATIC = Path(__file__).parent / "static"
@@ -158,9 +160,8 @@ async def create_video(
     request: Request, state: State, idempotency_key: str | None = Header(None, alias="Idempotency-Key")
 ) -> JSONResponse:
     """Submit a clip (keyframes ``first``/``last`` and settings) or a storyboard (``story``)."""
+    check_key(idempotency_key)
     if idempotency_key is not None:
-        if not (0 < len(idempotency_key) <= MAX_KEY and idempotency_key.isprintable()):
-            raise APIError(422, f"Idempotency-Key must be 1 to {MAX_KEY} printable characters", "Idempotency-Key")
         found = await run_in_threadpool(state.queue.by_key, idempotency_key)
         if found is not None:
             return JSONResponse(found.public(), 200, headers={"Idempotent-Replayed": "true"})
@@ -186,6 +187,44 @@ async def read_form(request: Request) -> tuple[dict[str, str], dict[str, bytes]]
     finally:
         await form.close()
     return fields, files
+
+
+@api.post("/v1/videos/{video_id}/remix", status_code=201)
+async def remix_video(
+    request: Request,
+    state: State,
+    video_id: str,
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
+) -> JSONResponse:
+    """A new job from this job's keyframes and settings, with the settings a JSON body gives changed
+    (a clip: prompt, negative_prompt, seed, steps, guidance, shift, solver, frames, guidance_steps,
+    color_match, webhook_url; a storyboard: the same but prompt, negative_prompt and frames). Its
+    ``remix_of`` names this job."""
+    check_key(idempotency_key)
+    source = await run_in_threadpool(job_or_404, state, video_id)
+    raw = await request.body()
+    try:
+        body = json.loads(raw) if raw.strip() else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(422, f"the remix body must be JSON: {e}") from None
+    try:
+        fields, files = remix_request(source, JobFiles(state.data, source.id), check_overrides(source, body))
+    except RequestError as e:
+        raise APIError(422, str(e), e.param) from None
+    except MissingInput as e:
+        raise APIError(409, str(e), "id") from None
+    if idempotency_key is not None:
+        found = await run_in_threadpool(state.queue.by_key, idempotency_key)
+        if found is not None:
+            return JSONResponse(found.public(), 200, headers={"Idempotent-Replayed": "true"})
+    job, created = await run_in_threadpool(submit_job, state, fields, files, idempotency_key, source.id)
+    headers = {} if created else {"Idempotent-Replayed": "true"}
+    return JSONResponse(job.public(), 201 if created else 200, headers=headers)
+
+
+def check_key(key: str | None) -> None:
+    if key is not None and not (0 < len(key) <= MAX_KEY and key.isprintable()):
+        raise APIError(422, f"Idempotency-Key must be 1 to {MAX_KEY} printable characters", "Idempotency-Key")
 
 
 # -- read ------------------------------------------------------------------------------------------
@@ -319,7 +358,9 @@ def create_app(state: ServeState) -> FastAPI:
     return app
 
 
-def submit_job(state: ServeState, fields: dict[str, str], files: dict[str, bytes], key: str | None) -> tuple[Job, bool]:
+def submit_job(
+    state: ServeState, fields: dict[str, str], files: dict[str, bytes], key: str | None, remix_of: str | None = None
+) -> tuple[Job, bool]:
     """Check, write the inputs, insert; an idempotency race's loser removes its files and returns the winner."""
     try:
         sub = parse(fields, files, state.model, state.max_pixels, state.allow_private_webhooks)
@@ -330,7 +371,7 @@ def submit_job(state: ServeState, fields: dict[str, str], files: dict[str, bytes
     job_id = new_id()
     jf = JobFiles(state.data, job_id)
     write_inputs(jf, sub)
-    spec = {"settings": sub.settings, "render": sub.render}
+    spec = {"settings": sub.settings, "render": sub.render, **({"remix_of": remix_of} if remix_of else {})}
     job = Job(id=job_id, seq=0, kind=sub.kind, status=QUEUED, created_at=time.time(), idempotency_key=key,
               spec=spec, steps=sub.steps, webhook_url=sub.webhook_url)  # fmt: skip
     try:

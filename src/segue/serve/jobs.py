@@ -103,6 +103,7 @@ class Job:
             "shot": self.shot, "eta_s": None if self.eta_s is None else round(self.eta_s, 2), "error": self.error,
             "attempts": self.attempts, "created_at": self.created_at, "started_at": self.started_at,
             "finished_at": self.finished_at, "settings": self.spec.get("settings", {}), "report": self.report,
+            "remix_of": self.spec.get("remix_of"),
             "webhook": None if self.webhook_url is None else
             {"url": self.webhook_url, "state": self.webhook_state, "attempts": self.webhook_attempts},
         }  # fmt: skip
