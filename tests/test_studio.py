@@ -182,11 +182,19 @@ def test_again_and_delete(server, open_page):
     reseed_card.locator("[data-act=cancel]").click()
     expect(reseed_card).to_have_attribute("data-status", "cancelled", timeout=WAIT_MS)
 
-    # after a reload the browser still has the keyframes it sent: "again" stays offered
+    assert again["remix_of"] == first_id and reseed["remix_of"] == first_id
+
+    # after a reload the page holds no keyframes of its own: "again" remixes from the server's copy
     page.reload()
     expect(page.locator("body")).to_have_attribute("data-ready", "true")
     page.click("nav >> text=Queue")
-    expect(card.locator("[data-act=again]")).to_be_visible()
+    card.locator("[data-act=again]").click()
+    expect(cards).to_have_count(listed + 3)
+    later_card, later_id = newest_card(page)
+    later = server.job(later_id)
+    assert later["remix_of"] == first_id and later["settings"] == again["settings"]
+    later_card.locator("[data-act=cancel]").click()
+    expect(later_card).to_have_attribute("data-status", "cancelled", timeout=WAIT_MS)
     card.locator("[data-act=delete]").click()
     expect(page.locator(f'.job[data-id="{first_id}"]')).to_have_count(0)
     assert server.request("GET", f"/v1/videos/{first_id}")[0] == 404

@@ -106,7 +106,6 @@ async function main() {
     const name = route(views);
     document.getElementById(`${name}-title`).focus();
   });
-  await store.init();
   route(views);
   views.queue.show(); // the list early: the running count, and the token prompt at once when one is needed
 

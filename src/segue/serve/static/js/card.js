@@ -150,9 +150,6 @@ export class JobCard {
     const live = !store.TERMINAL.has(job.status);
     this.button("cancel").hidden = !live;
     this.button("delete").hidden = live;
-    for (const act of ["again", "again-seed"]) {
-      this.button(act).hidden = !store.canRepeat(job.id); // its keyframes were sent from another browser
-    }
     if (job.status === "completed") this.showResult(job);
   }
 

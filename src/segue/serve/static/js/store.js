@@ -1,17 +1,14 @@
-// The jobs the page knows: their latest state from the API, kept live by Server-Sent Events, and what the page
-// itself submitted (so "again" can send the same keyframes). Views subscribe to a job and redraw on change.
+// The jobs the page knows: their latest state from the API, kept live by Server-Sent Events. "Again" asks the
+// server to remix a job from its own stored keyframes and settings. Views subscribe to a job and redraw on change.
 
-import { ApiError, call, readEvents } from "./api.js";
+import { call, readEvents } from "./api.js";
 import { newSeed } from "./fields.js";
-import * as saved from "./inputs.js";
 
 export const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 const MAX_STREAMS = 3; // a browser opens ~6 connections per host: leave room for everything else
 const POLL_MS = 2000;
 
 const jobs = new Map(); // id -> job (the API's object)
-const inputs = new Map(); // id -> { fields: {name: string}, files: {name: File} } of jobs sent from this page
-let savedIds = new Set(); // ids whose inputs this browser kept from earlier visits
 const listeners = new Map(); // id -> Set of fn(job)
 const anyListeners = new Set(); // fn(job) for every change
 const submitListeners = new Set(); // fn(job) for every job this page submits
@@ -19,11 +16,6 @@ const streams = new Map(); // id -> AbortController
 const resting = new Map(); // id -> time before which its events are not asked for again (the stream kept failing)
 let pollTimer = null;
 let polling = false;
-
-// Before the first list: which jobs this browser can send again.
-export async function init() {
-  savedIds = await saved.ids();
-}
 
 export function get(id) {
   return jobs.get(id);
@@ -56,9 +48,6 @@ export function put(job) {
 
 function forget(id) {
   jobs.delete(id);
-  inputs.delete(id);
-  savedIds.delete(id);
-  saved.drop(id);
   streams.get(id)?.abort();
   streams.delete(id);
   for (const fn of listeners.get(id) || []) fn(null);
@@ -72,33 +61,22 @@ export async function submit(fields, files) {
   for (const [name, value] of Object.entries(fields)) body.append(name, value);
   for (const [name, file] of Object.entries(files)) body.append(name, file, file.name);
   const job = await call("POST", "/v1/videos", { body });
-  inputs.set(job.id, { fields: { ...fields }, files: { ...files } });
-  saved.save(job.id, fields, files).then(() => savedIds.add(job.id));
   const known = put(job);
   for (const fn of submitListeners) fn(known);
   return known;
 }
 
-export function canRepeat(id) {
-  return inputs.has(id) || savedIds.has(id);
-}
-
-// The same request again, with a new seed when asked (a story's seed is in its settings).
+// The same job again from its stored keyframes and settings (POST /v1/videos/{id}/remix), with a new seed when
+// asked; the server keeps every job's inputs, so this works for any job listed, whoever sent it.
 export async function repeat(id, { reseed = false } = {}) {
-  const sent = inputs.get(id) || (await saved.load(id));
-  if (!sent) throw new ApiError(0, "this job was sent from another browser: its keyframes are not here to send again");
-  const fields = { ...sent.fields };
-  if (reseed) {
-    const seed = newSeed();
-    if (fields.story) {
-      const story = JSON.parse(fields.story);
-      story.settings = { ...(story.settings || {}), seed };
-      fields.story = JSON.stringify(story);
-    } else {
-      fields.seed = String(seed);
-    }
-  }
-  return submit(fields, sent.files);
+  const changes = reseed ? { seed: newSeed() } : {};
+  const job = await call("POST", `/v1/videos/${encodeURIComponent(id)}/remix`, {
+    body: JSON.stringify(changes),
+    headers: { "Content-Type": "application/json" },
+  });
+  const known = put(job);
+  for (const fn of submitListeners) fn(known);
+  return known;
 }
 
 export async function cancel(id) {
