@@ -72,26 +72,42 @@ def test_bad_input_is_422_with_the_cli_message_and_no_job(c: httpx.Client, data,
     assert c.get("/v1/videos", params={"limit": 100}).json()["data"] == before
 
 
+def story(*shots: dict, settings: dict | None = None, images: tuple[str, ...] = ("a", "b")) -> str:
+    return json.dumps({"settings": settings or {}, "keyframes": [{"image": i} for i in images], "shots": list(shots)})
+
+
+AB = {"a": png(1), "b": png(2)}
+ABC = {**AB, "c": png(3)}
+
+
 @pytest.mark.parametrize(
-    ("story", "files", "words"),
+    ("text", "files", "param", "words"),
     [
-        ("{not json", {}, "story: JSON syntax error at line 1, column 2"),
-        (json.dumps({"keyframes": [{"image": "a"}, {"image": "b"}], "shots": []}), {"a": png(1), "b": png(2)},
-         "2 keyframes need 1 shot"),
-        (json.dumps({"keyframes": [{"image": "a"}, {"image": "zz"}], "shots": [{}]}), {"a": png(1)},
-         "keyframes[1] image names the upload field 'zz', which this request does not have"),
-        (json.dumps({"keyframes": [{"image": "a"}, {"image": "b"}], "shots": [{"frames": 6}]}),
-         {"a": png(1), "b": png(2)}, "shots[0]: frames must be 4n+1"),
-        (json.dumps({"keyframes": [{"image": "a"}, {"image": "b"}], "shots": [{"solver": "heun"}]}),
-         {"a": png(1), "b": png(2)}, "shots[0]: unknown solver 'heun'"),
-        (json.dumps({"keyframes": [{"image": "a"}, {"image": "b"}], "shots": [{"prompt": "x", "speed": 2}]}),
-         {"a": png(1), "b": png(2)}, "unknown key 'speed'"),
+        ("{not json", {}, "story", "story: JSON syntax error at line 1, column 2"),
+        (story(), AB, "story.shots", "story: 2 keyframes need 1 shot"),
+        (story({}, images=("a", "zz")), {"a": png(1)}, "story.keyframes[1].image",
+         "story: keyframes[1] image names the upload field 'zz', which this request does not have"),
+        (story({}, images=("a", "b")), {"a": png(1), "b": b"junk"}, "story.keyframes[1].image",
+         "b: the uploaded file is not an image format"),
+        (story({}, {"frames": 6}, images=("a", "b", "c")), ABC, "story.shots[1].frames",
+         "story: shots[1]: frames must be 4n+1 (5, 9, ..., 81); got 6, nearest valid: 5 or 9"),
+        (story({}, settings={"frames": 6}), AB, "story.settings.frames", "story: shots[0]: frames must be 4n+1"),
+        (story({"solver": "heun"}), AB, "story.shots[0].solver", "story: shots[0]: unknown solver 'heun'"),
+        (story({}, settings={"seed": "x"}), AB, "story.settings.seed",
+         "story: settings: seed must be an integer, got 'x'"),
+        (story({}, settings={"steps": 0}), AB, "story.settings.steps", "story: shots[0]: steps must be an integer"),
+        (story({"prompt": "x", "speed": 2}), AB, "story.shots[0].speed", "story: shots[0]: unknown key 'speed'"),
+        (story({"size": "16x16"}), AB, "story.shots[0].size", "size is set for the whole film in [settings]"),
+        (json.dumps({"keyframes": [{"image": "a"}, {}], "shots": [{}]}), {"a": png(1)}, "story.keyframes[1].image",
+         "story: keyframes[1] has no image"),
+        (json.dumps({"loop": 1, "keyframes": [{"image": "a"}], "shots": [{}]}), {"a": png(1)}, "story.loop",
+         "story: loop must be true or false, got 1"),
     ],
 )  # fmt: skip
-def test_bad_storyboards_are_422(c: httpx.Client, story: str, files: dict[str, bytes], words: str) -> None:
-    r = post(c, {"story": story}, files)
+def test_bad_storyboards_are_422_naming_the_place(c: httpx.Client, text: str, files, param: str, words: str) -> None:
+    r = post(c, {"story": text}, files)
     assert r.status_code == 422, r.text
-    assert words in r.json()["error"]["message"] and r.json()["error"]["param"] == "story"
+    assert words in r.json()["error"]["message"] and r.json()["error"]["param"] == param, r.json()
 
 
 def test_a_body_over_the_cap_is_413_and_creates_nothing(c: httpx.Client) -> None:

@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from ..errors import InputError
 from ..media import load_image
 from ..settings import check_request, host_memory, resolve_settings
-from ..story.schema import load_story
+from ..story.schema import SETTINGS, load_story
 from .modelinfo import ModelInfo
 from .webhook_target import TargetError, check_target
 
@@ -115,6 +115,42 @@ def _param_of(message: str) -> str | None:
         if message.startswith(name):
             return name.replace(" ", "_")
     return None
+
+
+# The keys a story error can name, and message openings that name one in other words.
+STORY_KEYS = (*SETTINGS, "prompt", "image", "loop", "settings", "keyframes", "shots")
+STORY_WORDS = ((r"unknown key '(\w+)'", None), (r"unknown solver", "solver"), (r"max area", "max_area"),
+               (r"\d+ keyframes? needs? ", "shots"), (r"a story needs at least one keyframe", "keyframes"),
+               (r"one keyframe makes no film", "keyframes"), (r"has no image", "image"))  # fmt: skip
+
+
+def story_param(message: str, data: Mapping[str, Any]) -> str:
+    """The place in the story a ``segue story`` message concerns, as a path: ``story.shots[1].frames``,
+    ``story.keyframes[2].image``, ``story.settings.seed``; ``story`` when it concerns the whole.
+
+    The messages are the CLI's (``story: shots[1]: frames must be ...``), so their fixed opening says where;
+    a shot's setting that the shot did not set itself but the ``settings`` table did is put there."""
+    m = re.match(r"story: (?:(settings|shots\[\d+\]|keyframes\[\d+\]):? )?(.*)", message)
+    if m is None:
+        return "story"
+    where, rest = m.group(1), m.group(2)
+    key = None
+    for pattern, name in STORY_WORDS:
+        found = re.match(pattern, rest)
+        if found:
+            key = name or found.group(1)
+            break
+    else:
+        word = re.match(r"(\w+)", rest)
+        key = word.group(1) if word and word.group(1) in STORY_KEYS else None
+    shot = re.fullmatch(r"shots\[(\d+)\]", where or "")
+    if shot and key in SETTINGS:
+        shots, base = data.get("shots"), data.get("settings")
+        i = int(shot.group(1))
+        own = isinstance(shots, list) and i < len(shots) and isinstance(shots[i], dict) and key in shots[i]
+        if not own and isinstance(base, dict) and key in base:
+            where = "settings"
+    return ".".join(x for x in ("story", where, key) if x)
 
 
 def parse(
@@ -210,8 +246,12 @@ def parse_story(
             if name not in files:
                 have = ", ".join(files) or "none"
                 raise RequestError(f"story: keyframes[{i}] image names the upload field {name!r:.40}, which this "
-                                   f"request does not have (its files: {have})", "story")  # fmt: skip
-            image = decode_image(files[name], name, max_pixels)
+                                   f"request does not have (its files: {have})",
+                                   f"story.keyframes[{i}].image")  # fmt: skip
+            try:
+                image = decode_image(files[name], name, max_pixels)
+            except RequestError as e:
+                raise RequestError(str(e), f"story.keyframes[{i}].image") from None
             images[f"keyframe-{i}.png"] = image
             given["keyframes"].append({**kf, "image": image})
     unused = [k for k in files if k not in {kf.get("image") for kf in keyframes or [] if isinstance(kf, dict)}]
@@ -220,8 +260,11 @@ def parse_story(
     try:
         story = load_story(given)
     except InputError as e:
-        raise RequestError(str(e), "story") from None
-    steps = check_story_settings(story, model)
+        raise RequestError(str(e), story_param(str(e), data)) from None
+    try:
+        steps = check_story_settings(story, model)
+    except InputError as e:
+        raise RequestError(str(e), story_param(str(e), data)) from None
     color = _bool("color_match", fields.get("color_match", ""))
     render = {"story": {**data, "keyframes": [{"image": f"keyframe-{i}.png"} for i in range(len(images))]},
               "color_match": color}  # fmt: skip
@@ -241,8 +284,8 @@ def check_story_settings(story: Any, model: ModelInfo) -> int:
         lead = carry - 1 if carry else 0
         tail = lead if story.loop and shot.index == len(story.shots) - 1 and carry else 0
         if carry > film:
-            raise RequestError(f"story: shots[{shot.index}]: carry = {carry} needs {carry} frames before the shot; "
-                               f"the film has {film}", "story")  # fmt: skip
+            raise InputError(f"story: shots[{shot.index}]: carry = {carry} needs {carry} frames before the shot; "
+                             f"the film has {film}")  # fmt: skip
         try:
             request = check_request(
                 frames=frames + lead + tail, size=size, max_area=base.get("max_area") if size is None else None,
@@ -251,7 +294,7 @@ def check_story_settings(story: Any, model: ModelInfo) -> int:
             )  # fmt: skip
             s = resolve_settings(request, model.config, (first.height, first.width), True, host_memory())
         except InputError as e:
-            raise RequestError(f"story: shots[{shot.index}]: {e}", "story") from None
+            raise InputError(f"story: shots[{shot.index}]: {e}") from None
         size = (s.width, s.height)
         steps += s.steps
         film += frames - (1 if shot.index > 0 else 0)

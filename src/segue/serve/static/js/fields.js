@@ -1,22 +1,6 @@
 // Form pieces shared by the clip and storyboard forms: an API error shown next to the field it concerns,
 // seeds, and the output size a keyframe is fitted to (the same arithmetic as segue.settings).
 
-// The field an API message concerns. The server's messages name the setting first ("frames must be 4n+1 ...",
-// "unknown solver 'x' (solver) ...", "story: shots[1]: frames must ..."): the earliest whole-word match wins.
-export function fieldOf(message, names) {
-  let best = null;
-  let at = Infinity;
-  for (const name of names) {
-    const re = new RegExp(`(^|[^\\w-])${name.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}(?![\\w-])`);
-    const m = re.exec(message);
-    if (m && m.index < at) {
-      best = name;
-      at = m.index;
-    }
-  }
-  return best;
-}
-
 // A form's error display: every field with a data-field name gets a message element after it.
 export class FieldErrors {
   constructor(form, summary) {
@@ -61,11 +45,9 @@ export class FieldErrors {
     return input;
   }
 
-  // An ApiError: at the field the server named, else the field its message names first.
+  // An ApiError: at the field the server named (its param), else in the summary.
   showError(err) {
-    const names = [...this.form.querySelectorAll("[data-field]")].map((el) => el.dataset.field);
-    const name = err.param && names.includes(err.param) ? err.param : fieldOf(err.message, names);
-    return this.show(name, err.message);
+    return this.show(err.param, err.message);
   }
 }
 

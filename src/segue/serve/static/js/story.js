@@ -3,7 +3,7 @@
 // shot's state, so an edit that touches one keyframe shows which shots were rendered again.
 
 import { JobCard } from "./card.js";
-import { FieldErrors, fieldOf, fittedSize, newSeed, parseSize } from "./fields.js";
+import { FieldErrors, fittedSize, newSeed, parseSize } from "./fields.js";
 import { carriesFiles, droppedImage, readImage } from "./keyframes.js";
 import * as store from "./store.js";
 
@@ -264,20 +264,15 @@ export class StoryView {
     };
   }
 
-  // The field of a story error: the server names "story" for all of them, so the message decides.
-  // "story: shots[1]: frames must ..." -> that shot's frames; "keyframes[2] ..." or a file field -> that card;
-  // a film setting it names ("size 9x9: ...") -> that field.
-  fieldOfMessage(err) {
-    const file = /^keyframe(\d+)$/.exec(err.param || "");
-    if (file) return `keyframes[${file[1]}]`;
-    const shot = /shots\[(\d+)\]:?\s*(.*)/.exec(err.message);
-    const text = shot ? shot[2] : err.message;
-    if (shot && /^frames\b/.test(text)) return `shots[${shot[1]}].frames`;
-    if (shot && /^prompt\b/.test(text)) return `shots[${shot[1]}].prompt`;
-    const kf = /keyframes\[(\d+)\]/.exec(err.message);
+  // The field of a story error from the place the server names: "story.shots[1].frames" -> that shot's frames,
+  // "story.keyframes[2].image" -> that keyframe's card, "story.settings.seed" (or a shot's seed) -> the seed.
+  fieldOfParam(param) {
+    const place = (param || "").replace(/^story\./, "");
+    const kf = /^keyframes\[(\d+)\]/.exec(place);
     if (kf) return `keyframes[${kf[1]}]`;
-    const settings = [...this.form.querySelectorAll(".settings [data-field]")].map((el) => el.dataset.field);
-    return fieldOf(text, settings) ?? (shot ? `shots[${shot[1]}].prompt` : null);
+    if (place && this.form.querySelector(`[data-field="${CSS.escape(place)}"]`)) return place;
+    const last = place.split(".").pop();
+    return last && this.form.querySelector(`.settings [data-field="${CSS.escape(last)}"]`) ? last : null;
   }
 
   async submit() {
@@ -298,8 +293,7 @@ export class StoryView {
       this.showJob(job);
     } catch (err) {
       this.status.textContent = "";
-      const own = err.param && this.form.querySelector(`[data-field="${CSS.escape(err.param)}"]`);
-      this.errors.show(own ? err.param : this.fieldOfMessage(err), err.message);
+      this.errors.show(this.fieldOfParam(err.param), err.message);
     } finally {
       button.disabled = false;
     }
