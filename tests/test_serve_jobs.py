@@ -156,3 +156,21 @@ def test_webhooks_are_signed_and_retried(c: httpx.Client) -> None:
         assert verify(SECRET, body, signature) and not verify("another-secret", body, signature)
         assert json.loads(body)["id"] == job["id"] and json.loads(body)["status"] == "completed"
     assert c.get(f"/v1/videos/{job['id']}").json()["webhook"]["attempts"] == 2
+
+
+def frames_of(c: httpx.Client, job_id: str) -> list[np.ndarray]:
+    zf = zipfile.ZipFile(io.BytesIO(c.get(f"/v1/videos/{job_id}/content", params={"variant": "frames"}).content))
+    return [np.asarray(Image.open(io.BytesIO(zf.read(n)))) for n in sorted(zf.namelist())]
+
+
+def test_a_remix_renders_the_same_clip_again_and_a_new_seed_changes_it(c: httpx.Client) -> None:
+    src = submit(c, seed=5, steps="2", prompt="a ball")
+    assert wait_done(c, src["id"])["status"] == "completed"
+    same = c.post(f"/v1/videos/{src['id']}/remix").json()
+    other = c.post(f"/v1/videos/{src['id']}/remix", json={"seed": 6}).json()
+    for job in (same, other):
+        assert wait_done(c, job["id"])["status"] == "completed" and job["remix_of"] == src["id"]
+    a, b, d = frames_of(c, src["id"]), frames_of(c, same["id"]), frames_of(c, other["id"])
+    assert len(a) == len(b) == len(d) == 5
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))  # same inputs, settings and seed
+    assert not all(np.array_equal(x, y) for x, y in zip(a[1:-1], d[1:-1], strict=True))
