@@ -245,11 +245,11 @@ class CheckpointPlan:
     tokenizer_files: dict[str, str] | None = None  # a bundle's tokenizer files (name -> content)
 
     def load_tokenizer(self) -> Any:
-        """The tokenizer, from its folder or from the bundle's files (through a temporary folder, removed)."""
+        """The tokenizer, from its folder or from the bundle's files (``segue.bundle.load_bundle_tokenizer``)."""
         if self.tokenizer_files is not None:
             from .bundle import load_bundle_tokenizer
 
-            return load_bundle_tokenizer(self.tokenizer_files)
+            return load_bundle_tokenizer(self.tokenizer_files, str(self.folder))
         from .tokenizer import load_tokenizer
 
         assert self.tokenizer_dir is not None
