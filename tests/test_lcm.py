@@ -11,7 +11,7 @@ from diffusers import FlowMatchLCMScheduler
 from segue.cli import main
 from segue.errors import InputError
 from segue.lora import FEW_STEP
-from segue.pipeline import initial_noise
+from segue.recipe import initial_noise
 from segue.sampling.solvers import LCM, SOLVERS, make_solver
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import segue
 from segue.errors import InputError
-from segue.pipeline import fit_last_frame, frame_mask, image_to_tensor, to_uint8
+from segue.recipe import fit_last_frame, frame_mask, image_to_tensor, to_uint8
 from segue.settings import fit_latent_size
 
 
@@ -33,12 +33,12 @@ def test_latent_size_matches_spec_examples():
 
 
 def test_frame_mask_values():
-    m = frame_mask(81, 21, 2, 3, has_last=True)
+    m = frame_mask(81, 21, 2, 3, given=True)
     assert m.shape == (4, 21, 2, 3)
     assert torch.equal(m[:, 0], torch.ones(4, 2, 3))
     assert torch.equal(m[:, -1, 0, 0], torch.tensor([0.0, 0.0, 0.0, 1.0]))
     assert m[:, 1:-1].abs().sum() == 0
-    m = frame_mask(9, 3, 1, 1, has_last=False)
+    m = frame_mask(9, 3, 1, 1, given=False)
     assert m[:, 0].sum() == 4 and m[:, 1:].sum() == 0
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 import segue
 from segue.cli import main
-from segue.pipeline import conditioning_video, frame_mask
+from segue.recipe import conditioning_video, frame_mask
 from segue.story.cache import ShotCache
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,9 +15,11 @@ from PIL import Image
 from segue.config import REGISTRY, VAEConfig
 from segue.models.dit import WanDiT
 from segue.models.vae import WanVAE
-from segue.pipeline import Pipeline, frame_mask, image_to_tensor
+from segue.pipeline import Pipeline
+from segue.recipe import frame_mask, image_to_tensor
 from segue.sampling.solvers import Euler
 from segue.testing import join_workers, randomize_, rendezvous_env, start_workers
+from segue.train.checkpoints import latest_ema
 from segue.train.flow import (
     FLF2VObjective,
     conditioning_for_training,
@@ -27,7 +29,7 @@ from segue.train.flow import (
     mask_from_given,
     sample_sigmas,
 )
-from segue.train.trainer import TrainConfig, Trainer, latest_ema, lr_factor, sample_seed
+from segue.train.trainer import TrainConfig, Trainer, lr_factor, sample_seed
 from segue.train.vae_loss import (
     DecoderObjective,
     VAEObjective,

@@ -29,7 +29,7 @@ from segue.errors import CheckpointError, InputError
 from segue.loader import DEFAULT_MODEL
 from segue.media import load_image
 from segue.testing import make_tiny_checkpoint
-from segue.train import trainer
+from segue.train import checkpoints as trainer_checkpoints
 
 PROMPT = "a triangle moves"
 
@@ -149,9 +149,9 @@ def test_a_training_checkpoint_that_would_run_code_is_refused_unrun(tmp_path):
     path = _crafted_run(tmp_path / "run", marker)
     before = _digest(tmp_path)
     with pytest.raises(CheckpointError, match="does not unpickle"):
-        trainer.latest_ema(tmp_path / "run")
+        trainer_checkpoints.latest_ema(tmp_path / "run")
     with pytest.raises(CheckpointError, match="does not unpickle"):
-        trainer.load_training_checkpoint(path)
+        trainer_checkpoints.load_training_checkpoint(path)
     assert not marker.exists() and _digest(tmp_path) == before
     # the file really is armed: a plain unpickle would have run it
     torch.load(path, weights_only=False)
@@ -163,10 +163,10 @@ def test_ckpt_latest_names_only_a_checkpoint_inside_the_run(tmp_path, latest):
     latest = latest.replace("/ABS", str(tmp_path))
     _crafted_run(tmp_path / "run", tmp_path / "marker", latest)
     with pytest.raises(CheckpointError) as err:
-        trainer.latest_checkpoint_path(tmp_path / "run" / "ckpt")
+        trainer_checkpoints.latest_checkpoint_path(tmp_path / "run" / "ckpt")
     assert "latest" in str(err.value) and repr(latest) in str(err.value) and "step-NNNNNNNN.pt" in str(err.value)
     with pytest.raises(CheckpointError):
-        trainer.latest_ema(tmp_path / "run")
+        trainer_checkpoints.latest_ema(tmp_path / "run")
 
 
 def test_training_checkpoints_hold_no_pickled_objects(tmp_path):
@@ -176,7 +176,7 @@ def test_training_checkpoints_hold_no_pickled_objects(tmp_path):
     data = [{"x": torch.randn(3)} for _ in range(4)]
     cfg = TrainConfig(steps=2, batch_size=2, ckpt_every=1, out_dir=str(tmp_path / "run"))
     Trainer({"m": model}, lambda parts, b: parts["m"](b["x"]).square().mean(), data, cfg).run(stop_at=1)
-    path = trainer.latest_checkpoint_path(tmp_path / "run" / "ckpt")
+    path = trainer_checkpoints.latest_checkpoint_path(tmp_path / "run" / "ckpt")
     ck = torch.load(path, weights_only=True)  # raises if anything but tensors and plain values is inside
     assert ck["step"] == 1 and isinstance(ck["rng"][0]["numpy"][1], torch.Tensor)
 

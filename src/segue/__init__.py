@@ -12,7 +12,8 @@ from .errors import CheckpointError, InputError, OutputError, SegueError
 
 if TYPE_CHECKING:
     from .loader import load
-    from .pipeline import Pipeline, Video
+    from .pipeline import Pipeline
+    from .video import Video
 
 __version__ = "0.1.0"
 __all__ = ["load", "Pipeline", "Video", "SegueError", "InputError", "OutputError", "CheckpointError", "__version__"]
@@ -23,8 +24,12 @@ def __getattr__(name: str) -> Any:
         from .loader import load
 
         return load
-    if name in ("Pipeline", "Video"):
-        from . import pipeline
+    if name == "Pipeline":
+        from .pipeline import Pipeline
 
-        return getattr(pipeline, name)
+        return Pipeline
+    if name == "Video":
+        from .video import Video
+
+        return Video
     raise AttributeError(f"module 'segue' has no attribute {name!r}")

@@ -214,14 +214,9 @@ def _listing(problems: list[str]) -> str:
     return shown + (f"; and {more} more" if more > 0 else "")
 
 
-def _plan(
-    dit: nn.Module, sd: Mapping[str, Tensor], scale: float
-) -> tuple[dict[str, list[_Term]], list[str], int | None]:
-    """Map a LoRA state dict onto the DiT: (terms per official parameter, problems, max rank)."""
-    params = dict(dit.named_parameters())
-    index = _path_index(params)
+def _group_tensors(sd: Mapping[str, Tensor], index: dict[str, str], problems: list[str]) -> dict[str, _Group]:
+    """File tensors grouped by the official parameter they change (``#m`` marks a modulation delta)."""
     groups: dict[str, _Group] = {}
-    problems: list[str] = []
     for key, tensor in sd.items():
         split = _split_key(key)
         if split is None:
@@ -241,7 +236,40 @@ def _plan(
             problems.append(f"{key} (a second {role} tensor for {official})")
             continue
         setattr(g, role, tensor)
+    return groups
 
+
+def _low_rank_term(
+    official: str, g: _Group, scale: float, p: Tensor | None, problems: list[str]
+) -> tuple[_Term, tuple[int, ...], int] | None:
+    """The up/down pair of one group as a term, its delta shape and rank; None (a problem noted) if malformed."""
+    if (g.down is None) != (g.up is None):
+        missing = "down (lora_A/lora_down)" if g.down is None else "up (lora_B/lora_up)"
+        problems.append(f"{', '.join(g.keys)} (no {missing} matrix for {official})")
+        return None
+    if g.down is None or g.up is None:
+        if g.alpha is not None:
+            problems.append(f"{', '.join(g.keys)} (alpha without lora matrices for {official})")
+        return None
+    rank = g.down.shape[0]
+    if g.up.ndim < 2 or g.up.shape[1] != rank or math.prod(g.up.shape[2:]) != 1:
+        problems.append(f"{', '.join(g.keys)} (up {tuple(g.up.shape)} and down {tuple(g.down.shape)} differ)")
+        return None
+    alpha = float(g.alpha.item()) if g.alpha is not None else float(rank)
+    shape = (g.up.shape[0], *g.down.shape[1:])
+    # Linear and Conv: [out, in] or [out, in, k...]; a flat down covers a conv's in*k too
+    if p is not None and p.ndim > 2 and len(shape) == 2 and shape[1] == math.prod(p.shape[1:]):
+        shape = tuple(p.shape)
+    return _Term(scale * alpha / rank, up=g.up, down=g.down), shape, rank
+
+
+def _plan(
+    dit: nn.Module, sd: Mapping[str, Tensor], scale: float
+) -> tuple[dict[str, list[_Term]], list[str], int | None]:
+    """Map a LoRA state dict onto the DiT: (terms per official parameter, problems, max rank)."""
+    params = dict(dit.named_parameters())
+    problems: list[str] = []
+    groups = _group_tensors(sd, _path_index(params), problems)
     terms: dict[str, list[_Term]] = {}
     ranks: list[int] = []
 
@@ -256,29 +284,15 @@ def _plan(
 
     for official, g in groups.items():
         if official.endswith("#m"):
-            name = official[:-2]
             assert g.modulation is not None
-            add(name, _Term(scale, full=g.modulation), tuple(g.modulation.shape), g.keys)
+            add(official[:-2], _Term(scale, full=g.modulation), tuple(g.modulation.shape), g.keys)
             continue
         weight_name = f"{official}.weight" if f"{official}.weight" in params else official
-        if (g.down is None) != (g.up is None):
-            missing = "down (lora_A/lora_down)" if g.down is None else "up (lora_B/lora_up)"
-            problems.append(f"{', '.join(g.keys)} (no {missing} matrix for {official})")
-        elif g.down is not None and g.up is not None:
-            rank = g.down.shape[0]
-            if g.up.ndim < 2 or g.up.shape[1] != rank or math.prod(g.up.shape[2:]) != 1:
-                problems.append(f"{', '.join(g.keys)} (up {tuple(g.up.shape)} and down {tuple(g.down.shape)} differ)")
-            else:
-                alpha = float(g.alpha.item()) if g.alpha is not None else float(rank)
-                ranks.append(rank)
-                shape = (g.up.shape[0], *g.down.shape[1:])
-                p = params.get(weight_name)
-                # Linear and Conv: [out, in] or [out, in, k...]; a flat down covers a conv's in*k too
-                if p is not None and p.ndim > 2 and len(shape) == 2 and shape[1] == math.prod(p.shape[1:]):
-                    shape = tuple(p.shape)
-                add(weight_name, _Term(scale * alpha / rank, up=g.up, down=g.down), shape, g.keys)
-        elif g.alpha is not None:
-            problems.append(f"{', '.join(g.keys)} (alpha without lora matrices for {official})")
+        low_rank = _low_rank_term(official, g, scale, params.get(weight_name), problems)
+        if low_rank is not None:
+            term, shape, rank = low_rank
+            ranks.append(rank)
+            add(weight_name, term, shape, g.keys)
         if g.diff is not None:
             add(weight_name, _Term(scale, full=g.diff), tuple(g.diff.shape), g.keys)
         if g.bias is not None:

@@ -31,7 +31,7 @@ from .data.photos import photo_names
 from .errors import InputError
 from .evaluate import contact_sheet, psnr, sheet_columns
 from .media import atomic_path, load_image
-from .pipeline import conditioning_video, fit_last_frame, image_to_tensor
+from .recipe import conditioning_video, fit_last_frame, image_to_tensor
 
 PAIR_FILES = ("first.png", "last.png", "prompt.txt")
 PHOTO_KINDS = ("camera", "light", "morph")

@@ -1,7 +1,8 @@
-"""The generation pipeline: the reference's FLF2V recipe (SPEC section 1) as plain functions plus one loop.
+"""The generation pipeline: the reference's FLF2V recipe (SPEC section 1; its plain functions in
+``segue.recipe``) driven by one loop.
 
-The DiT is only the denoiser. Sizing, the frame mask, the conditioning video, text and image features,
-noise, classifier-free guidance and the solver live here. The same loop serves first+last frame
+The DiT is only the denoiser. Sizing, text and image features, classifier-free guidance and the solver are
+applied here. The same loop serves first+last frame
 (FLF2V) and first-frame-only (I2V) generation; they differ only in the conditioning they build.
 """
 
@@ -10,23 +11,30 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .config import GenerationDefaults, ModelConfig
 from .errors import InputError
-from .io import Protected, atomic_folder, atomic_path
-from .media import check_outputs, load_image, write_png_frames, write_video_file
+from .media import load_image
+from .recipe import (
+    conditioning_video,
+    fit_last_frame,
+    frame_mask,
+    given_frames,
+    image_to_tensor,
+    initial_noise,
+    to_uint8,
+)
 from .sampling.guidance import Conditioning, Guidance, OneBatch, StepContext, TwoPasses, cond_velocity
 from .sampling.solvers import make_solver
 from .settings import GenerationSettings, check_progress, check_request, host_memory, resolve_settings
+from .video import Video
 
 log = logging.getLogger("segue")
 
@@ -38,85 +46,7 @@ _RUNS = itertools.count()  # numbers the sampling loops (StepContext.run)
 
 
 # ---------------------------------------------------------------------------------------------
-# The recipe, step by step (SPEC section 1).
-
-
-def image_to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB uint8 -> [3, H, W] float32 in [-1, 1], the reference's to_tensor then (x - 0.5) / 0.5."""
-    t = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
-    return t.sub(0.5).div(0.5)
-
-
-def fit_last_frame(last: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Scale the last frame to cover the first frame's size keeping its aspect, then center-crop.
-
-    The reference crops with swapped, unscaled sizes instead (SPEC section 1); equal sizes pass unchanged.
-    """
-    _, h, w = last.shape
-    if (h, w) == (height, width):
-        return last
-    ratio = max(height / h, width / w)
-    nh, nw = max(height, round(h * ratio)), max(width, round(w * ratio))
-    scaled = F.interpolate(last[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=ratio < 1)[0]
-    top, left = (nh - height) // 2, (nw - width) // 2
-    return scaled[:, top : top + height, left : left + width]
-
-
-def frame_mask(
-    frames: int, lat_t: int, lat_h: int, lat_w: int, given: bool | Iterable[int], temporal: int = 4
-) -> torch.Tensor:
-    """Mask [4, T_lat, lat_h, lat_w]: which pixel frames are given, folded 4 per latent frame.
-
-    ``given`` lists the given pixel frames (any positions in [0, frames)); ``True`` / ``False`` is the
-    reference's FLF2V / I2V case: the first frame and the last one when it is given."""
-    positions = given_positions(frames, given)
-    m = torch.zeros(1, frames, lat_h, lat_w)
-    m[:, positions] = 1
-    # the first latent stands for one pixel frame: repeat it so every latent covers `temporal` frames
-    m = torch.cat([m[:, :1].repeat_interleave(temporal, dim=1), m[:, 1:]], dim=1)  # [1, F+3, h, w]
-    return m.view(1, lat_t, temporal, lat_h, lat_w).transpose(1, 2)[0]  # [4, T_lat, h, w]
-
-
-def given_positions(frames: int, given: bool | Iterable[int]) -> list[int]:
-    """Sorted given pixel-frame positions; a bool means FLF2V (``True``: first and last) or I2V (first)."""
-    if isinstance(given, bool):
-        return [0, frames - 1] if given and frames > 1 else [0]
-    positions = sorted(set(given))
-    bad = [p for p in positions if not 0 <= p < frames]
-    if bad:
-        raise InputError(f"given frame positions {bad} outside the clip's {frames} frames (0..{frames - 1})")
-    return positions
-
-
-def conditioning_video(
-    first: torch.Tensor | Mapping[int, torch.Tensor], last: torch.Tensor | None, frames: int, height: int, width: int
-) -> torch.Tensor:
-    """[3, F, H, W]: the given frames bicubic-resized (on CPU, as the reference) and zeros elsewhere.
-
-    ``first`` is the first frame ([3, h, w]) with ``last`` the last one or None (FLF2V / I2V), or a mapping
-    from pixel-frame position to frame for any set of given frames (``last`` then None)."""
-    if isinstance(first, Mapping):
-        given = dict(first)
-    else:
-        given = {0: first, **({frames - 1: last} if last is not None else {})}
-    video = torch.zeros(3, frames, height, width)
-    for pos in given_positions(frames, given):
-        # one frame per call, as the reference resizes them
-        video[:, pos] = F.interpolate(given[pos][None].cpu(), size=(height, width), mode="bicubic")[0]
-    return video
-
-
-def given_frames(
-    first: torch.Tensor, last: torch.Tensor | None, given: Mapping[int, Any] | None, frames: int
-) -> dict[int, torch.Tensor]:
-    """Position -> frame [3, h, w] of every given frame: the keyframes, then ``given`` (images or uint8
-    [H, W, 3] arrays) at their positions, checked to lie inside the clip."""
-    out = {0: first, **({frames - 1: last} if last is not None else {})}
-    for pos in given_positions(frames, given or {}):
-        img = given[pos]  # type: ignore[index]
-        img = Image.fromarray(np.asarray(img, dtype=np.uint8)) if isinstance(img, np.ndarray) else img
-        out[pos] = image_to_tensor(load_image(img, f"given frame {pos}"))
-    return out
+# What the model was trained for.
 
 
 def untrained_note(defaults: GenerationDefaults, frames: int, height: int, width: int) -> str | None:
@@ -140,62 +70,8 @@ def warn_untrained(defaults: GenerationDefaults, frames: int, height: int, width
         log.warning(note)
 
 
-def initial_noise(channels: int, lat_t: int, lat_h: int, lat_w: int, seed: int, device: torch.device) -> torch.Tensor:
-    """The reference's noise: a generator on the run device seeded once, one randn call."""
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return torch.randn(channels, lat_t, lat_h, lat_w, dtype=torch.float32, generator=g, device=device)
-
-
-def to_uint8(video: torch.Tensor) -> np.ndarray:
-    """[3, F, H, W] in [-1, 1] -> uint8 [F, H, W, 3], truncating as the reference's writer does."""
-    x = video.clamp(-1, 1).add(1).div(2).mul(255).to(torch.uint8)
-    return x.permute(1, 2, 3, 0).cpu().numpy()
-
-
 # ---------------------------------------------------------------------------------------------
 # Results and the pipeline object.
-
-
-@dataclass
-class Video:
-    """A generated clip: ``frames`` uint8 [T, H, W, 3] at ``fps``; ``latent`` is the final latent;
-    ``inputs`` the (path, what) files it was made from, which ``save`` never overwrites."""
-
-    frames: np.ndarray
-    fps: int
-    latent: torch.Tensor | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-    inputs: tuple[tuple[str, str], ...] = ()
-
-    def save(
-        self,
-        path: str | Path,
-        frames_dir: str | Path | None = None,
-        latent_path: str | Path | None = None,
-        overwrite: bool = False,
-        protected: Protected | None = None,
-    ) -> Path:
-        """Write the clip (mp4/webm/gif by extension), optionally PNG frames into ``frames_dir`` (a folder
-        swapped in whole; one holding files segue did not write is refused unless ``overwrite``) and the
-        final latent (torch .pt). All are checked first (segue.io: never onto an input), written under
-        temporary names and renamed together at the end, so an error leaves none of them half-written."""
-        if protected is None:
-            protected = Protected()
-            for p, what in self.inputs:
-                protected.add(p, what)
-        out, frames, lat = check_outputs(path, frames_dir, latent_path, protected, overwrite)
-        with atomic_path(out) as tmp:
-            write_video_file(self.frames, tmp, out, self.fps)
-            if frames is not None:
-                with atomic_folder(frames, overwrite) as staging:
-                    write_png_frames(self.frames, staging)
-            if lat is not None:
-                if self.latent is None:
-                    raise InputError(f"latent file {lat}: this clip has no latent")
-                with atomic_path(lat) as tmp_latent:
-                    torch.save(self.latent, tmp_latent)
-        return out
 
 
 class Pipeline:

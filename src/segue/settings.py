@@ -103,9 +103,7 @@ def check_request(
     if size is not None:
         if max_area is not None:
             raise InputError(f"give {arg_name('size', flags)} or {arg_name('max_area', flags)}, not both")
-        if isinstance(size, (str, bytes)) or not hasattr(size, "__len__") or len(size) != 2:
-            raise InputError(f"{arg_name('size', flags)} must be (width, height), two integers, got {_kind(size)}")
-        size = (_int("size", size[0], 1, None, flags, " (width)"), _int("size", size[1], 1, None, flags, " (height)"))
+        size = _size_pair(size, flags)
     if steps is not None:
         steps = _int("steps", steps, 1, MAX_STEPS, flags)
     if shift is not None:
@@ -122,6 +120,12 @@ def check_request(
     return Request(
         prompt, negative_prompt, frames, max_area, size, steps, shift, guidance, solver, seed, guidance_steps
     )
+
+
+def _size_pair(size: Any, flags: bool) -> tuple[int, int]:
+    if isinstance(size, (str, bytes)) or not hasattr(size, "__len__") or len(size) != 2:
+        raise InputError(f"{arg_name('size', flags)} must be (width, height), two integers, got {_kind(size)}")
+    return _int("size", size[0], 1, None, flags, " (width)"), _int("size", size[1], 1, None, flags, " (height)")
 
 
 def check_frames(frames: int, temporal: int = 4, flags: bool = False) -> int:

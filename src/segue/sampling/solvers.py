@@ -263,7 +263,7 @@ class LCM(Solver):
     The noise comes from a CPU generator seeded once from `seed` (`noise_seed`), drawn in float32 and moved
     to the sample's device, so CPU and GPU runs re-noise identically; `reset` replays the same noise. The
     seed is salted so that on the CPU the first re-noise draw is not the initial noise of a generation with
-    the same seed (pipeline.initial_noise). Math in float32; the result has the promoted dtype of x and v.
+    the same seed (segue.recipe.initial_noise). Math in float32; the result has the promoted dtype of x and v.
     """
 
     name = "lcm"

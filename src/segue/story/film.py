@@ -18,17 +18,20 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from ..errors import InputError
-from ..pipeline import Pipeline, Progress, Video
+from ..video import Video
 from .cache import ShotCache, pixels_digest, shot_key, weights_identity
 from .color import color_match
 from .report import build_report, fit_keyframe
 from .schema import Shot, Story, load_story
+
+if TYPE_CHECKING:  # the pipeline imports this module lazily for Pipeline.story
+    from ..pipeline import Pipeline, Progress
 
 log = logging.getLogger("segue")
 

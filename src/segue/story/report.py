@@ -28,7 +28,7 @@ from PIL import Image
 
 from ..evaluate import psnr
 from ..io import atomic_write_text
-from ..pipeline import fit_last_frame, image_to_tensor, to_uint8
+from ..recipe import fit_last_frame, image_to_tensor, to_uint8
 from .color import delta_e, mean_color_delta_e
 
 # PSNR of identical frames is infinite; JSON has no Infinity, so it is capped here (and said so in docs).

@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import InputError
-from .trainer import LossFn, TrainConfig, Trainer, rng_state, set_rng_state
+from .checkpoints import rng_state, set_rng_state
+from .trainer import LossFn, TrainConfig, Trainer
 
 PROBE_STEPS = 8  # steps timed on copies of the models before a time-budgeted stage picks its length
 BUDGET_RESERVE = 0.1  # share of the time left kept back for checkpoints, the EMA and the bundle

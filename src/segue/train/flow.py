@@ -6,7 +6,7 @@ The model learns the velocity of the straight path ``x_t = (1 - sigma) * x0 + si
 
 Conditioning: the DiT gets ``y = cat(mask, latent of the conditioning video)`` where the conditioning
 video keeps the given pixel frames and is zero elsewhere, and the mask marks those frames folded four
-per latent frame (``segue.pipeline.frame_mask``/``conditioning_video`` at inference). Training draws,
+per latent frame (``segue.recipe.frame_mask``/``conditioning_video`` at inference). Training draws,
 per sample, which frames are given: first and last (FLF2V), first only (I2V), none, or a random
 subset. CLIP sees the first and the last given frame (the first twice when only one is given, as
 inference does for I2V on an FLF2V model), zeros when none is given.
@@ -121,7 +121,7 @@ def fold_time(x: Tensor, temporal: int = 4) -> Tensor:
 def mask_from_given(given: Tensor, lat_h: int, lat_w: int, temporal: int = 4) -> Tensor:
     """Mask [4, T_lat, lat_h, lat_w] of given pixel frames (bool [F]), folded ``temporal`` per latent.
 
-    The same fold as ``segue.pipeline.frame_mask``, for any set of given frames."""
+    The same fold as ``segue.recipe.frame_mask``, for any set of given frames."""
     m = fold_time(given.float(), temporal).t()  # [temporal, T_lat]
     lat_t = m.shape[1]
     return m[:, :, None, None].expand(temporal, lat_t, lat_h, lat_w).contiguous()
