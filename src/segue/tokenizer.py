@@ -87,6 +87,8 @@ class FileTokenizer(Tokenizer):
     ``tokenizer(texts, padding="max_length", truncation=True, max_length=length)``."""
 
     def __init__(self, backend: Any, pad: str, eos: str, unk: str) -> None:
+        backend.no_truncation()  # each call sets its own, as transformers does (a file's defaults never apply)
+        backend.no_padding()
         self.backend = backend
         self.pad_token = pad
         self.pad_token_id, self.eos_token_id, self.unk_token_id = (backend.token_to_id(t) for t in (pad, eos, unk))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import ftfy
 import torch
@@ -31,6 +31,9 @@ from ..config import ImageEncoderConfig, TextEncoderConfig
 from ..weights import load_into
 from .clip_vision import CLIPVisionTower
 from .umt5 import UMT5Encoder
+
+if TYPE_CHECKING:
+    from ..tokenizer import Tokenizer
 
 _WHITESPACE = re.compile(r"\s+")
 
@@ -48,10 +51,10 @@ def clean_prompt(text: str) -> str:
 class TextEncoder(nn.Module):
     """umT5 encoder plus the reference's tokenization and trimming."""
 
-    def __init__(self, cfg: TextEncoderConfig, tokenizer: Any) -> None:
+    def __init__(self, cfg: TextEncoderConfig, tokenizer: Tokenizer | None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tokenizer = tokenizer  # a segue.tokenizer.Tokenizer
+        self.tokenizer = tokenizer  # None: a model that only stores or counts weights
         self.model = UMT5Encoder(cfg)
         self.eval().requires_grad_(False)
 
@@ -62,6 +65,8 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> list[Tensor]:
         """One float32 [L_i, d_model] tensor per prompt, L_i = its token count incl. EOS."""
+        if self.tokenizer is None:
+            raise ValueError("this text encoder was built without a tokenizer: it cannot encode prompts")
         ids, mask = self.tokenizer.batch([clean_prompt(p) for p in prompts], self.cfg.text_len)
         ids, mask = ids.to(self.device), mask.to(self.device)  # [B, text_len] each
         lens = mask.sum(dim=1).tolist()
@@ -129,7 +134,7 @@ def _tie_t5_embedding(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def load_text_encoder(
     cfg: TextEncoderConfig,
     hf_state_dict: Mapping[str, Tensor],
-    tokenizer: Any,
+    tokenizer: Tokenizer | None,
     device: torch.device | str,
     dtype: torch.dtype,
 ) -> TextEncoder:
