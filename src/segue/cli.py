@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--out", type=Path, default=Path("cache_calibration.json"), help="calibration JSON")
     cc.add_argument("--fp8", action="store_true", help="also measure one-step fp8 errors")
 
+    add_serve_commands(sub)
+
     t = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint (for tests and demos)")
     t.add_argument("dest", type=Path)
     t.add_argument("--layout", choices=("official", "diffusers"), default="official")
@@ -165,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_model_options(g: argparse.ArgumentParser) -> None:
-    """The model, speed and parallel options shared by ``generate`` and ``story``."""
+def add_model_options(g: argparse.ArgumentParser, parallel: bool = True) -> None:
+    """The model and speed options of ``generate``, ``story``, ``serve`` and ``worker`` (and the parallel ones)."""
     g.add_argument("--ckpt-dir", type=Path, help="checkpoint folder (official or diffusers layout)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU)")
@@ -211,6 +213,8 @@ def add_model_options(g: argparse.ArgumentParser) -> None:
         help="settings of 4-step distilled LoRAs (lightx2v/CausVid): 4 steps, no CFG, shift 5, lcm",
     )
     sp.add_argument("--text-encoder-cpu", action="store_true", help="run the text encoder on the CPU")  # fmt: skip
+    if not parallel:
+        return
     par = g.add_argument_group("parallel (start with torchrun --nproc_per_node=N -m segue generate ...)")
     par.add_argument("--ulysses", type=int, default=1, help="Ulysses sequence-parallel degree (heads all-to-all)")
     par.add_argument("--ring", type=int, default=1, help="ring-attention sequence-parallel degree")
@@ -222,6 +226,35 @@ def add_model_options(g: argparse.ArgumentParser) -> None:
         action="store_true",
         help="leave padded tokens unmasked in attention, as the reference's distributed run does",
     )
+
+
+def add_serve_commands(sub: argparse._SubParsersAction) -> None:
+    """``segue serve`` (the HTTP API and its workers) and ``segue worker`` (workers alone): docs/serve.md."""
+    sv = sub.add_parser("serve", help="run the HTTP API with a persistent job queue and worker processes")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (not loopback: --token required)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--token", default=os.environ.get("SEGUE_TOKEN") or None,
+                    help="every API request must send Authorization: Bearer TOKEN (default: $SEGUE_TOKEN)")  # fmt: skip
+    sv.add_argument("--workers", type=int, default=1, help="worker processes, each loading the model once (0: none)")
+    sv.add_argument("--max-upload-mb", type=float, default=64.0, help="largest request body, MiB")
+    sv.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest uploaded image, pixels")
+    sv.add_argument("--webhook-secret", default=os.environ.get("SEGUE_WEBHOOK_SECRET") or None,
+                    help="webhook signing key (default: $SEGUE_WEBHOOK_SECRET, else DATA/webhook-secret)")  # fmt: skip
+    sv.add_argument("--webhook-retries", type=int, default=5, help="deliveries tried per webhook")
+    sv.add_argument("--webhook-backoff", type=float, default=2.0, help="seconds before the first retry (doubling)")
+    wk = sub.add_parser("worker", help="run workers alone (no API) on a queue shared with segue serve")
+    wk.add_argument("--workers", type=int, default=1, help="worker processes, each loading the model once")
+    wk.add_argument("--worker-id", default=None, help=argparse.SUPPRESS)  # as the supervisor starts one
+    wk.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    for p in (sv, wk):
+        p.add_argument("--data", type=Path, default=Path("segue-data"),
+                       help="folder of the queue (SQLite), inputs and outputs; shared by every machine")  # fmt: skip
+        p.add_argument("--db", default=None,
+                       help="postgresql://USER@HOST/DB: one queue for many machines (default: SQLite)")  # fmt: skip
+        p.add_argument("--lease", type=float, default=30.0,
+                       help="seconds a job stays claimed without a heartbeat before it runs again")  # fmt: skip
+        p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
+        add_model_options(p, parallel=False)
 
 
 class _Progress:
@@ -305,10 +338,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _model_plan(args: argparse.Namespace, protected):
     """The checkpoint's plan (its config, no weights yet), the parallel layout and the speed options, checked.
     ``--few-step`` fills the sampling settings the command line left unset."""
+    from .accel.options import SpeedOptions
     from .loader import checkpoint_plan
 
     parallel = _parallel_config(args)
-    speed = _speed_options(args)
+    speed = SpeedOptions.from_args(args)
     for lora, _ in speed.loras:
         protected.add(lora, "LoRA")
     if args.few_step:
@@ -394,16 +428,6 @@ def cmd_story(args: argparse.Namespace) -> int:
     return 0
 
 
-def _speed_options(args: argparse.Namespace):
-    from .accel.options import SpeedOptions, parse_lora
-
-    return SpeedOptions(
-        memory=args.memory, attention=args.attention, cfg_batch=args.cfg_batch, compile=args.compile,
-        step_cache=args.step_cache, cache_threshold=args.cache_threshold, cache_calibration=args.cache_calibration,
-        loras=tuple(parse_lora(x) for x in args.lora), text_encoder_cpu=args.text_encoder_cpu, exact=args.exact,
-    )  # fmt: skip
-
-
 def _parallel_config(args: argparse.Namespace):
     """A ParallelConfig when a parallel flag is set or torchrun started several processes, else None."""
     from .dist import ParallelConfig
@@ -415,6 +439,18 @@ def _parallel_config(args: argparse.Namespace):
         ulysses=args.ulysses, ring=args.ring, cfg=args.cfg_parallel, fsdp=args.fsdp,
         vae=not args.no_vae_parallel, reference_padding=args.sp_reference_padding,
     )  # fmt: skip
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.command import serve
+
+    return serve(args)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .serve.command import worker
+
+    return worker(args)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -521,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     commands = {"generate": cmd_generate, "story": cmd_story, "info": cmd_info, "make-tiny": cmd_make_tiny,
                 "train": cmd_train, "eval": cmd_eval, "make-pairs": cmd_make_pairs, "sweep": cmd_sweep,
-                "calibrate-cache": cmd_calibrate_cache}  # fmt: skip
+                "calibrate-cache": cmd_calibrate_cache, "serve": cmd_serve, "worker": cmd_worker}  # fmt: skip
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     ok = False

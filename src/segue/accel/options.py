@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import InputError
 
@@ -53,6 +54,15 @@ class SpeedOptions:
                 check_lora_file(path)  # whole and with LoRA names, from its header: before any model loads
         if self.cache_calibration is not None and not Path(self.cache_calibration).is_file():
             raise InputError(f"cache calibration file {self.cache_calibration} does not exist")
+
+    @classmethod
+    def from_args(cls, args: Any) -> SpeedOptions:
+        """The options of a command line's speed and memory flags (``segue generate``, ``story``, ``worker``)."""
+        return cls(
+            memory=args.memory, attention=args.attention, cfg_batch=args.cfg_batch, compile=args.compile,
+            step_cache=args.step_cache, cache_threshold=args.cache_threshold, cache_calibration=args.cache_calibration,
+            loras=tuple(parse_lora(x) for x in args.lora), text_encoder_cpu=args.text_encoder_cpu, exact=args.exact,
+        )  # fmt: skip
 
 
 def parse_lora(text: str) -> tuple[str, float]:
