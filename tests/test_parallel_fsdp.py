@@ -161,7 +161,7 @@ def results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     procs = start_workers(_worker, world, str(out), str(tok))
     alive = join_workers(procs, TIMEOUT_S)
     assert not alive, f"{len(alive)} worker(s) hung past {TIMEOUT_S}s"
-    res = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    res = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
     errors = [r["error"] for r in res if "error" in r]
     assert not errors, errors[0]
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]

@@ -89,7 +89,7 @@ def run_ranks(world: int, tmp: Path) -> list[dict]:
     for r in range(world):
         path = tmp / f"rank{r}.pt"
         assert path.exists(), f"rank {r} wrote no result (exit code {procs[r].exitcode})"
-        res = torch.load(path, weights_only=False)
+        res = torch.load(path, weights_only=True)
         assert "traceback" not in res, f"rank {r} failed:\n{res.get('traceback')}"
         results.append(res)
     return results

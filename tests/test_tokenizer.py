@@ -15,8 +15,8 @@ def test_trained_tokenizer_is_t5_style_and_learns_words(tmp_path):
     train_tokenizer(texts, 120, tmp_path / "tok")
     tok = load_tokenizer(tmp_path / "tok")
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
-    ids = tok("the green triangle moves to the left").input_ids
+    ids = tok.ids("the green triangle moves to the left")
     assert ids[-1] == 1  # EOS appended, as T5
-    pieces = tok.convert_ids_to_tokens(ids[:-1])
+    pieces = tok.pieces(ids[:-1])
     assert "▁triangle" in pieces and "▁green" in pieces  # frequent caption words are single pieces
     assert len(tok) == 120

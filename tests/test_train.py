@@ -499,7 +499,7 @@ def dist_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], 
     single = _dist_run(out / "single", False, None)  # meanwhile: one process, the whole batch of 4
     alive = join_workers(procs, TIMEOUT_S)
     assert not alive, f"{len(alive)} worker(s) hung past {TIMEOUT_S}s"
-    res = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    res = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
     errors = [r["error"] for r in res if "error" in r]
     assert not errors, errors[0]
     return res, single

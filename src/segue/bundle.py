@@ -150,9 +150,14 @@ def materialize_tokenizer(files: dict[str, str], folder: Path) -> Path:
     return folder
 
 
-def load_bundle_tokenizer(files: dict[str, str]) -> Any:
-    """The tokenizer a bundle holds, loaded through a private temporary folder that is removed at once."""
-    from .tokenizer import load_tokenizer
+def load_bundle_tokenizer(files: dict[str, str], origin: str = "the bundle") -> Any:
+    """The tokenizer a bundle holds: straight from its ``tokenizer.json`` text when that is a plain one (what
+    segue writes), else through a private temporary folder that is removed at once."""
+    from .tokenizer import load_tokenizer, plain_tokenizer
 
+    bad = sorted(n for n in files if n not in TOKENIZER_FILES)
+    plain = None if bad else plain_tokenizer(files, origin)  # bad names: materialize_tokenizer says which
+    if plain is not None:
+        return plain
     with tempfile.TemporaryDirectory(prefix="segue-tokenizer-") as tmp:
         return load_tokenizer(materialize_tokenizer(files, Path(tmp)))

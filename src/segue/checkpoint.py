@@ -245,11 +245,11 @@ class CheckpointPlan:
     tokenizer_files: dict[str, str] | None = None  # a bundle's tokenizer files (name -> content)
 
     def load_tokenizer(self) -> Any:
-        """The tokenizer, from its folder or from the bundle's files (through a temporary folder, removed)."""
+        """The tokenizer, from its folder or from the bundle's files (``segue.bundle.load_bundle_tokenizer``)."""
         if self.tokenizer_files is not None:
             from .bundle import load_bundle_tokenizer
 
-            return load_bundle_tokenizer(self.tokenizer_files)
+            return load_bundle_tokenizer(self.tokenizer_files, str(self.folder))
         from .tokenizer import load_tokenizer
 
         assert self.tokenizer_dir is not None
@@ -335,6 +335,8 @@ def _from_file(path: Path, build: Callable[..., Any], *args: Any) -> Any:
     """``build(*args)``, a config read from the file ``path``: a bad value is a CheckpointError naming the file."""
     try:
         return build(*args)
+    except CheckpointError:
+        raise  # already says what is wrong (a ValueError too: InputError derives from it)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from None
 
@@ -366,6 +368,8 @@ def _plan_official(folder: Path) -> CheckpointPlan:
         config = ModelConfig(
             name=folder.name, dit=dit_cfg, vae=vae_cfg, text=text_cfg, image=image_cfg, defaults=defaults
         )
+    except CheckpointError:
+        raise
     except ValueError as e:
         raise CheckpointError(f"{folder}: {e}") from None
     tok = folder / OFFICIAL_T5_TOKENIZER
@@ -412,6 +416,8 @@ def _plan_diffusers(folder: Path) -> CheckpointPlan:
         config = ModelConfig(
             name=folder.name, dit=dit_cfg, vae=vae_cfg, text=text_cfg, image=image_cfg, defaults=defaults
         )
+    except CheckpointError:
+        raise
     except ValueError as e:
         raise CheckpointError(f"{folder}: {e}") from None
     return CheckpointPlan(folder, "diffusers", config, dit_src, vae_src, text_src, image_src, folder / "tokenizer")
@@ -441,8 +447,9 @@ def _fmt_count(n: int) -> str:
 
 def describe(folder: str | Path) -> str:
     """A readable report of a checkpoint (folder or bundle): layout, files present or missing, component sizes,
-    parameter counts and dtypes, and whether every tensor fits the model. A path that is no checkpoint at all
-    is a CheckpointError; problems inside a checkpoint are reported in the text."""
+    parameter counts and dtypes, and whether every tensor fits the model. A path that is no checkpoint at all,
+    or one that cannot be planned (a damaged file, a wrong-typed config value), is a CheckpointError; tensors
+    that do not fit the model are reported in the text."""
     from .models.dit import WanDiT
     from .models.vae import WanVAE
 
@@ -462,7 +469,7 @@ def describe(folder: str | Path) -> str:
     try:
         plan = plan_checkpoint(folder)
     except CheckpointError as e:
-        return "\n".join(lines + [f"cannot plan the model: {e}"])
+        raise CheckpointError(f"cannot plan the model: {e}") from None
     if plan.tokenizer_files is not None:
         lines.append(f"tokenizer: {', '.join(sorted(plan.tokenizer_files))} (inside the bundle)")
     else:

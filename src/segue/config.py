@@ -206,7 +206,7 @@ class VAEConfig:
 
 @dataclass(frozen=True)
 class TextEncoderConfig:
-    """umT5 encoder (transformers ``UMT5EncoderModel`` architecture)."""
+    """umT5 encoder (``segue.models.umt5``; transformers' ``UMT5EncoderModel`` architecture)."""
 
     vocab_size: int = 256384
     d_model: int = 4096
@@ -226,9 +226,13 @@ class TextEncoderConfig:
                 _positive(f.name, getattr(self, f.name))
 
 
+# The MLP activations a CLIP vision config may name (transformers' names; ViT-H/14 uses "gelu").
+CLIP_ACTIVATIONS = ("gelu", "quick_gelu", "gelu_new", "gelu_pytorch_tanh")
+
+
 @dataclass(frozen=True)
 class ImageEncoderConfig:
-    """CLIP ViT visual tower (transformers ``CLIPVisionModel`` architecture)."""
+    """CLIP ViT visual tower (``segue.models.clip_vision``; transformers' ``CLIPVisionModel`` architecture)."""
 
     hidden_size: int = 1280
     intermediate_size: int = 5120
@@ -249,6 +253,8 @@ class ImageEncoderConfig:
             raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} not divisible by patch_size {self.patch_size}")
+        if self.hidden_act not in CLIP_ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {', '.join(CLIP_ACTIVATIONS)}")
 
     @property
     def num_tokens(self) -> int:

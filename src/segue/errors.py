@@ -11,8 +11,9 @@ class InputError(SegueError, ValueError):
     """A bad argument or input file: says which one, which value, and what is allowed."""
 
 
-class CheckpointError(SegueError):
-    """A checkpoint folder or weight file that cannot be used as given."""
+class CheckpointError(InputError):
+    """A checkpoint folder or weight file that cannot be used as given (missing, damaged or crafted): a bad
+    input like any other, so ``except InputError`` catches it too."""
 
 
 class OutputError(SegueError):

@@ -1,9 +1,11 @@
 """Key and config mapping for the text (umT5) and image (CLIP ViT) encoders.
 
-segue runs both encoders as the transformers modules ``UMT5EncoderModel`` and ``CLIPVisionModel``,
-so the transformers key names are the native ones here. The official Wan2.1 ``.pth`` files use the
-reference's own module names; these pure functions translate between the two layouts and read the
-sizes back from tensor shapes (the official files carry no config).
+segue's encoder modules (``segue.models.umt5``, ``segue.models.clip_vision``) keep transformers' key names
+(``UMT5EncoderModel``, ``CLIPVisionModel``): diffusers folders and segue bundles store those, so they are
+the native names here. The official Wan2.1 ``.pth`` files use the reference's own module names; these
+pure functions translate between the two layouts and read the sizes back from tensor shapes (the
+official files carry no config). The ``*_to_hf`` configs are what a diffusers folder's ``config.json``
+holds for each encoder.
 
 Official umT5 encoder (``models_t5_umt5-xxl-enc-bf16.pth``), per block ``i``::
 

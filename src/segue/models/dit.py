@@ -173,7 +173,9 @@ class Block(nn.Module):
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         self.eps = cfg.eps
-        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+        # in place: on the meta device an out-of-place division runs PyTorch's Python reference, which
+        # imports torch._dynamo (seconds, and a compile-cache folder in TMPDIR); the values are the same
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim).div_(cfg.dim**0.5))
         self.self_attn = SelfAttention(cfg)
         self.norm3 = FP32LayerNorm(cfg.dim, cfg.eps) if cfg.cross_attn_norm else nn.Identity()
         self.cross_attn = CrossAttention(cfg)
@@ -196,7 +198,7 @@ class Head(nn.Module):
         super().__init__()
         self.eps = cfg.eps
         self.head = Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
-        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim).div_(cfg.dim**0.5))  # in place: see Block
 
     def forward(self, x: Tensor, e: Tensor) -> Tensor:
         # x [B, L, C], e [B, C]: the head modulates with e, not the projected e0

@@ -1,14 +1,17 @@
 """Text (umT5-XXL) and image (CLIP ViT-H/14) encoders with the reference's pre/post-processing.
 
-The networks are transformers' ``UMT5EncoderModel`` and ``CLIPVisionModel``: the same architectures
-as the reference's own T5 encoder and the CLIP visual tower. What segue adds is the configs, loading
-on the meta device, and what the reference does around them:
+The networks are segue's ``umt5.UMT5Encoder`` and ``clip_vision.CLIPVisionTower`` (the reference's T5
+encoder and CLIP visual tower; transformers' ``UMT5EncoderModel`` / ``CLIPVisionModel`` compute the same,
+and are the parity tests' oracle). What this module adds is what the reference does around them:
 
 - text: clean the prompt (ftfy, html entities, whitespace), tokenize to ``text_len`` with EOS, run the
   encoder with the padding mask and trim each output to its true length (EOS included).
 - image: bicubic resize of [-1, 1] frames straight to ``image_size`` (aspect squashed), map to
   [0, 1], normalise with the CLIP mean/std, and return the output of all blocks but the last
   (no post-norm), i.e. transformers' ``hidden_states[-2]``.
+
+Both load on the meta device from a state dict in their stored (transformers) names; the official
+``.pth`` names are mapped to those by ``segue.adapters.encoders``.
 """
 
 from __future__ import annotations
@@ -16,17 +19,21 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import ftfy
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
-from ..adapters.encoders import clip_config_to_hf, clip_hf_strip, t5_config_to_hf
+from ..adapters.encoders import clip_hf_strip
 from ..config import ImageEncoderConfig, TextEncoderConfig
 from ..weights import load_into
+from .clip_vision import CLIPVisionTower
+from .umt5 import UMT5Encoder
+
+if TYPE_CHECKING:
+    from ..tokenizer import Tokenizer
 
 _WHITESPACE = re.compile(r"\s+")
 
@@ -44,13 +51,11 @@ def clean_prompt(text: str) -> str:
 class TextEncoder(nn.Module):
     """umT5 encoder plus the reference's tokenization and trimming."""
 
-    def __init__(self, cfg: TextEncoderConfig, tokenizer: Any) -> None:
+    def __init__(self, cfg: TextEncoderConfig, tokenizer: Tokenizer | None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tokenizer = tokenizer
-        hf_cfg = t5_config_to_hf(cfg)
-        hf_cfg.pop("architectures")
-        self.model = UMT5EncoderModel(UMT5Config(**hf_cfg))
+        self.tokenizer = tokenizer  # None: a model that only stores or counts weights
+        self.model = UMT5Encoder(cfg)
         self.eval().requires_grad_(False)
 
     @property
@@ -60,21 +65,15 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> list[Tensor]:
         """One float32 [L_i, d_model] tensor per prompt, L_i = its token count incl. EOS."""
-        batch = self.tokenizer(
-            [clean_prompt(p) for p in prompts],
-            padding="max_length",
-            truncation=True,
-            max_length=self.cfg.text_len,
-            add_special_tokens=True,
-            return_tensors="pt",
-        )
-        ids = batch["input_ids"].to(self.device)  # [B, text_len]
-        mask = batch["attention_mask"].to(self.device)  # [B, text_len]
+        if self.tokenizer is None:
+            raise ValueError("this text encoder was built without a tokenizer: it cannot encode prompts")
+        ids, mask = self.tokenizer.batch([clean_prompt(p) for p in prompts], self.cfg.text_len)
+        ids, mask = ids.to(self.device), mask.to(self.device)  # [B, text_len] each
         lens = mask.sum(dim=1).tolist()
         # Padding sits at the end and is masked out of every key, and the relative position bias depends
         # only on distances, so the columns after the longest prompt change nothing: drop them.
         longest = max(lens)
-        out = self.model(input_ids=ids[:, :longest], attention_mask=mask[:, :longest]).last_hidden_state
+        out = self.model(ids[:, :longest], mask[:, :longest])  # [B, longest, d_model]
         return [u[:n].float() for u, n in zip(out, lens)]  # B x [L_i, d_model]
 
 
@@ -84,10 +83,7 @@ class ImageEncoder(nn.Module):
     def __init__(self, cfg: ImageEncoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        hf_cfg = clip_config_to_hf(cfg)
-        hf_cfg.pop("architectures")
-        hf_cfg.pop("model_type")
-        self.model = CLIPVisionModel(CLIPVisionConfig(**hf_cfg))
+        self.model = CLIPVisionTower(cfg)
         self.eval().requires_grad_(False)
 
     def preprocess(self, frames: Tensor | Sequence[Tensor]) -> Tensor:
@@ -113,14 +109,10 @@ class ImageEncoder(nn.Module):
     @torch.no_grad()
     def encode(self, frames: Tensor | Sequence[Tensor]) -> Tensor:
         """[N, 3, H, W] frames in [-1, 1] -> [N, tokens, width] float32 features after num_layers-1 blocks."""
-        m = self.model
-        weight = m.embeddings.patch_embedding.weight
+        weight = self.model.embeddings.patch_embedding.weight
         x = self.preprocess(frames).to(device=weight.device, dtype=weight.dtype)
-        h = m.pre_layrnorm(m.embeddings(x))  # [N, tokens, width]
         # Only the first num_layers-1 blocks: the last one and the post-norm are never used.
-        for layer in m.encoder.layers[:-1]:
-            h = layer(h, None)
-        return h.float()
+        return self.model(x, layers=self.cfg.num_layers - 1).float()  # [N, tokens, width]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,16 +134,16 @@ def _tie_t5_embedding(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def load_text_encoder(
     cfg: TextEncoderConfig,
     hf_state_dict: Mapping[str, Tensor],
-    tokenizer: Any,
+    tokenizer: Tokenizer | None,
     device: torch.device | str,
     dtype: torch.dtype,
 ) -> TextEncoder:
-    """Build on meta, strictly load a ``UMT5EncoderModel`` state dict, cast everything to ``dtype``."""
+    """Build on meta, strictly load a state dict in transformers' ``UMT5EncoderModel`` names (either name of
+    the tied embedding will do), cast everything to ``dtype``."""
     with torch.device("meta"):
         enc = TextEncoder(cfg, tokenizer)
     sd = _tie_t5_embedding(hf_state_dict)
     load_into(enc.model, sd, "text encoder (umT5)", device=device, dtype_for=lambda _n, _t: dtype)
-    enc.model.encoder.embed_tokens.weight = enc.model.shared.weight  # one tensor, as in the reference
     return enc.eval().requires_grad_(False)
 
 
@@ -161,12 +153,10 @@ def load_image_encoder(
     device: torch.device | str,
     dtype: torch.dtype,
 ) -> ImageEncoder:
-    """Build on meta, strictly load a ``CLIPVisionModel[WithProjection]`` state dict, cast to ``dtype``."""
+    """Build on meta, strictly load a state dict in transformers' ``CLIPVisionModel[WithProjection]`` names,
+    cast to ``dtype``."""
     with torch.device("meta"):
         enc = ImageEncoder(cfg)
     sd = clip_hf_strip(hf_state_dict)
     load_into(enc.model, sd, "image encoder (CLIP)", device=device, dtype_for=lambda _n, _t: dtype)
-    # transformers keeps position ids in a non-persistent buffer that the meta build left empty.
-    emb = enc.model.embeddings
-    emb.position_ids = torch.arange(emb.num_positions, device=device).expand(1, -1)
     return enc.eval().requires_grad_(False)
