@@ -108,7 +108,8 @@ def test_the_import_graph_has_no_cycle() -> None:
 def test_nothing_below_the_loader_imports_it() -> None:
     below = [n for n in MODULES if n.startswith(("segue.placement", "segue.accel", "segue.models", "segue.sampling"))]
     below += ["segue.pipeline", "segue.checkpoint", "segue.dist"]
-    users = [n for n in below if "segue.loader" in graph()[n]]
+    edges = graph()
+    users = [n for n in below if "segue.loader" in edges[n]]
     assert not users, users
 
 
