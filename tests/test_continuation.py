@@ -511,3 +511,39 @@ def test_durations_and_budget_steps():
             budget.parse_duration(bad)
     assert budget.budget_steps(100.0, 1.0, 1000) == 90 and budget.budget_steps(100.0, 1.0, 50) == 50
     assert budget.budget_steps(0.5, 1.0, 1000) == 1
+
+
+def test_broad_clips_train_the_vae_with_synthetic_latents_anchored_and_join_the_dit_cache(base, tmp_path, monkeypatch):
+    from segue.train import anchored_vae
+    from segue.train.continuation import stage_clips
+
+    flags = []
+    parts = anchored_vae.AnchoredVAEObjective.parts
+
+    def spy(self, vae, video, anchored):
+        flags.append(anchored.clone())
+        return parts(self, vae, video, anchored)
+
+    monkeypatch.setattr(anchored_vae.AnchoredVAEObjective, "parts", spy)
+    c = replace(SMOKE, name="broad", vae_steps=2, vae_anchor=1.0, broad=0.5, decoder_steps=0)
+    run_dir = tmp_path / "run"
+    continue_from_bundle(base, c, replace(TINY.vae, broad=0.5), run_dir)
+    assert len(flags) == 2 and all(f.dtype == torch.bool and len(f) == TINY.vae.batch for f in flags)
+    info = json.loads((run_dir / "latents" / "config.json").read_text())["dataset"]
+    assert info["broad"] == 0.5
+    # the cache holds the mixed window: each clip's caption is its own source's
+    mixed, cached = stage_clips(c), CachedClips(run_dir / "latents")
+    sources = {mixed.from_b(c.cache_start + i) for i in range(c.cache_clips)}
+    assert sources == {True, False}
+    for i in range(c.cache_clips):
+        src = mixed.b if mixed.from_b(c.cache_start + i) else mixed.a
+        assert cached[i]["caption"] == src[c.cache_start + i]["caption"]
+
+
+def test_broad_shares_are_checked():
+    with pytest.raises(ValueError, match="broad must be in"):
+        replace(TINY.vae, broad=1.5)
+    with pytest.raises(ValueError, match="no paired_groups"):
+        replace(SMOKE, broad=0.5, paired_groups=True, cache_start=9)
+    with pytest.raises(ValueError, match="vae_anchor needs vae_steps"):
+        replace(SMOKE, vae_anchor=1.0)

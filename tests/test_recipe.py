@@ -133,6 +133,8 @@ def test_toml_syntax_errors_give_the_line_and_column():
         ('name = "next"', 'name = "../next"', r"continuation name '../next' must be letters, digits, .*folder"),
         ('name = "stage2-flf"', 'name = "a/b"', r"stage name 'a/b' must be letters"),
         ('name = "tiny"', 'name = "tiny"\nfrom = "builtin"', "a recipe with \\[scratch\\] starts from scratch"),
+        ("batch = 2\n", "batch = 2\nbroad = 1.5\n", r"vae.broad: 1.5 is out of range \(allowed: >= 0 and <= 1\)"),
+        ('name = "next"', 'name = "next"\nvae_anchor = -1.0', r"vae_anchor: -1.0 is out of range \(allowed: >= 0\)"),
         ('name = "tiny"', 'name = "tiny"\nfrom = "/etc/x"', r"from: '/etc/x'; allowed: \"builtin\""),
     ],
 )  # fmt: skip
@@ -144,6 +146,8 @@ def test_values_are_typed_and_ranged(old, new, message):
 def test_recipes_are_read_by_path_or_shipped_name_and_a_bad_one_is_one_line_on_the_cli(tmp_path, capsys):
     assert {"default", "gpu"} <= set(shipped_recipes())
     assert load_recipe("gpu").start == "builtin" and load_recipe("gpu").scratch is None
+    broad = load_recipe("broad")  # the built-in model on broad clips: the whole VAE, then the DiT
+    assert broad.start == "builtin" and broad.vae.broad > 0 and broad.continuations[0].vae_steps > 0
     out = tmp_path / "run"
     assert main(["train", "--recipe", "nope", "--out", str(out)]) == 2
     err = capsys.readouterr().err

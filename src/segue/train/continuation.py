@@ -28,6 +28,7 @@ from ..bundle import (
     save_bundle,
 )
 from ..config import ModelConfig, VAEConfig
+from ..data.broad import BroadVideos, Mixed
 from ..data.synthetic import GROUP_SIZE, Scene, SyntheticVideos
 from ..errors import InputError
 from ..io import atomic_write_text
@@ -47,14 +48,19 @@ from .trainer import TrainConfig, Trainer
 
 
 class Window(Dataset):
-    """Items ``start .. start + length - 1`` of a dataset, as items 0 .. length - 1."""
+    """Items ``start .. start + length - 1`` of a dataset (synthetic clips, or them mixed with broad clips), as
+    items 0 .. length - 1."""
 
-    def __init__(self, data: SyntheticVideos, start: int, length: int) -> None:
+    def __init__(self, data: SyntheticVideos | Mixed, start: int, length: int) -> None:
         if start < 0 or length < 1 or start + length > len(data):
             raise InputError(f"window [{start}, {start + length}) does not fit a dataset of {len(data)} items")
         self.data, self.start, self.length = data, start, length
-        self.split, self.frames, self.size = data.split, data.frames, data.size  # what the cache records
-        self.ambiguous_fraction, self.loops, self.loop_groups = data.ambiguous_fraction, data.loops, data.loop_groups
+        synthetic = data.a if isinstance(data, Mixed) else data
+        if isinstance(data, Mixed):  # what the cache records: a cache of another mix is not reused
+            self.broad = data.share_b
+        self.split, self.frames, self.size = synthetic.split, synthetic.frames, synthetic.size
+        self.ambiguous_fraction, self.loops = synthetic.ambiguous_fraction, synthetic.loops
+        self.loop_groups = synthetic.loop_groups
 
     def __len__(self) -> int:
         return self.length
@@ -96,11 +102,16 @@ def with_sampling(config: ModelConfig, sampling: tuple[tuple[str, float | int | 
     return replace(config, defaults=replace(config.defaults, **dict(sampling))) if sampling else config
 
 
-def stage_clips(c: Continuation) -> SyntheticVideos:
-    """The clips of the continuation's DiT stage: its cache window and the VAE's latent statistics come from them."""
-    return SyntheticVideos("train", length=c.data_length, frames=c.stage.frames, size=c.stage.size,
-                           ambiguous_fraction=c.ambiguous_fraction, loops=c.loops,
-                           loop_groups=c.loop_groups)  # fmt: skip
+def stage_clips(c: Continuation) -> SyntheticVideos | Mixed:
+    """The clips of the continuation's DiT stage: its cache window and the VAE's latent statistics come from
+    them. A share ``c.broad`` are broad clips (training photos), drawn from ``c.seed``."""
+    synthetic = SyntheticVideos("train", length=c.data_length, frames=c.stage.frames, size=c.stage.size,
+                                ambiguous_fraction=c.ambiguous_fraction, loops=c.loops,
+                                loop_groups=c.loop_groups)  # fmt: skip
+    if c.broad <= 0:
+        return synthetic
+    broad = BroadVideos("train", length=c.data_length, frames=c.stage.frames, size=c.stage.size)
+    return Mixed(synthetic, broad, share_b=c.broad, seed=c.seed)
 
 
 @dataclass
@@ -112,7 +123,7 @@ class Run:
     out: Path
     dev: torch.device
     tok_dir: Path
-    data: SyntheticVideos  # the stage's clips
+    data: SyntheticVideos | Mixed  # the stage's clips
     workers: int = 0
     scale: float = 1.0  # ``--steps-scale``: of the steps, and of the clips cached or generated
     clock: Callable[[], float] = time.monotonic  # seconds, for a time budget's deadline
@@ -137,7 +148,8 @@ def vae_phase(r: Run, cfg: VAEConfig, state: dict[str, torch.Tensor], steps: int
     cooldown = round(c.decoder_cooldown * steps / c.decoder_steps) if decoder_only and c.decoder_cooldown else 0
     train_vae_run(r.clips, cfg, state, run, steps=steps, lr=lr, seed=seed, decoder_only=decoder_only, device=r.dev,
                   endpoint_weight=ew, cooldown=cooldown, data=data,
-                  keep_shapes=decoder_only and c.decoder_keep_shapes)  # fmt: skip
+                  keep_shapes=decoder_only and c.decoder_keep_shapes,
+                  anchor_weight=0.0 if decoder_only else c.vae_anchor)  # fmt: skip
     return load_ema(run, "vae")
 
 

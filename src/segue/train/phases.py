@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 
 from ..config import VAEConfig
+from ..data.broad import BroadVideos, Mixed
 from ..data.synthetic import SyntheticVideos
 from ..io import atomic_write_text
 from ..models.vae import WanVAE
+from .anchored_vae import AnchoredVAEObjective
 from .recipe import Stage, VAEClips
 from .trainer import TrainConfig, Trainer
 from .vae_loss import DecoderObjective, VAEObjective, freeze_encoder
@@ -81,10 +83,11 @@ class Crops(torch.utils.data.Dataset):
         video = item["video"]  # [3, F, H, W]
         room = (video.shape[2] - self.size[0] + 1, video.shape[3] - self.size[1] + 1)
         top, left = crop_origin(self.seed, index, room)
-        return {"video": video[:, :, top : top + self.size[0], left : left + self.size[1]]}
+        crop = {"video": video[:, :, top : top + self.size[0], left : left + self.size[1]]}
+        return crop if "anchor" not in item else {**crop, "anchor": item["anchor"]}  # ``broad.Mixed``'s flag
 
 
-def latent_stats(vae: WanVAE, data: SyntheticVideos, batches: int, batch_size: int) -> tuple[list, list]:
+def latent_stats(vae: WanVAE, data: torch.utils.data.Dataset, batches: int, batch_size: int) -> tuple[list, list]:
     """Per-channel mean and std of the VAE's raw latent mean over training clips (the normalisation)."""
     zs = []
     with torch.no_grad():
@@ -96,7 +99,11 @@ def latent_stats(vae: WanVAE, data: SyntheticVideos, batches: int, batch_size: i
 
 
 def measured_vae_config(
-    cfg: VAEConfig, state: dict[str, torch.Tensor], data: SyntheticVideos, batches: int, device: str | torch.device
+    cfg: VAEConfig,
+    state: dict[str, torch.Tensor],
+    data: torch.utils.data.Dataset,
+    batches: int,
+    device: str | torch.device,
 ) -> VAEConfig:
     """``cfg`` with the latent statistics (``latent_stats``, batches of 4) of the VAE ``state`` measured on ``data``."""
     vae = WanVAE(cfg)
@@ -106,8 +113,14 @@ def measured_vae_config(
 
 
 def vae_data(clips: VAEClips, seed: int) -> torch.utils.data.Dataset:
-    """The VAE's training clips: renders of ``clips``' frames and size, cropped at positions drawn from ``seed``."""
-    data = SyntheticVideos("train", length=clips.data_length, frames=clips.frames, size=clips.size, loops=clips.loops)
+    """The VAE's training clips: renders of ``clips``' frames and size, a share ``clips.broad`` of them broad
+    clips (``data.broad``, training photos; the rest synthetic, flagged ``anchor``), cropped at positions
+    drawn from ``seed``."""
+    data: torch.utils.data.Dataset = SyntheticVideos("train", length=clips.data_length, frames=clips.frames,
+                                                     size=clips.size, loops=clips.loops)  # fmt: skip
+    if clips.broad > 0:
+        broad = BroadVideos("train", length=clips.data_length, frames=clips.frames, size=clips.size)
+        data = Mixed(data, broad, share_b=clips.broad, seed=seed)
     return data if clips.crop is None else Crops(data, clips.crop, seed=seed)
 
 
@@ -126,6 +139,7 @@ def train_vae_run(
     cooldown: int = 0,
     data: torch.utils.data.Dataset | None = None,
     keep_shapes: bool = False,
+    anchor_weight: float = 0.0,
 ) -> Path:
     """Train the VAE ``state`` further into ``run`` (resumes; skipped when done) on ``clips`` drawn with
     ``seed``: the whole VAE, or (``decoder_only``) its decoder on the frozen encoder, the first and last
@@ -133,7 +147,9 @@ def train_vae_run(
     linearly to 0 over the last ``cooldown`` steps (else it stays constant after the warmup). ``data``
     replaces the clips (e.g. ``generated.GeneratedClips`` for the decoder). ``keep_shapes`` (the decoder on
     generated latents with their backdrops): shapes are kept as the decoder renders them at the start
-    (``DecoderObjective.anchor``), so it learns the scenery from the true frames only."""
+    (``DecoderObjective.anchor``), so it learns the scenery from the true frames only. ``anchor_weight`` > 0
+    (the whole VAE, MSE): the encoder's latents of the clips flagged ``anchor`` are held near the starting
+    encoder's (``AnchoredVAEObjective``), so a DiT trained on them needs to learn only what moved."""
     if is_done(run):
         return run
     vae = WanVAE(cfg)
@@ -148,7 +164,11 @@ def train_vae_run(
                      cooldown=cooldown)  # fmt: skip
     if decoder_only:
         anchor = copy.deepcopy(vae).eval().requires_grad_(False) if keep_shapes else None  # as it starts
-        objective: DecoderObjective | VAEObjective = DecoderObjective(clips.recon, endpoint_weight, anchor)
+        objective: DecoderObjective | VAEObjective | AnchoredVAEObjective
+        objective = DecoderObjective(clips.recon, endpoint_weight, anchor)
+    elif anchor_weight > 0:
+        start = copy.deepcopy(vae)
+        objective = AnchoredVAEObjective(start, anchor_weight, endpoint_weight, clips.kl_weight)
     else:
         objective = VAEObjective(kl_weight=clips.kl_weight, recon=clips.recon)
     Trainer({"vae": vae}, objective, vae_data(clips, seed) if data is None else data, tc).run()

@@ -90,9 +90,12 @@ class VAEClips:
     loops: str = "any"
     data_length: int = 200_000
     stats_batches: int = 8
+    broad: float = 0.0  # share of broad clips (``data.broad``: any colour, training photos); the rest synthetic
 
     def __post_init__(self) -> None:
         check_loops(self.loops, "vae: ")
+        if not 0.0 <= self.broad <= 1.0:
+            raise ValueError(f"vae: broad must be in [0, 1], got {self.broad}")
         if self.crop is not None and not (self.crop[0] <= self.size[0] and self.crop[1] <= self.size[1]):
             raise ValueError(f"vae: crop {list(self.crop)} does not fit clips of size {list(self.size)}")
 
@@ -181,6 +184,9 @@ class Continuation:
     vae_steps: int = 0  # the whole VAE first (the latent space moves; its statistics are measured again)
     vae_lr: float = 5e-4
     vae_seed: int = 3
+    # > 0: the synthetic clips' latents held near the bundle's encoder this strongly (``AnchoredVAEObjective``)
+    vae_anchor: float = 0.0
+    broad: float = 0.0  # share of broad clips (``data.broad``) in the DiT stage's cache; the rest synthetic
     decoder_steps: int = 0  # the decoder alone on the frozen encoder, at the end
     decoder_lr: float = 5e-4
     decoder_seed: int = 2
@@ -220,6 +226,9 @@ def _continuation_problems(c: Continuation) -> list[str]:
         (not 0 <= c.decoder_cooldown <= c.decoder_steps,
          f"decoder_cooldown must be in 0..decoder_steps ({c.decoder_steps}), got {c.decoder_cooldown}"),
         (c.decoder_generated > 0 and c.decoder_steps <= 0, "decoder_generated needs decoder_steps > 0"),
+        (c.vae_anchor > 0 and c.vae_steps <= 0, "vae_anchor needs vae_steps > 0"),
+        (c.broad > 0 and (c.paired_groups or bool(c.object_weights)),
+         "broad clips have no groups or tracked shapes: broad > 0 takes no paired_groups or object_weights"),
         (c.decoder_dim is not None and c.decoder_steps <= 0, "a widened decoder (decoder_dim) needs decoder_steps > 0"),
         (c.decoder_keep_shapes and not c.decoder_generated, "decoder_keep_shapes needs decoder_generated > 0"),
         (c.decoder_blend != 1.0 and c.decoder_steps <= 0, "decoder_blend below 1 needs decoder_steps > 0"),
@@ -266,9 +275,10 @@ class Recipe:
 _AT_LEAST_1 = "vocab dim layers heads vae_dim z_dim vae_mult patch frames size crop batch batch_size data_length " \
     "stats_batches generated_repeat decoder_dim"  # fmt: skip
 _AT_LEAST_0 = "steps warmup cooldown vae_steps vae_warmup decoder_steps cache_clips cache_start seed vae_seed " \
-    "decoder_seed object_dilate insert_blocks decoder_cooldown decoder_generated generated_start kl_weight"  # fmt: skip
+    "decoder_seed object_dilate insert_blocks decoder_cooldown decoder_generated generated_start kl_weight " \
+    "vae_anchor"  # fmt: skip
 _POSITIVE = "lr vae_lr decoder_lr shift decoder_endpoint_weight"
-_IN_0_1 = "caption_dropout min_lr_ratio ambiguous_fraction sigma_min ema"  # [0, 1]; _BELOW_ONE: [0, 1)
+_IN_0_1 = "caption_dropout min_lr_ratio ambiguous_fraction sigma_min ema broad"  # [0, 1]; _BELOW_ONE: [0, 1)
 _IN_0_1_OPEN_LOW = "decoder_blend stage_blend"  # (0, 1]
 # key: (low, high, low is open)
 _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
