@@ -78,6 +78,9 @@ def test_a_continuation_trains_the_dit_on_fresh_clips_and_keeps_the_vae_encoder(
         data.clip(c.cache_start + i).caption for i in range(c.cache_clips)
     ]
     assert json.loads((out / "latents" / "config.json").read_text())["dataset"]["start"] == c.cache_start
+    # the bundle records the clips its DiT was trained on (the pipeline warns outside them)
+    defaults = segue.load(new).config.defaults
+    assert (defaults.trained_frames, defaults.trained_size) == (c.stage.frames, tuple(c.stage.size))
     # a smaller scale caches fewer clips of the same window
     half = run(base, c, tmp_path / "half", steps_scale=0.5)
     assert len(CachedClips(tmp_path / "half" / "latents")) == c.cache_clips // 2

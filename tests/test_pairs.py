@@ -15,7 +15,7 @@ from PIL import Image
 from segue.cli import main
 from segue.config import ModelConfig
 from segue.errors import InputError
-from segue.loader import load
+from segue.loader import DEFAULT_MODEL, load
 from segue.pairs import fitted_keyframes, make_heldout_pairs, read_pairs, simple_scene
 from segue.pipeline import untrained_note
 
@@ -97,3 +97,20 @@ def test_generation_outside_the_trained_size_warns_in_one_line(official_ckpt, ca
     # the bundle's config keeps what it records
     back = ModelConfig.from_dict(json.loads(json.dumps(pipe.config.to_dict())))
     assert back.defaults.trained_size == (64, 64) and back.defaults.trained_frames == 9
+
+
+def test_the_built_in_model_warns_outside_the_clips_its_lineage_records(tmp_path):
+    from segue.bundle import read_bundle_lineage, read_bundle_metadata, trained_clip
+
+    config, _ = read_bundle_metadata(DEFAULT_MODEL)  # its config predates the fields: its lineage says it
+    assert (config.defaults.trained_frames, config.defaults.trained_size) == (17, (64, 64))
+    assert untrained_note(config.defaults, 17, 64, 64) is None
+    assert untrained_note(config.defaults, 33, 128, 128) == (
+        "33 frames and 128x128 is outside what this model was trained for (17 frames at 64x64): expect a degraded video"
+    )
+    lineage = read_bundle_lineage(DEFAULT_MODEL)
+    assert trained_clip(lineage) == (17, (64, 64)) and trained_clip([]) is None
+    # a record with a DiT stage of no steps (a decoder phase) says nothing; a malformed one stops the search
+    stage = {"continuation": {"stage": {"frames": 9, "size": [32, 48]}}, "steps": 5}
+    assert trained_clip([stage, {**stage, "steps": 0}]) == (9, (32, 48))
+    assert trained_clip([{"continuation": {"stage": {"frames": "9", "size": [32, 48]}}, "steps": 5}]) is None

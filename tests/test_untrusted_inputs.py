@@ -97,6 +97,17 @@ def test_a_bundle_naming_other_tokenizer_files_is_refused_and_writes_nothing(tmp
     assert not (tmp_path / "escaped.json").exists() and not (tmp_path.parent / "escaped.json").exists()
 
 
+@pytest.mark.parametrize("lineage", ["not json", '{"a": 1}', "[1, 2]"])
+def test_a_malformed_lineage_is_named_when_read_and_says_nothing_about_trained_clips(tmp_path, lineage):
+    from segue.bundle import read_bundle_lineage, read_bundle_metadata
+
+    bundle = _crafted_bundle(tmp_path / "crafted.safetensors", segue_lineage=lineage)
+    config, _ = read_bundle_metadata(bundle)  # the config still reads; no trained clip is guessed
+    assert config.defaults.trained_frames is None and config.defaults.trained_size is None
+    with pytest.raises(CheckpointError, match="segue_lineage is not a JSON list of objects"):
+        read_bundle_lineage(bundle)
+
+
 def test_loading_the_built_in_model_leaves_no_temporary_folder(tmp_path):
     tmp = tmp_path / "private-tmp"
     tmp.mkdir()

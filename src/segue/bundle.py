@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,11 @@ def read_bundle_metadata(path: Path) -> tuple[ModelConfig, dict[str, str]]:
         config = ModelConfig.from_dict(json.loads(meta["segue_config"]))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad segue_config metadata ({e})") from None
+    d = config.defaults
+    if d.trained_frames is None and d.trained_size is None:  # written before the config recorded it
+        clip = trained_clip(_lineage(meta.get("segue_lineage")))
+        if clip is not None:
+            config = trained_on(config, *clip)
     files = {k.removeprefix("tokenizer/"): v for k, v in meta.items() if k.startswith("tokenizer/")}
     for name in files:
         if name not in TOKENIZER_FILES:
@@ -96,7 +102,41 @@ def read_bundle_lineage(path: Path) -> list[dict]:
     """The training runs recorded in a bundle, oldest first ([] when it records none)."""
     with safe_open(str(path), framework="pt") as f:
         raw = (f.metadata() or {}).get("segue_lineage")
-    return json.loads(raw) if raw else []
+    lineage = _lineage(raw)
+    if raw and not lineage:
+        raise CheckpointError(f"{path}: metadata segue_lineage is not a JSON list of objects")
+    return lineage
+
+
+def _lineage(raw: str | None) -> list[dict]:
+    """``segue_lineage`` metadata as a list of records ([] when absent or not a JSON list of objects)."""
+    try:
+        lineage = json.loads(raw) if raw else []
+    except ValueError:
+        return []
+    return lineage if isinstance(lineage, list) and all(isinstance(r, dict) for r in lineage) else []
+
+
+def trained_clip(lineage: list[dict]) -> tuple[int, tuple[int, int]] | None:
+    """(frames, (height, width)) of the newest DiT stage a lineage records with steps, or None."""
+    for record in reversed(lineage):
+        c = record.get("continuation")
+        if not isinstance(c, dict) or not record.get("steps"):
+            continue
+        stage = c.get("stage") if isinstance(c.get("stage"), dict) else {}
+        frames, size = stage.get("frames"), stage.get("size")
+        ok = isinstance(frames, int) and frames >= 1 and isinstance(size, list) and len(size) == 2
+        if ok and all(isinstance(v, int) and v >= 1 for v in size):
+            return frames, (size[0], size[1])
+        return None
+    return None
+
+
+def trained_on(config: ModelConfig, frames: int, size: tuple[int, int]) -> ModelConfig:
+    """``config`` recording that its DiT was trained on clips of ``frames`` x ``size`` (height, width): the
+    pipeline warns in one line when asked for another length or a larger size."""
+    defaults = replace(config.defaults, trained_frames=frames, trained_size=(size[0], size[1]))
+    return replace(config, defaults=defaults)
 
 
 def read_bundle_weights(path: Path, dtype: torch.dtype = torch.float32) -> dict[str, dict[str, torch.Tensor]]:

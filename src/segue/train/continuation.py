@@ -26,6 +26,7 @@ from ..bundle import (
     read_bundle_metadata,
     read_bundle_weights,
     save_bundle,
+    trained_on,
 )
 from ..config import ModelConfig, VAEConfig
 from ..data.broad import BroadVideos, Mixed
@@ -325,6 +326,8 @@ def continue_from_bundle(
                 stored = modules[part]
                 stored.load_state_dict(blend_states(weights[part], stored.state_dict(), c.stage_blend))
     config = with_sampling(config, c.sampling)
+    if phase_steps["dit"]:
+        config = trained_on(config, c.stage.frames, c.stage.size)
     if c.decoder_steps > 0:
         config = decoder_phase(r, config, modules, phase_steps["decoder"])
     record = {"continuation": asdict(c), "steps": phase_steps["dit"], "phase_steps": phase_steps,

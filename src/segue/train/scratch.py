@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..bundle import save_bundle
+from ..bundle import save_bundle, trained_on
 from ..config import ModelConfig
 from ..data.synthetic import SyntheticVideos, vocabulary
 from ..io import atomic_write_text
@@ -171,4 +171,5 @@ def train_scratch(recipe: Recipe, out_dir: str | Path, device: str = "cpu", step
                             decoder_only=True, device=dev)  # fmt: skip
         vae.load_state_dict(load_ema(run, "vae"))
     lineage = [{"recipe": recipe.name, "scratch": s.name, "steps_scale": steps_scale, "seed": s.seed}]
+    config = trained_on(config, s.stages[-1].frames, s.stages[-1].size)
     return write_bundle(out / "model.safetensors", config, parts, vae, tok_dir, s.bundle_dtype, lineage)
