@@ -2,6 +2,10 @@
 included) and the photos of each split, as PSNR and mean CIEDE2000 (a colour cast shows in ΔE).
 
     python bench/vae_roundtrip.py A.safetensors [B.safetensors ...] [--levels 5] [--size 64]
+    python bench/vae_roundtrip.py runs/broad/broad/vae [--base BUNDLE]   # a VAE run while it trains
+
+A folder is a VAE phase's run folder: its final or latest checkpoint's EMA weights, on the VAE config of
+``--base`` (the built-in model by default).
 
 Flat colours: every (r, g, b) on a grid of ``--levels`` values per channel from 0 to 255, as one still frame
 of --size pixels (the path a first keyframe takes). Photos: each photo's centre square fitted to --size
@@ -21,16 +25,23 @@ from segue.bundle import read_bundle_metadata, read_bundle_weights
 from segue.colordiff import delta_e
 from segue.data.photos import load_photo, photo_names
 from segue.evaluate import psnr
+from segue.loader import DEFAULT_MODEL
 from segue.models.vae import WanVAE
+from segue.train.checkpoints import latest_ema
 
 PSNR_CAP = 60.0  # an exact round trip counts as 60 dB in the means
 
 
-def load_vae(path: Path) -> WanVAE:
-    cfg, _ = read_bundle_metadata(path)
+def load_vae(path: Path, base: Path = DEFAULT_MODEL) -> tuple[str, WanVAE]:
+    """(a name for the table, the VAE) of a bundle, or of a VAE run folder on ``base``'s config."""
+    cfg, _ = read_bundle_metadata(base if path.is_dir() else path)
     vae = WanVAE(cfg.vae)
+    if path.is_dir():
+        step, ema = latest_ema(path)
+        vae.load_state_dict(ema["vae"])
+        return f"{path} (EMA, {'final' if step is None else f'step {step}'})", vae.eval()
     vae.load_state_dict(read_bundle_weights(path)["vae"])
-    return vae.eval()
+    return path.name, vae.eval()
 
 
 @torch.no_grad()
@@ -72,7 +83,8 @@ def scores(vae: WanVAE, images: np.ndarray) -> tuple[float, float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("bundles", nargs="+", type=Path)
+    ap.add_argument("models", nargs="+", type=Path, help="bundles, or VAE run folders")
+    ap.add_argument("--base", type=Path, default=DEFAULT_MODEL, help="the bundle whose VAE config a run folder uses")
     ap.add_argument("--levels", type=int, default=5)
     ap.add_argument("--size", type=int, default=64)
     args = ap.parse_args()
@@ -82,11 +94,11 @@ def main() -> None:
         sets[f"{split} photos"] = np.stack([fitted_photo(n, args.size) for n in photo_names(split)])
     print("| bundle | images | PSNR mean | PSNR min | ΔE mean |")
     print("|---|---|---:|---:|---:|")
-    for path in args.bundles:
-        vae = load_vae(path)
+    for path in args.models:
+        label, vae = load_vae(path, args.base)
         for name, images in sets.items():
             mean, low, de = scores(vae, images)
-            print(f"| {path.name} | {name} | {mean:.2f} | {low:.2f} | {de:.2f} |", flush=True)
+            print(f"| {label} | {name} | {mean:.2f} | {low:.2f} | {de:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

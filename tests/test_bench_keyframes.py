@@ -23,3 +23,17 @@ def test_flat_colours_span_the_gamut_and_a_round_trip_is_scored():
     assert low <= mean <= vr.PSNR_CAP and de > 0
     photo = vr.fitted_photo("chelsea", 16)
     assert photo.shape == (16, 16, 3)
+
+
+def test_a_vae_run_folder_is_read_at_its_ema_on_the_base_config(tiny_base, tmp_path):
+    from segue.bundle import read_bundle_weights
+
+    name, vae = vr.load_vae(tiny_base)
+    assert name == tiny_base.name
+    state = {k: v + 1.0 if v.is_floating_point() else v for k, v in read_bundle_weights(tiny_base)["vae"].items()}
+    run = tmp_path / "vae"
+    run.mkdir()
+    torch.save({"vae": state}, run / "ema.pt")
+    name, trained = vr.load_vae(run, tiny_base)
+    assert name == f"{run} (EMA, final)"
+    assert all(torch.equal(trained.state_dict()[k], v) for k, v in state.items())
