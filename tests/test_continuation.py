@@ -41,10 +41,15 @@ def test_a_continuation_at_a_vanishing_lr_gives_back_the_bundle(base, tmp_path, 
     for part in before:
         assert before[part].keys() == after[part].keys()
         assert all(torch.equal(before[part][k], after[part][k]) for k in before[part]), part
-    # the new bundle carries the continuation's sampling defaults; the rest of its defaults are the base's
+    # the new bundle carries the continuation's sampling defaults and the clips its DiT stage trained on
+    # (the base: its last stage's); the rest of its defaults are the base's
     old_d, new_d = segue.load(base).config.defaults, segue.load(new).config.defaults
     assert (new_d.steps, new_d.guidance) == (3, 1.0) != (old_d.steps, old_d.guidance)
-    assert replace(new_d, steps=old_d.steps, guidance=old_d.guidance) == old_d
+    last = TINY.scratch.stages[-1]
+    assert (old_d.trained_frames, old_d.trained_size) == (last.frames, tuple(last.size))
+    assert (new_d.trained_frames, new_d.trained_size) == (c.stage.frames, tuple(c.stage.size))
+    trained = {"trained_frames": old_d.trained_frames, "trained_size": old_d.trained_size}
+    assert replace(new_d, steps=old_d.steps, guidance=old_d.guidance, **trained) == old_d
     with pytest.raises(ValueError, match=r"continuation 'x': sampling keys \['fps'\] not all among"):
         replace(c, name="x", sampling=(("fps", 4),))
     with pytest.raises(ValueError, match=r"continuation 'x': loop_groups must be in \[0, 1\], got -0.1"):
