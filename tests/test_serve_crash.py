@@ -43,7 +43,7 @@ def alive(pid: int) -> bool:
 
 def test_a_worker_killed_mid_job_is_replaced_and_the_job_completes_on_retry(server: Server) -> None:
     with server.client() as c:
-        job = submit(c, seed=1, steps="30")
+        job = submit(c, seed=1, steps="200")  # long enough to be caught mid-run on any machine
         wait_for(lambda: c.get(f"/v1/videos/{job['id']}").json()["step"] >= 2, 60, "the job to run")
         (pid,) = server.worker_pids()
         os.kill(pid, signal.SIGKILL)
@@ -60,7 +60,7 @@ def test_the_whole_service_killed_then_restarted_completes_every_job_once(server
     data = server.data
     with server.client() as c:
         before = {j["id"] for j in c.get("/v1/videos", params={"limit": 100}).json()["data"]}
-        jobs = [submit(c, seed=10 + i, steps="20" if i == 0 else "2")["id"] for i in range(4)]
+        jobs = [submit(c, seed=10 + i, steps="200" if i == 0 else "2")["id"] for i in range(4)]
         wait_for(lambda: c.get(f"/v1/videos/{jobs[0]}").json()["step"] >= 2, 60, "the first job to run")
         states = {j: c.get(f"/v1/videos/{j}").json()["status"] for j in jobs}
     assert states[jobs[0]] == "in_progress" and "queued" in states.values()

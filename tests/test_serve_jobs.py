@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from segue.media import read_video
+from segue.serve.render import JobLost, Progress
 from segue.serve.webhooks import verify
 from serve_support import Server, png, submit, wait_done, wait_for
 
@@ -51,12 +52,37 @@ def sse(c: httpx.Client, job_id: str) -> list[tuple[str, dict]]:
     return events
 
 
+def test_progress_writes_every_step_and_throttles_only_the_middle_ones() -> None:
+    writes: list[tuple[int, int, int]] = []
+
+    def write(step: int, total: int, percent: int, eta: float | None, shot: int | None) -> bool:
+        writes.append((step, total, percent))
+        return True
+
+    every = Progress(write, threading.Event(), min_interval=0.0)
+    for step in range(5):
+        every(step, 4)
+    percents = [w[2] for w in writes]
+    assert [w[0] for w in writes] == [0, 1, 2, 3, 4] and percents == sorted(percents) and percents[0] < percents[-1]
+    writes.clear()
+    throttled = Progress(write, threading.Event(), min_interval=1e9)
+    for step in range(5):
+        throttled(step, 4)
+    assert [w[0] for w in writes] == [0, 4]  # the first and the last step are always written
+    lost = threading.Event()
+    held = Progress(lambda *a: False, lost, min_interval=0.0)  # the queue says the job is no longer held
+    with pytest.raises(JobLost):
+        held(0, 4)
+    assert lost.is_set()
+
+
 def test_submit_progress_content(c: httpx.Client, server: Server) -> None:
     job = submit(c, seed=3, steps="4", prompt="a ball rolls")
     assert job["status"] == "queued" and job["steps"] == 4 and job["settings"]["size"] == "16x16"
     events = sse(c, job["id"])
+    # the stream samples the job as it changes: steps only go forward (each step is written: the next test)
     steps = [e["step"] for name, e in events if name == "in_progress"]
-    assert steps == sorted(steps) and steps[-1] >= 3  # progress moved step by step
+    assert steps and steps == sorted(steps) and all(0 <= s <= 4 for s in steps)
     name, last = events[-1]
     assert name == "completed" and last["progress"] == 100 and last["attempts"] == 1 and last["error"] is None
     assert last["report"]["frames"] == 5 and [k["frame"] for k in last["report"]["keyframes"]] == [0, 4]
