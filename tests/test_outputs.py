@@ -44,6 +44,8 @@ HOOK = textwrap.dedent("""
             media._write_av = _write_av
         elif fault in ("enospc-frames", "sigterm-frames", "sigint-frames"):
             real_png = media.write_png_frames
+            # Ctrl-C as in a terminal, even where the test runs with SIGINT ignored (a background job)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
             def write_png_frames(frames, folder):
                 real_png(frames[:2], folder)  # two frames written whole, then the fault

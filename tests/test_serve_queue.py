@@ -176,3 +176,25 @@ def test_workers_table_and_metrics_sums(queue: Queue) -> None:
     queue.complete(job.id, claim, {}, 1.5, 3)
     s = queue.stats()
     assert s["done"] == 1 and s["steps"] == 3 and s["denoise_s"] == pytest.approx(1.5) and s["waits"] == 1
+
+
+def test_a_heartbeat_of_the_job_before_never_stops_the_next_one(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from segue.serve.worker import Worker
+
+    lost_x, lost_y = threading.Event(), threading.Event()
+    y = (SimpleNamespace(id="y"), "claim-y", lost_y)
+
+    class Renewals:
+        def heartbeat(self, job_id: str, claim: str, lease_s: float) -> bool:
+            worker.current = y  # while the renewal of x is on its way, x completes and the worker takes y
+            return job_id != "x"  # x is completed: its lease is not renewed
+
+        def worker_beat(self, *args: object) -> None:
+            pass
+
+    worker = Worker(Renewals(), tmp_path, None, "w")  # type: ignore[arg-type]
+    worker.current = (SimpleNamespace(id="x"), "claim-x", lost_x)  # type: ignore[assignment]
+    worker.beat()
+    assert lost_x.is_set() and not lost_y.is_set()  # only x is marked lost; y runs on

@@ -42,8 +42,9 @@ class Worker:
         self.id, self.lease_s, self.poll_s, self.parent_pid = worker_id, lease_s, poll_s, parent_pid
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.model = getattr(getattr(pipe, "config", None), "name", "")
-        self.current: tuple[Job, str] | None = None
-        self.lost = threading.Event()
+        # the job in hand, its claim, and the flag that stops it: one flag per job, so a heartbeat of the job
+        # before (read just before it ended) can never stop the next one
+        self.current: tuple[Job, str, threading.Event] | None = None
         self.stopping = threading.Event()
         self.lock = threading.Lock()
 
@@ -56,7 +57,7 @@ class Worker:
         with self.lock:
             current = self.current
         if current is not None and not self.queue.heartbeat(current[0].id, current[1], self.lease_s):
-            self.lost.set()
+            current[2].set()
         self.queue.worker_beat(self.id, self.host, self.pid, self.model, current[0].id if current else None)
 
     def heartbeat_loop(self) -> None:
@@ -96,15 +97,15 @@ class Worker:
     def process(self, job: Job, claim: str) -> None:
         files = JobFiles(self.data, job.id)
         out = files.outputs(claim)
-        self.lost.clear()
+        lost = threading.Event()
         with self.lock:
-            self.current = (job, claim)
+            self.current = (job, claim, lost)
         log.info("worker %s: job %s (%s, attempt %d)", self.id, job.id, job.kind, job.attempts)
 
         def write(step: int, total: int, percent: int, eta: float | None, shot: int | None) -> bool:
             return self.queue.progress(job.id, claim, step, total, percent, eta, shot)
 
-        progress = Progress(write, self.lost)
+        progress = Progress(write, lost)
         files.remove_other_outputs(claim)  # earlier attempts' folders: theirs can never complete
         try:
             out.mkdir()
