@@ -553,5 +553,7 @@ def test_broad_shares_are_checked():
         replace(TINY.vae, broad=1.5)
     with pytest.raises(ValueError, match="no paired_groups"):
         replace(SMOKE, broad=0.5, paired_groups=True, cache_start=9)
+    with pytest.raises(ValueError, match="decoder_generated"):
+        replace(SMOKE, broad=0.5, decoder_generated=4)
     with pytest.raises(ValueError, match="vae_anchor needs vae_steps"):
         replace(SMOKE, vae_anchor=1.0)

@@ -227,8 +227,9 @@ def _continuation_problems(c: Continuation) -> list[str]:
          f"decoder_cooldown must be in 0..decoder_steps ({c.decoder_steps}), got {c.decoder_cooldown}"),
         (c.decoder_generated > 0 and c.decoder_steps <= 0, "decoder_generated needs decoder_steps > 0"),
         (c.vae_anchor > 0 and c.vae_steps <= 0, "vae_anchor needs vae_steps > 0"),
-        (c.broad > 0 and (c.paired_groups or bool(c.object_weights)),
-         "broad clips have no groups or tracked shapes: broad > 0 takes no paired_groups or object_weights"),
+        (c.broad > 0 and (c.paired_groups or bool(c.object_weights) or c.decoder_generated > 0),
+         "broad clips have no groups or tracked shapes: broad > 0 takes no paired_groups, object_weights or "
+         "decoder_generated"),
         (c.decoder_dim is not None and c.decoder_steps <= 0, "a widened decoder (decoder_dim) needs decoder_steps > 0"),
         (c.decoder_keep_shapes and not c.decoder_generated, "decoder_keep_shapes needs decoder_generated > 0"),
         (c.decoder_blend != 1.0 and c.decoder_steps <= 0, "decoder_blend below 1 needs decoder_steps > 0"),
