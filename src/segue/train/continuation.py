@@ -56,9 +56,9 @@ class Window(Dataset):
         if start < 0 or length < 1 or start + length > len(data):
             raise InputError(f"window [{start}, {start + length}) does not fit a dataset of {len(data)} items")
         self.data, self.start, self.length = data, start, length
-        synthetic = data.a if isinstance(data, Mixed) else data
+        synthetic = data
         if isinstance(data, Mixed):  # what the cache records: a cache of another mix is not reused
-            self.broad = data.share_b
+            synthetic, self.broad = data.a, data.share_b
         self.split, self.frames, self.size = synthetic.split, synthetic.frames, synthetic.size
         self.ambiguous_fraction, self.loops = synthetic.ambiguous_fraction, synthetic.loops
         self.loop_groups = synthetic.loop_groups
