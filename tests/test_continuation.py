@@ -535,7 +535,7 @@ def test_broad_clips_train_the_vae_with_synthetic_latents_anchored_and_join_the_
     monkeypatch.setattr(anchored_vae.AnchoredVAEObjective, "parts", spy)
     c = replace(SMOKE, name="broad", vae_steps=2, vae_anchor=1.0, broad=0.5, decoder_steps=0)
     run_dir = tmp_path / "run"
-    continue_from_bundle(base, c, replace(TINY.vae, broad=0.5), run_dir)
+    continue_from_bundle(base, c, replace(TINY.vae, broad=0.5, recon="mse"), run_dir)  # anchoring trains MSE
     assert len(flags) == 2 and all(f.dtype == torch.bool and len(f) == TINY.vae.batch for f in flags)
     info = json.loads((run_dir / "latents" / "config.json").read_text())["dataset"]
     assert info["broad"] == 0.5

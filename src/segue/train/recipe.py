@@ -262,6 +262,10 @@ class Recipe:
             raise ValueError("a recipe with [scratch] starts from scratch; `from` is for one without")
         if self.scratch is None and not self.continuations:
             raise ValueError("nothing to train: give [scratch] or at least one [[continue]]")
+        anchored = [c.name for c in self.continuations if c.vae_anchor > 0]
+        if anchored and self.vae.recon != "mse":  # AnchoredVAEObjective's reconstruction is MSE
+            raise ValueError(f"continuation {anchored[0]!r}: vae_anchor trains with recon = \"mse\" in [vae], "
+                             f"got {self.vae.recon!r}")  # fmt: skip
         names = [s.name for s in self.stages()]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
