@@ -22,8 +22,7 @@ export function storedToken() {
   return sessionStorage.getItem(TOKEN_KEY);
 }
 
-function authHeaders(extra = {}) {
-  const token = storedToken();
+function authHeaders(token, extra = {}) {
   return token ? { ...extra, Authorization: `Bearer ${token}` } : { ...extra };
 }
 
@@ -43,11 +42,15 @@ async function renewToken(refused) {
 // fetch with the token; a 401 asks for the token (once for all waiting requests) and tries again.
 export async function send(method, path, { body, headers = {}, signal } = {}) {
   for (;;) {
-    const res = await fetch(path, { method, body, signal, headers: authHeaders(headers) });
+    const used = storedToken();
+    const res = await fetch(path, { method, body, signal, headers: authHeaders(used, headers) });
     if (res.status !== 401) return res;
-    const refused = Boolean(storedToken());
+    // A request sent with an older token may be refused after the person gave a new one: it tries again
+    // with the new one, and neither forgets it nor asks again.
+    const current = storedToken();
+    if (current && current !== used) continue;
     sessionStorage.removeItem(TOKEN_KEY);
-    const token = await renewToken(refused);
+    const token = await renewToken(Boolean(used));
     if (!token) throw await errorOf(res);
   }
 }
