@@ -255,6 +255,24 @@ def test_the_decoder_phase_weights_the_keyframes_as_registered(base, tmp_path, m
     assert record["continuation"]["decoder_endpoint_weight"] == 4.0  # the lineage says how it was trained
 
 
+def test_the_whole_vae_phase_weights_the_keyframes_as_registered(base, tmp_path, monkeypatch):
+    from segue.train.vae_loss import VAEObjective
+
+    whole = replace(SMOKE, name="whole", stage=replace(SMOKE.stage, steps=0), vae_steps=2, vae_endpoint_weight=3.0)
+    seen = []
+    call = VAEObjective.__call__
+
+    def spy(self, parts, batch):
+        seen.append(self.endpoint_weight)
+        return call(self, parts, batch)
+
+    monkeypatch.setattr(VAEObjective, "__call__", spy)
+    run(base, whole, tmp_path / "run")
+    assert seen == [3.0, 3.0]  # both VAE steps
+    record = json.loads((tmp_path / "run" / "continuation.json").read_text())
+    assert record["continuation"]["vae_endpoint_weight"] == 3.0
+
+
 def test_a_continuation_can_widen_the_decoder_and_leave_the_dit_as_it_is(base, tmp_path, monkeypatch):
     c = SMOKE
     width = segue.load(base).config.vae.dim + 2
@@ -557,3 +575,5 @@ def test_broad_shares_are_checked():
         replace(SMOKE, broad=0.5, decoder_generated=4)
     with pytest.raises(ValueError, match="vae_anchor needs vae_steps"):
         replace(SMOKE, vae_anchor=1.0)
+    with pytest.raises(ValueError, match="vae_endpoint_weight needs vae_steps"):
+        replace(SMOKE, vae_endpoint_weight=4.0)

@@ -33,6 +33,7 @@ from segue.train.trainer import TrainConfig, Trainer, lr_factor, sample_seed
 from segue.train.vae_loss import (
     DecoderObjective,
     VAEObjective,
+    endpoint_weighted,
     freeze_encoder,
     kl_divergence,
     narrow_posterior,
@@ -604,6 +605,26 @@ def test_decoder_endpoint_weight_is_a_weighted_mean_over_frames():
     assert not torch.allclose(weighted, plain)
     with pytest.raises(ValueError, match="endpoint_weight must be > 0, got 0"):
         DecoderObjective(endpoint_weight=0.0)
+
+
+def test_vae_loss_counts_the_keyframes_endpoint_weight_times():
+    vae, video = _tiny_vae_and_waves()  # video [2, 3, 5, 16, 16]
+    noise = torch.zeros(2, 4, 2, 2, 2)  # the posterior mean
+    with torch.no_grad():
+        out = vae.decode(vae.encode(video, normalize=False), normalized=False, clamp=False)
+        per_frame = (out - video).abs().mean(dim=(0, 1, 3, 4))  # [5]
+        plain, _ = vae_loss(vae, video, kl_weight=0.0, noise=noise)
+        weighted, _ = vae_loss(vae, video, kl_weight=0.0, noise=noise, endpoint_weight=4.0)
+        by_objective = VAEObjective(kl_weight=0.0, endpoint_weight=4.0)({"vae": vae}, {"video": video, "seed": [0, 0]})
+    w = torch.tensor([4.0, 1.0, 1.0, 1.0, 4.0])
+    assert torch.allclose(plain, per_frame.mean())  # weight 1: the plain mean
+    assert torch.allclose(weighted, (w * per_frame).sum() / w.sum())
+    assert torch.allclose(endpoint_weighted((out - video).abs(), 4.0), weighted)
+    assert not torch.allclose(weighted, plain)
+    # the objective draws its posterior noise from the seeds: close to the mean's loss, not equal
+    assert abs(float(by_objective) - float(weighted)) < 0.05
+    with pytest.raises(ValueError, match="endpoint_weight must be > 0, got 0"):
+        VAEObjective(endpoint_weight=0.0)
 
 
 def test_the_decoder_keeps_the_anchors_shapes_and_learns_the_scenery_from_the_true_frames():

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .vae_loss import LOGVAR_RANGE, kl_divergence
+from .vae_loss import LOGVAR_RANGE, endpoint_weighted, kl_divergence
 
 
 @dataclass
@@ -44,10 +44,7 @@ class AnchoredVAEObjective:
         moments = vae.encode_moments(video).float()  # [B, 2z, T, h, w]
         mu, logvar = moments[:, :z_dim], moments[:, z_dim:].clamp(*LOGVAR_RANGE)
         out = vae.decode(mu, normalized=False, clamp=False)  # [B, 3, F, H, W]
-        per_frame = (out - video.float()).square().mean(dim=(0, 1, 3, 4))  # [F]
-        w = torch.ones_like(per_frame)
-        w[0] = w[-1] = self.endpoint_weight
-        recon = (w * per_frame).sum() / w.sum()
+        recon = endpoint_weighted((out - video.float()).square(), self.endpoint_weight)
         kl = kl_divergence(mu, logvar)
         anchor_term = mu.new_zeros(())
         if anchored is not None and bool(anchored.any()):

@@ -145,7 +145,7 @@ def vae_phase(r: Run, cfg: VAEConfig, state: dict[str, torch.Tensor], steps: int
     c = r.c
     run = r.out / ("vae-decoder" if decoder_only else "vae")
     lr, seed = (c.decoder_lr, c.decoder_seed) if decoder_only else (c.vae_lr, c.vae_seed)
-    ew = c.decoder_endpoint_weight if decoder_only else 1.0
+    ew = c.decoder_endpoint_weight if decoder_only else c.vae_endpoint_weight
     cooldown = round(c.decoder_cooldown * steps / c.decoder_steps) if decoder_only and c.decoder_cooldown else 0
     train_vae_run(r.clips, cfg, state, run, steps=steps, lr=lr, seed=seed, decoder_only=decoder_only, device=r.dev,
                   endpoint_weight=ew, cooldown=cooldown, data=data,

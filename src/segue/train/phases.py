@@ -143,7 +143,7 @@ def train_vae_run(
 ) -> Path:
     """Train the VAE ``state`` further into ``run`` (resumes; skipped when done) on ``clips`` drawn with
     ``seed``: the whole VAE, or (``decoder_only``) its decoder on the frozen encoder, the first and last
-    frames' error counted ``endpoint_weight`` times (``DecoderObjective``); ``cooldown`` > 0: the lr falls
+    frames' error counted ``endpoint_weight`` times (``vae_loss.endpoint_weighted``); ``cooldown`` > 0: the lr falls
     linearly to 0 over the last ``cooldown`` steps (else it stays constant after the warmup). ``data``
     replaces the clips (e.g. ``generated.GeneratedClips`` for the decoder). ``keep_shapes`` (the decoder on
     generated latents with their backdrops): shapes are kept as the decoder renders them at the start
@@ -170,7 +170,7 @@ def train_vae_run(
         start = copy.deepcopy(vae)
         objective = AnchoredVAEObjective(start, anchor_weight, endpoint_weight, clips.kl_weight)
     else:
-        objective = VAEObjective(kl_weight=clips.kl_weight, recon=clips.recon)
+        objective = VAEObjective(kl_weight=clips.kl_weight, recon=clips.recon, endpoint_weight=endpoint_weight)
     Trainer({"vae": vae}, objective, vae_data(clips, seed) if data is None else data, tc).run()
     mark_done(run, {"steps": tc.steps})
     return run

@@ -184,6 +184,7 @@ class Continuation:
     vae_steps: int = 0  # the whole VAE first (the latent space moves; its statistics are measured again)
     vae_lr: float = 5e-4
     vae_seed: int = 3
+    vae_endpoint_weight: float = 1.0  # the keyframes' error counts this many times in the whole-VAE phase
     # > 0: the synthetic clips' latents held near the bundle's encoder this strongly (``AnchoredVAEObjective``)
     vae_anchor: float = 0.0
     broad: float = 0.0  # share of broad clips (``data.broad``) in the DiT stage's cache; the rest synthetic
@@ -227,6 +228,7 @@ def _continuation_problems(c: Continuation) -> list[str]:
          f"decoder_cooldown must be in 0..decoder_steps ({c.decoder_steps}), got {c.decoder_cooldown}"),
         (c.decoder_generated > 0 and c.decoder_steps <= 0, "decoder_generated needs decoder_steps > 0"),
         (c.vae_anchor > 0 and c.vae_steps <= 0, "vae_anchor needs vae_steps > 0"),
+        (c.vae_endpoint_weight != 1.0 and c.vae_steps <= 0, "vae_endpoint_weight needs vae_steps > 0"),
         (c.broad > 0 and (c.paired_groups or bool(c.object_weights) or c.decoder_generated > 0),
          "broad clips have no groups or tracked shapes: broad > 0 takes no paired_groups, object_weights or "
          "decoder_generated"),
@@ -282,7 +284,7 @@ _AT_LEAST_1 = "vocab dim layers heads vae_dim z_dim vae_mult patch frames size c
 _AT_LEAST_0 = "steps warmup cooldown vae_steps vae_warmup decoder_steps cache_clips cache_start seed vae_seed " \
     "decoder_seed object_dilate insert_blocks decoder_cooldown decoder_generated generated_start kl_weight " \
     "vae_anchor"  # fmt: skip
-_POSITIVE = "lr vae_lr decoder_lr shift decoder_endpoint_weight"
+_POSITIVE = "lr vae_lr decoder_lr shift decoder_endpoint_weight vae_endpoint_weight"
 _IN_0_1 = "caption_dropout min_lr_ratio ambiguous_fraction sigma_min ema broad"  # [0, 1]; _BELOW_ONE: [0, 1)
 _IN_0_1_OPEN_LOW = "decoder_blend stage_blend"  # (0, 1]
 # key: (low, high, low is open)

@@ -41,6 +41,16 @@ def narrow_posterior(vae: nn.Module, logvar: float = -8.0) -> None:
         vae.conv1.bias[z:].fill_(logvar)
 
 
+def endpoint_weighted(err: Tensor, endpoint_weight: float) -> Tensor:
+    """The mean of a per-pixel error [B, C, F, H, W] with the first and last frames counted
+    ``endpoint_weight`` times (a weighted mean over frames): the keyframes a user gives. The first is decoded
+    alone from its own latent frame, a path one frame in F trains at weight 1."""
+    per_frame = err.mean(dim=(0, 1, 3, 4))  # [F]
+    w = torch.ones_like(per_frame)
+    w[0] = w[-1] = endpoint_weight
+    return (w * per_frame).sum() / w.sum()
+
+
 def vae_loss(
     vae: nn.Module,
     video: Tensor,
@@ -48,12 +58,13 @@ def vae_loss(
     recon: str = "l1",
     noise: Tensor | None = None,
     generator: torch.Generator | None = None,
+    endpoint_weight: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(loss, parts) for videos [B, 3, F, H, W] in [-1, 1] (F = 4n+1).
 
-    loss = recon(decode(z), video) + kl_weight * KL, recon 'l1' or 'mse' per pixel (mean), z sampled
-    from the encoder's posterior with ``noise`` (or drawn from ``generator``). ``parts`` holds the
-    detached 'recon' and 'kl' terms.
+    loss = recon(decode(z), video) + kl_weight * KL, recon 'l1' or 'mse' per pixel (mean; the first and last
+    frames ``endpoint_weight`` times: ``endpoint_weighted``), z sampled from the encoder's posterior with
+    ``noise`` (or drawn from ``generator``). ``parts`` holds the detached 'recon' and 'kl' terms.
     """
     if recon not in ("l1", "mse"):
         raise ValueError(f"recon must be 'l1' or 'mse', got {recon!r}")
@@ -65,7 +76,11 @@ def vae_loss(
     z = mu + (0.5 * logvar).exp() * noise.to(mu.device, mu.dtype)  # [B, z, T, h, w]
     out = vae.decode(z, normalized=False, clamp=False)  # [B, 3, F, H, W] float32
     target = video.float()
-    rec = F.l1_loss(out, target) if recon == "l1" else F.mse_loss(out, target)
+    if endpoint_weight == 1.0:
+        rec = F.l1_loss(out, target) if recon == "l1" else F.mse_loss(out, target)
+    else:
+        err = out - target
+        rec = endpoint_weighted(err.abs() if recon == "l1" else err.square(), endpoint_weight)
     kl = kl_divergence(mu, logvar)
     loss = rec + kl_weight * kl
     return loss, {"recon": rec.detach(), "kl": kl.detach()}
@@ -80,6 +95,11 @@ class VAEObjective:
 
     kl_weight: float = 1e-6
     recon: str = "l1"
+    endpoint_weight: float = 1.0  # the first and last frames' error counts this many times
+
+    def __post_init__(self) -> None:
+        if not self.endpoint_weight > 0:
+            raise ValueError(f"endpoint_weight must be > 0, got {self.endpoint_weight}")
 
     def __call__(self, parts: Mapping[str, nn.Module], batch: Mapping[str, Any]) -> Tensor:
         vae = parts["vae"]
@@ -90,7 +110,7 @@ class VAEObjective:
             tf, sf, z = vae.cfg.temporal_factor, vae.cfg.spatial_factor, vae.cfg.z_dim
             shape = (z, (video.shape[2] - 1) // tf + 1, video.shape[3] // sf, video.shape[4] // sf)
             noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-        loss, _ = vae_loss(vae, video, self.kl_weight, self.recon, noise=noise)
+        loss, _ = vae_loss(vae, video, self.kl_weight, self.recon, noise=noise, endpoint_weight=self.endpoint_weight)
         return loss
 
 
@@ -159,8 +179,4 @@ class DecoderObjective:
                 mu = vae.encode(video, normalize=False)  # [B, z, T, h, w]
             out = vae.decode(mu, normalized=False, clamp=False)  # [B, 3, F, H, W]
         err = out - video
-        err = err.abs() if self.recon == "l1" else err.square()
-        per_frame = err.mean(dim=(0, 1, 3, 4))  # [F]
-        w = torch.ones_like(per_frame)
-        w[0] = w[-1] = self.endpoint_weight
-        return (w * per_frame).sum() / w.sum()
+        return endpoint_weighted(err.abs() if self.recon == "l1" else err.square(), self.endpoint_weight)
