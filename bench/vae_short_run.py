@@ -1,0 +1,121 @@
+"""A short VAE training run from a bundle's VAE, scored as it goes: what a setting does to the round trip of
+flat colours and photos, in minutes rather than the hours of a recipe's VAE phase.
+
+    python -m bench.vae_short_run --steps 1500 --lr 1e-3                  # first frames only
+    python -m bench.vae_short_run --steps 1500 --lr 1e-3 --clips 4        # and 4 five-frame clips a step
+    python -m bench.vae_short_run --steps 600 --frozen-encoder            # the decoder alone
+
+Each step trains on ``--frames`` single frames (32x32 crops of frames of broad training clips,
+``segue.data.broad``) plus 4 flat colour fields of random colours, all through the first-frame path (a
+first keyframe is encoded and decoded alone), and on ``--clips`` five-frame 32x32 crops of broad clips
+(the causal chunk path that a last keyframe takes): MSE of the decode of the posterior mean, AdamW at
+``--lr`` with the gradient clipped to norm 1, EMA 0.99. Every ``--every`` steps the EMA is scored at 64x64:
+flat colours (5^3 over the gamut) and held-out and training photos as one frame (``vae_roundtrip``), and
+held-out photos as a 5-frame still clip, whose last frame is decoded through the chunk path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench.vae_roundtrip import fitted_photo, flat_colours, load_vae, scores
+from segue.data.broad import BroadVideos
+from segue.data.photos import photo_names
+from segue.evaluate import psnr
+from segue.loader import DEFAULT_MODEL
+from segue.models.vae import WanVAE
+
+CROP = 32
+
+
+def crops(ds: BroadVideos, rng: np.random.Generator, n: int, frames: int) -> torch.Tensor:
+    """``n`` random CROPxCROP crops of ``frames`` consecutive frames (ending at a clip's last frame when
+    ``frames`` > 1; any frame when 1) of random broad clips: [n, 3, frames, CROP, CROP] in [-1, 1]."""
+    out = []
+    for _ in range(n):
+        video = ds[int(rng.integers(len(ds)))]["video"]  # [3, F, H, W]
+        f = int(rng.integers(video.shape[1])) if frames == 1 else video.shape[1] - frames
+        y, x = (int(v) for v in rng.integers(0, video.shape[2] - CROP + 1, 2))
+        out.append(video[:, f : f + frames, y : y + CROP, x : x + CROP])
+    return torch.stack(out)
+
+
+def flat_fields(g: torch.Generator, n: int) -> torch.Tensor:
+    """``n`` one-frame fields of uniformly random colours: [n, 3, 1, CROP, CROP] in [-1, 1]."""
+    return (torch.rand(n, 3, 1, 1, 1, generator=g) * 2 - 1).expand(n, 3, 1, CROP, CROP).clone()
+
+
+def round_trip_loss(vae: WanVAE, x: torch.Tensor, frozen: bool) -> torch.Tensor:
+    """MSE of decode(encoder mean) against ``x`` [B, 3, F, H, W]; no gradient into a frozen encoder."""
+    with torch.set_grad_enabled(not frozen):
+        z = vae.encode(x, normalize=False)  # [B, z, T, h, w]
+    return F.mse_loss(vae.decode(z, normalized=False, clamp=False), x)
+
+
+@torch.no_grad()
+def still_clip_last(vae: WanVAE, images: np.ndarray, frames: int = 5) -> float:
+    """Mean PSNR of the last frame of each image [N, H, W, 3] repeated as a still clip of ``frames``."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)[:, :, None].float() / 127.5 - 1
+    y = vae.decode(vae.encode(x.expand(-1, -1, frames, -1, -1), normalize=False), normalized=False)[:, :, -1]
+    out = ((y + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    return float(np.mean([psnr(a, b) for a, b in zip(out, images)]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the bundle whose VAE starts the run")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--frames", type=int, default=12, help="single frames a step (plus 4 flat fields)")
+    ap.add_argument("--clips", type=int, default=0, help="five-frame clips a step")
+    ap.add_argument("--frozen-encoder", action="store_true", help="train the decoder alone")
+    ap.add_argument("--every", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save", type=Path, help="write the final EMA state dict here")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    _, vae = load_vae(args.model)
+    vae.train()
+    ema = copy.deepcopy(vae).eval().requires_grad_(False)
+    frozen = args.frozen_encoder
+    params = [p for n, p in vae.named_parameters() if not (frozen and n.startswith(("encoder.", "conv1.")))]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    ds = BroadVideos("train", length=100_000, frames=9, size=(64, 64))
+    rng, g = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
+    sets = {"flat": flat_colours(5, 64)}
+    for split in ("heldout", "train"):
+        sets[split] = np.stack([fitted_photo(n, 64) for n in photo_names(split)])
+    print("| step | flat colours PSNR / ΔE | held-out photos PSNR / ΔE | training photos PSNR / ΔE | "
+          "held-out, last of a 5-frame still clip | s |")  # fmt: skip
+    print("|---:|---|---|---|---:|---:|")
+    start = time.time()
+    for step in range(1, args.steps + 1):
+        x = torch.cat([crops(ds, rng, args.frames, 1), flat_fields(g, 4)])
+        loss = round_trip_loss(vae, x, frozen)
+        if args.clips:
+            loss = loss + round_trip_loss(vae, crops(ds, rng, args.clips, 5), frozen)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), vae.parameters()):
+                pe.lerp_(p, 0.01)
+        if step % args.every == 0 or step == args.steps:
+            cells = [f"{m:.2f} / {de:.2f}" for m, _, de in (scores(ema, sets[k]) for k in ("flat", "heldout", "train"))]
+            last = still_clip_last(ema, sets["heldout"])
+            print(f"| {step} | {' | '.join(cells)} | {last:.2f} | {time.time() - start:.0f} |", flush=True)
+    if args.save:
+        torch.save(ema.state_dict(), args.save)
+
+
+if __name__ == "__main__":
+    main()
