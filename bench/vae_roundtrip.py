@@ -3,6 +3,7 @@ included) and the photos of each split, as PSNR and mean CIEDE2000 (a colour cas
 
     python bench/vae_roundtrip.py A.safetensors [B.safetensors ...] [--levels 5] [--size 64]
     python bench/vae_roundtrip.py runs/broad/broad/vae [--base BUNDLE]   # a VAE run while it trains
+    python bench/vae_roundtrip.py A.safetensors --linear 16              # beside a linear code of 4x4 patches
 
 A folder is a VAE phase's run folder: its final or latest checkpoint's EMA weights, on the VAE config of
 ``--base`` (the built-in model by default).
@@ -81,12 +82,37 @@ def scores(vae: WanVAE, images: np.ndarray) -> tuple[float, float, float]:
     )
 
 
+def linear_code(train: np.ndarray, components: int, patch: int = 4):
+    """A linear code of ``patch`` x ``patch`` RGB patches with ``components`` values each (PCA fitted on the
+    images ``train`` [N, H, W, 3]): a baseline for the first-frame path, which keeps z_dim values per patch.
+    Returns the round trip, uint8 [N, H, W, 3] -> uint8 [N, H, W, 3]."""
+
+    def patches(images: np.ndarray) -> np.ndarray:
+        n, h, w, c = images.shape
+        grid = images.reshape(n, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
+        return grid.reshape(-1, patch * patch * c).astype(np.float64)
+
+    x = patches(train)
+    mean = x.mean(0)
+    basis = np.linalg.svd(x - mean, full_matrices=False)[2][:components]  # [K, patch*patch*3]
+
+    def round_trip(images: np.ndarray) -> np.ndarray:
+        n, h, w, c = images.shape
+        y = (patches(images) - mean) @ basis.T @ basis + mean
+        y = y.reshape(n, h // patch, w // patch, patch, patch, c).transpose(0, 1, 3, 2, 4, 5).reshape(images.shape)
+        return np.clip(y, 0, 255).round().astype(np.uint8)
+
+    return round_trip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="+", type=Path, help="bundles, or VAE run folders")
     ap.add_argument("--base", type=Path, default=DEFAULT_MODEL, help="the bundle whose VAE config a run folder uses")
     ap.add_argument("--levels", type=int, default=5)
     ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--linear", type=int, metavar="K", help="also a linear code of 4x4 patches with K values, fitted "
+                    "on the training photos (z_dim values: the first-frame path's budget)")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(1)
     sets = {f"flat colours ({args.levels}^3)": flat_colours(args.levels, args.size)}
@@ -94,6 +120,14 @@ def main() -> None:
         sets[f"{split} photos"] = np.stack([fitted_photo(n, args.size) for n in photo_names(split)])
     print("| bundle | images | PSNR mean | PSNR min | ΔE mean |")
     print("|---|---|---:|---:|---:|")
+    if args.linear:
+        code = linear_code(sets["train photos"], args.linear)
+        for name, images in sets.items():
+            out = code(images)
+            ps = [psnr(a, b) for a, b in zip(out, images)]
+            de = np.mean([delta_e(a, b) for a, b in zip(out, images)])
+            print(f"| linear code, {args.linear} per 4x4 patch | {name} | {np.mean(np.minimum(ps, PSNR_CAP)):.2f} "
+                  f"| {np.min(ps):.2f} | {de:.2f} |")  # fmt: skip
     for path in args.models:
         label, vae = load_vae(path, args.base)
         for name, images in sets.items():
