@@ -46,13 +46,15 @@ def load_vae(path: Path, base: Path = DEFAULT_MODEL) -> tuple[str, WanVAE]:
 
 
 @torch.no_grad()
-def round_trip(vae: WanVAE, images: np.ndarray, batch: int = 16) -> np.ndarray:
-    """decode(encode(x)) of uint8 images [N, H, W, 3], one frame each: uint8 [N, H, W, 3]."""
+def round_trip(vae: WanVAE, images: np.ndarray, batch: int = 16, frames: int = 1) -> np.ndarray:
+    """decode(encode(x)) of uint8 images [N, H, W, 3], each a still clip of ``frames`` (1: the first-frame
+    path), its last frame: uint8 [N, H, W, 3]."""
     outs = []
     for s in range(0, len(images), batch):
         x = torch.from_numpy(images[s : s + batch]).permute(0, 3, 1, 2)[:, :, None].float() / 127.5 - 1
-        y = vae.decode(vae.encode(x, normalize=False), normalized=False)  # [b, 3, 1, H, W]
-        outs.append(((y[:, :, 0] + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy())
+        x = x.expand(-1, -1, frames, -1, -1)  # [b, 3, frames, H, W]
+        y = vae.decode(vae.encode(x, normalize=False), normalized=False)  # [b, 3, frames, H, W]
+        outs.append(((y[:, :, -1] + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy())
     return np.concatenate(outs)
 
 
@@ -73,7 +75,11 @@ def fitted_photo(name: str, size: int) -> np.ndarray:
 
 def scores(vae: WanVAE, images: np.ndarray) -> tuple[float, float, float]:
     """(mean PSNR capped at PSNR_CAP, min PSNR, mean ΔE) of the round trip of ``images``."""
-    out = round_trip(vae, images)
+    return quality(round_trip(vae, images), images)
+
+
+def quality(out: np.ndarray, images: np.ndarray) -> tuple[float, float, float]:
+    """(mean PSNR capped at PSNR_CAP, min PSNR, mean ΔE) of ``out`` against ``images``, uint8 [N, H, W, 3]."""
     ps = [psnr(a, b) for a, b in zip(out, images)]
     return (
         float(np.mean(np.minimum(ps, PSNR_CAP))),
@@ -123,11 +129,8 @@ def main() -> None:
     if args.linear:
         code = linear_code(sets["train photos"], args.linear)
         for name, images in sets.items():
-            out = code(images)
-            ps = [psnr(a, b) for a, b in zip(out, images)]
-            de = np.mean([delta_e(a, b) for a, b in zip(out, images)])
-            print(f"| linear code, {args.linear} per 4x4 patch | {name} | {np.mean(np.minimum(ps, PSNR_CAP)):.2f} "
-                  f"| {np.min(ps):.2f} | {de:.2f} |")  # fmt: skip
+            mean, low, de = quality(code(images), images)
+            print(f"| linear code, {args.linear} per 4x4 patch | {name} | {mean:.2f} | {low:.2f} | {de:.2f} |")
     for path in args.models:
         label, vae = load_vae(path, args.base)
         for name, images in sets.items():

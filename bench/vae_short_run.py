@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.vae_roundtrip import fitted_photo, flat_colours, load_vae, scores
+from bench.vae_roundtrip import fitted_photo, flat_colours, load_vae, round_trip, scores
 from segue.data.broad import BroadVideos
 from segue.data.photos import photo_names
 from segue.evaluate import psnr
@@ -57,15 +57,6 @@ def round_trip_loss(vae: WanVAE, x: torch.Tensor, frozen: bool) -> torch.Tensor:
     with torch.set_grad_enabled(not frozen):
         z = vae.encode(x, normalize=False)  # [B, z, T, h, w]
     return F.mse_loss(vae.decode(z, normalized=False, clamp=False), x)
-
-
-@torch.no_grad()
-def still_clip_last(vae: WanVAE, images: np.ndarray, frames: int = 5) -> float:
-    """Mean PSNR of the last frame of each image [N, H, W, 3] repeated as a still clip of ``frames``."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2)[:, :, None].float() / 127.5 - 1
-    y = vae.decode(vae.encode(x.expand(-1, -1, frames, -1, -1), normalize=False), normalized=False)[:, :, -1]
-    out = ((y + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-    return float(np.mean([psnr(a, b) for a, b in zip(out, images)]))
 
 
 def main() -> None:
@@ -111,7 +102,7 @@ def main() -> None:
                 pe.lerp_(p, 0.01)
         if step % args.every == 0 or step == args.steps:
             cells = [f"{m:.2f} / {de:.2f}" for m, _, de in (scores(ema, sets[k]) for k in ("flat", "heldout", "train"))]
-            last = still_clip_last(ema, sets["heldout"])
+            last = np.mean([psnr(a, b) for a, b in zip(round_trip(ema, sets["heldout"], frames=5), sets["heldout"])])
             print(f"| {step} | {' | '.join(cells)} | {last:.2f} | {time.time() - start:.0f} |", flush=True)
     if args.save:
         torch.save(ema.state_dict(), args.save)
