@@ -236,41 +236,28 @@ def test_sigma_min_reaches_the_objective_and_is_checked(base, tmp_path, monkeypa
     assert json.loads((tmp_path / "cut" / "continuation.json").read_text())["continuation"]["sigma_min"] == 0.9
 
 
-def test_the_decoder_phase_weights_the_keyframes_as_registered(base, tmp_path, monkeypatch):
-    from segue.train.vae_loss import DecoderObjective
+@pytest.mark.parametrize("phase", ["decoder", "whole VAE"])
+def test_a_vae_phase_weights_the_keyframes_as_registered(phase, base, tmp_path, monkeypatch):
+    from segue.train.vae_loss import DecoderObjective, VAEObjective
 
-    c = SMOKE
-    keyframes = replace(c, name="keyframes", decoder_steps=2, decoder_endpoint_weight=4.0)
+    if phase == "decoder":
+        objective, key, weight = DecoderObjective, "decoder_endpoint_weight", 4.0
+        c = replace(SMOKE, name="keyframes", decoder_steps=2, decoder_endpoint_weight=weight)
+    else:
+        objective, key, weight = VAEObjective, "vae_endpoint_weight", 3.0
+        c = replace(SMOKE, name="whole", stage=replace(SMOKE.stage, steps=0), vae_steps=2, vae_endpoint_weight=weight)
     seen = []
-    call = DecoderObjective.__call__
+    call = objective.__call__
 
     def spy(self, parts, batch):
         seen.append(self.endpoint_weight)
         return call(self, parts, batch)
 
-    monkeypatch.setattr(DecoderObjective, "__call__", spy)
-    run(base, keyframes, tmp_path / "run")
-    assert seen == [4.0, 4.0]  # both decoder steps
+    monkeypatch.setattr(objective, "__call__", spy)
+    run(base, c, tmp_path / "run")
+    assert seen == [weight, weight]  # both steps of the phase
     record = json.loads((tmp_path / "run" / "continuation.json").read_text())
-    assert record["continuation"]["decoder_endpoint_weight"] == 4.0  # the lineage says how it was trained
-
-
-def test_the_whole_vae_phase_weights_the_keyframes_as_registered(base, tmp_path, monkeypatch):
-    from segue.train.vae_loss import VAEObjective
-
-    whole = replace(SMOKE, name="whole", stage=replace(SMOKE.stage, steps=0), vae_steps=2, vae_endpoint_weight=3.0)
-    seen = []
-    call = VAEObjective.__call__
-
-    def spy(self, parts, batch):
-        seen.append(self.endpoint_weight)
-        return call(self, parts, batch)
-
-    monkeypatch.setattr(VAEObjective, "__call__", spy)
-    run(base, whole, tmp_path / "run")
-    assert seen == [3.0, 3.0]  # both VAE steps
-    record = json.loads((tmp_path / "run" / "continuation.json").read_text())
-    assert record["continuation"]["vae_endpoint_weight"] == 3.0
+    assert record["continuation"][key] == weight  # the lineage says how it was trained
 
 
 def test_a_continuation_can_widen_the_decoder_and_leave_the_dit_as_it_is(base, tmp_path, monkeypatch):
