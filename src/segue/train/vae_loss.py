@@ -76,7 +76,7 @@ def vae_loss(
     z = mu + (0.5 * logvar).exp() * noise.to(mu.device, mu.dtype)  # [B, z, T, h, w]
     out = vae.decode(z, normalized=False, clamp=False)  # [B, 3, F, H, W] float32
     target = video.float()
-    if endpoint_weight == 1.0:
+    if endpoint_weight == 1.0:  # the plain mean, to the last bit: runs made before the weight resume unchanged
         rec = F.l1_loss(out, target) if recon == "l1" else F.mse_loss(out, target)
     else:
         err = out - target
