@@ -533,15 +533,17 @@ def test_broad_clips_train_the_vae_with_synthetic_latents_anchored_and_join_the_
     flags = []
     parts = anchored_vae.AnchoredVAEObjective.parts
 
-    def spy(self, vae, video, anchored):
-        flags.append(anchored.clone())
-        return parts(self, vae, video, anchored)
+    def spy(self, vae, video, anchored, stills=None):
+        flags.append((anchored.clone(), stills.shape))
+        return parts(self, vae, video, anchored, stills)
 
     monkeypatch.setattr(anchored_vae.AnchoredVAEObjective, "parts", spy)
     c = replace(SMOKE, name="broad", vae_steps=2, vae_anchor=1.0, broad=0.5, decoder_steps=0)
     run_dir = tmp_path / "run"
-    continue_from_bundle(base, c, replace(TINY.vae, broad=0.5, recon="mse"), run_dir)  # anchoring trains MSE
-    assert len(flags) == 2 and all(f.dtype == torch.bool and len(f) == TINY.vae.batch for f in flags)
+    clips = replace(TINY.vae, broad=0.5, recon="mse", stills=3)  # anchoring trains MSE
+    continue_from_bundle(base, c, clips, run_dir)
+    assert len(flags) == 2 and all(f.dtype == torch.bool and len(f) == TINY.vae.batch for f, _ in flags)
+    assert {s for _, s in flags} == {(TINY.vae.batch, 3, 3, 1, *TINY.vae.crop)}  # single frames beside each clip
     info = json.loads((run_dir / "latents" / "config.json").read_text())["dataset"]
     assert info["broad"] == 0.5
     # the cache holds the mixed window: each clip's caption is its own source's

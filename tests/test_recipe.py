@@ -134,6 +134,8 @@ def test_toml_syntax_errors_give_the_line_and_column():
         ('name = "stage2-flf"', 'name = "a/b"', r"stage name 'a/b' must be letters"),
         ('name = "tiny"', 'name = "tiny"\nfrom = "builtin"', "a recipe with \\[scratch\\] starts from scratch"),
         ("batch = 2\n", "batch = 2\nbroad = 1.5\n", r"vae.broad: 1.5 is out of range \(allowed: >= 0 and <= 1\)"),
+        ("batch = 2\n", "batch = 2\nstills = -1\n", r"vae.stills: -1 is out of range \(allowed: >= 0\)"),
+        ("batch = 2\n", "batch = 2\nflat_stills = 1.5\n", r"vae.flat_stills: 1.5 is out of range"),
         ('name = "next"', 'name = "next"\nvae_steps = 1\nvae_anchor = 1.0',
          r"continuation 'next': vae_anchor trains with recon = \"mse\" in \[vae\], got 'l1'"),
         ('name = "next"', 'name = "next"\nvae_anchor = -1.0', r"vae_anchor: -1.0 is out of range \(allowed: >= 0\)"),

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .vae_loss import LOGVAR_RANGE, endpoint_weighted, kl_divergence
+from .vae_loss import LOGVAR_RANGE, endpoint_weighted, kl_divergence, stills_error
 
 
 @dataclass
@@ -37,9 +37,10 @@ class AnchoredVAEObjective:
                              f"{self.anchor_weight}, {self.endpoint_weight}, {self.kl_weight}")  # fmt: skip
         self.anchor.eval().requires_grad_(False)
 
-    def parts(self, vae: nn.Module, video: Tensor, anchored: Tensor | None) -> dict[str, Tensor]:
+    def parts(self, vae: nn.Module, video: Tensor, anchored: Tensor | None, stills: Tensor | None = None
+              ) -> dict[str, Tensor]:  # fmt: skip
         """The loss's terms for ``video`` [B, 3, F, H, W] in [-1, 1]: 'recon', 'kl', 'anchor' (0 when no item is
-        anchored) and 'loss'."""
+        anchored), 'stills' (``vae_loss.stills_error`` of ``stills`` [B, n, 3, 1, H, W]; 0 without) and 'loss'."""
         z_dim = vae.cfg.z_dim
         moments = vae.encode_moments(video).float()  # [B, 2z, T, h, w]
         mu, logvar = moments[:, :z_dim], moments[:, z_dim:].clamp(*LOGVAR_RANGE)
@@ -53,10 +54,11 @@ class AnchoredVAEObjective:
                 old = self.anchor.encode(video[sel], normalize=False).float()  # [b, z, T, h, w]
             std = torch.tensor(vae.cfg.latent_std, device=mu.device).view(1, -1, 1, 1, 1)  # the DiT's units
             anchor_term = ((mu[sel] - old) / std).square().mean()
-        loss = recon + self.kl_weight * kl + self.anchor_weight * anchor_term
-        return {"recon": recon, "kl": kl, "anchor": anchor_term, "loss": loss}
+        still = stills_error(vae, {} if stills is None else {"stills": stills})
+        loss = recon + self.kl_weight * kl + self.anchor_weight * anchor_term + still
+        return {"recon": recon, "kl": kl, "anchor": anchor_term, "stills": still, "loss": loss}
 
     def __call__(self, parts: Mapping[str, nn.Module], batch: Mapping[str, Any]) -> Tensor:
         vae = parts["vae"]
         video = batch["video"].to(vae.conv1.weight.device)
-        return self.parts(vae, video, batch.get("anchor"))["loss"]
+        return self.parts(vae, video, batch.get("anchor"), batch.get("stills"))["loss"]

@@ -13,6 +13,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import VAEConfig
@@ -87,6 +88,36 @@ class Crops(torch.utils.data.Dataset):
         return crop if "anchor" not in item else {**crop, "anchor": item["anchor"]}  # ``broad.Mixed``'s flag
 
 
+class WithStills(torch.utils.data.Dataset):
+    """Item i: ``data[i]`` and ``stills`` [n, 3, 1, h, w]: ``n`` single frames, a share ``flat`` of them flat
+    fields of uniformly random colours, the others ``size`` crops of frames of one broad clip (``broad``,
+    rendered once per item), all drawn from (seed, i): a resumed run sees the same ones."""
+
+    def __init__(self, data: torch.utils.data.Dataset, broad: BroadVideos, n: int, flat: float,
+                 size: tuple[int, int], seed: int = 0) -> None:  # fmt: skip
+        h, w = broad.size
+        if n < 1 or not 0.0 <= flat <= 1.0 or not (0 < size[0] <= h and 0 < size[1] <= w):
+            raise ValueError(f"need n >= 1, flat in [0, 1] and crops {size} inside frames of {(h, w)}")
+        self.data, self.broad, self.n, self.flat, self.size, self.seed = data, broad, n, flat, tuple(size), seed
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, index, 11])
+        flat = rng.random(self.n) < self.flat  # [n]
+        colours = rng.uniform(-1.0, 1.0, (self.n, 3))  # [n, 3]
+        ch, cw = self.size
+        stills = torch.from_numpy(colours).float()[:, :, None, None, None].expand(-1, -1, 1, ch, cw).clone()
+        if not flat.all():
+            video = self.broad[int(rng.integers(len(self.broad)))]["video"]  # [3, F, H, W]
+            for j in np.flatnonzero(~flat):
+                f = int(rng.integers(video.shape[1]))
+                top, left = (int(rng.integers(video.shape[k] - c + 1)) for k, c in ((2, ch), (3, cw)))
+                stills[j] = video[:, f : f + 1, top : top + ch, left : left + cw]
+        return {**self.data[index], "stills": stills}  # stills: [n, 3, 1, ch, cw]
+
+
 def latent_stats(vae: WanVAE, data: torch.utils.data.Dataset, batches: int, batch_size: int) -> tuple[list, list]:
     """Per-channel mean and std of the VAE's raw latent mean over training clips (the normalisation)."""
     zs = []
@@ -115,13 +146,17 @@ def measured_vae_config(
 def vae_data(clips: VAEClips, seed: int) -> torch.utils.data.Dataset:
     """The VAE's training clips: renders of ``clips``' frames and size, a share ``clips.broad`` of them broad
     clips (``data.broad``, training photos; the rest synthetic, flagged ``anchor``), cropped at positions
-    drawn from ``seed``."""
+    drawn from ``seed``; each with ``clips.stills`` single frames (``WithStills``) when it asks for them."""
     data: torch.utils.data.Dataset = SyntheticVideos("train", length=clips.data_length, frames=clips.frames,
                                                      size=clips.size, loops=clips.loops)  # fmt: skip
     if clips.broad > 0:
         broad = BroadVideos("train", length=clips.data_length, frames=clips.frames, size=clips.size)
         data = Mixed(data, broad, share_b=clips.broad, seed=seed)
-    return data if clips.crop is None else Crops(data, clips.crop, seed=seed)
+    data = data if clips.crop is None else Crops(data, clips.crop, seed=seed)
+    if clips.stills:
+        broad = BroadVideos("train", length=clips.data_length, frames=clips.frames, size=clips.size)
+        data = WithStills(data, broad, clips.stills, clips.flat_stills, clips.crop or clips.size, seed)
+    return data
 
 
 def train_vae_run(

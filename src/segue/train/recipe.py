@@ -91,11 +91,18 @@ class VAEClips:
     data_length: int = 200_000
     stats_batches: int = 8
     broad: float = 0.0  # share of broad clips (``data.broad``: any colour, training photos); the rest synthetic
+    # Single frames beside each clip (``phases.WithStills``): ``stills`` 1-frame crops of a broad clip's frames,
+    # a share ``flat_stills`` of them flat fields of random colours. A first keyframe is encoded and decoded
+    # alone; one frame in ``frames`` trains that path, a still trains nothing else (docs/broad-data.md).
+    stills: int = 0
+    flat_stills: float = 0.25
 
     def __post_init__(self) -> None:
         check_loops(self.loops, "vae: ")
         if not 0.0 <= self.broad <= 1.0:
             raise ValueError(f"vae: broad must be in [0, 1], got {self.broad}")
+        if self.stills < 0 or not 0.0 <= self.flat_stills <= 1.0:
+            raise ValueError(f"vae: need stills >= 0 and flat_stills in [0, 1], got {self.stills}, {self.flat_stills}")
         if self.crop is not None and not (self.crop[0] <= self.size[0] and self.crop[1] <= self.size[1]):
             raise ValueError(f"vae: crop {list(self.crop)} does not fit clips of size {list(self.size)}")
 
@@ -283,9 +290,11 @@ _AT_LEAST_1 = "vocab dim layers heads vae_dim z_dim vae_mult patch frames size c
     "stats_batches generated_repeat decoder_dim"  # fmt: skip
 _AT_LEAST_0 = "steps warmup cooldown vae_steps vae_warmup decoder_steps cache_clips cache_start seed vae_seed " \
     "decoder_seed object_dilate insert_blocks decoder_cooldown decoder_generated generated_start kl_weight " \
-    "vae_anchor"  # fmt: skip
+    "vae_anchor stills"  # fmt: skip
 _POSITIVE = "lr vae_lr decoder_lr shift decoder_endpoint_weight vae_endpoint_weight"
-_IN_0_1 = "caption_dropout min_lr_ratio ambiguous_fraction sigma_min ema broad"  # [0, 1]; _BELOW_ONE: [0, 1)
+_IN_0_1 = (
+    "caption_dropout min_lr_ratio ambiguous_fraction sigma_min ema broad flat_stills"  # [0, 1]; _BELOW_ONE: [0, 1)
+)
 _IN_0_1_OPEN_LOW = "decoder_blend stage_blend"  # (0, 1]
 # key: (low, high, low is open)
 _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
