@@ -4,6 +4,8 @@ fields, each encoded and decoded alone in every VAE objective."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,8 @@ import torch
 from segue.config import VAEConfig
 from segue.models.vae import WanVAE
 from segue.train.anchored_vae import AnchoredVAEObjective
-from segue.train.phases import WithStills
+from segue.train.phases import WithStills, train_vae_run
+from segue.train.recipe import load_recipe
 from segue.train.vae_loss import DecoderObjective, VAEObjective, freeze_encoder, stills_error
 
 
@@ -111,3 +114,17 @@ def test_every_vae_objective_adds_the_stills_and_trains_what_it_trains_on_them(o
     assert vae.decoder.head[2].weight.grad.abs().sum() > 0
     encoder_grad = vae.conv1.weight.grad
     assert (encoder_grad is None) == (objective == "decoder")
+
+
+def test_a_vae_phase_with_stills_trains_the_same_with_its_clips_rendered_in_a_worker(tmp_path):
+    clips = replace(load_recipe(Path(__file__).parent / "data" / "tiny.toml").vae, broad=0.5, stills=2, recon="mse")
+    cfg = VAEConfig(dim=4, z_dim=4, latent_mean=(0.0,) * 4, latent_std=(0.5,) * 4)
+    state = _vae().state_dict()
+    emas = []
+    for workers in (0, 1):
+        run = train_vae_run(clips, cfg, state, tmp_path / f"w{workers}", steps=2, lr=1e-3, seed=0,
+                            decoder_only=False, anchor_weight=1.0, workers=workers)  # fmt: skip
+        emas.append(torch.load(run / "ema.pt", weights_only=True)["vae"])
+    assert emas[0].keys() == emas[1].keys()
+    assert all(torch.equal(emas[0][k], emas[1][k]) for k in emas[0])
+    assert any(not torch.equal(emas[0][k], state[k]) for k in state)  # it trained

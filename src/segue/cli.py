@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--time-budget", default=None, metavar="DURATION",
                     help="each DiT stage of a continuation runs the steps that fit (420, 7m, 1.5h)")  # fmt: skip
     tr.add_argument("--workers", type=int, default=0,
-                    help="processes that render clips and collate batches (for a GPU)")  # fmt: skip
+                    help="processes that render clips and collate batches (a GPU, or spare cores)")  # fmt: skip
 
     ev = sub.add_parser("eval", help="score a model on the held-out procedural clips against a crossfade")
     ev.add_argument("--ckpt", type=Path, default=None, help="model (default: the built-in one)")

@@ -150,7 +150,7 @@ def vae_phase(r: Run, cfg: VAEConfig, state: dict[str, torch.Tensor], steps: int
     train_vae_run(r.clips, cfg, state, run, steps=steps, lr=lr, seed=seed, decoder_only=decoder_only, device=r.dev,
                   endpoint_weight=ew, cooldown=cooldown, data=data,
                   keep_shapes=decoder_only and c.decoder_keep_shapes,
-                  anchor_weight=0.0 if decoder_only else c.vae_anchor)  # fmt: skip
+                  anchor_weight=0.0 if decoder_only else c.vae_anchor, workers=r.workers)  # fmt: skip
     return load_ema(run, "vae")
 
 
@@ -297,7 +297,8 @@ def continue_from_bundle(
     ``clips``: the recipe's VAE clips (the VAE and decoder phases train on them). ``deadline`` (a ``clock()``
     value; ``time.monotonic`` unless a test passes its own): the DiT stage runs the steps that fit until
     then (``budget``), recorded in ``budget.json`` and kept on a resume. ``workers``: processes that render
-    the cache's clips and collate the DiT's batches (for a GPU, whose steps outrun one CPU core's data)."""
+    the VAE phases' clips and the cache's, and collate the DiT's batches (for a GPU, whose steps outrun one
+    CPU core's data, or a second core beside one training thread)."""
     if workers < 0:
         raise InputError(f"workers must be >= 0, got {workers}")
     bundle, out = Path(bundle), Path(out_dir)

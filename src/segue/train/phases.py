@@ -175,6 +175,7 @@ def train_vae_run(
     data: torch.utils.data.Dataset | None = None,
     keep_shapes: bool = False,
     anchor_weight: float = 0.0,
+    workers: int = 0,
 ) -> Path:
     """Train the VAE ``state`` further into ``run`` (resumes; skipped when done) on ``clips`` drawn with
     ``seed``: the whole VAE, or (``decoder_only``) its decoder on the frozen encoder, the first and last
@@ -184,7 +185,8 @@ def train_vae_run(
     generated latents with their backdrops): shapes are kept as the decoder renders them at the start
     (``DecoderObjective.anchor``), so it learns the scenery from the true frames only. ``anchor_weight`` > 0
     (the whole VAE, MSE): the encoder's latents of the clips flagged ``anchor`` are held near the starting
-    encoder's (``AnchoredVAEObjective``), so a DiT trained on them needs to learn only what moved."""
+    encoder's (``AnchoredVAEObjective``), so a DiT trained on them needs to learn only what moved. ``workers``
+    processes render the clips while the VAE trains (the same batches: every item is a function of its index)."""
     if is_done(run):
         return run
     vae = WanVAE(cfg)
@@ -196,7 +198,7 @@ def train_vae_run(
     cooldown = min(cooldown, steps - warmup)
     tc = TrainConfig(steps=steps, batch_size=clips.batch, lr=lr, warmup=warmup, ema_decay=clips.ema, seed=seed,
                      out_dir=str(run), ckpt_every=250, schedule="wsd" if cooldown > 0 else "constant",
-                     cooldown=cooldown)  # fmt: skip
+                     cooldown=cooldown, num_workers=workers)  # fmt: skip
     if decoder_only:
         anchor = copy.deepcopy(vae).eval().requires_grad_(False) if keep_shapes else None  # as it starts
         objective: DecoderObjective | VAEObjective | AnchoredVAEObjective
