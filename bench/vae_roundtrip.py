@@ -4,13 +4,16 @@ included) and the photos of each split, as PSNR and mean CIEDE2000 (a colour cas
     python bench/vae_roundtrip.py A.safetensors [B.safetensors ...] [--levels 5] [--size 64]
     python bench/vae_roundtrip.py runs/broad/broad/vae [--base BUNDLE]   # a VAE run while it trains
     python bench/vae_roundtrip.py A.safetensors --linear 16              # beside a linear code of 4x4 patches
+    python bench/vae_roundtrip.py A.safetensors --frames 17              # and the last frame of still clips
 
 A folder is a VAE phase's run folder: its final or latest checkpoint's EMA weights, on the VAE config of
 ``--base`` (the built-in model by default).
 
 Flat colours: every (r, g, b) on a grid of ``--levels`` values per channel from 0 to 255, as one still frame
 of --size pixels (the path a first keyframe takes). Photos: each photo's centre square fitted to --size
-(Lanczos), one frame; ``heldout`` photos are never drawn for training (segue.data.photos).
+(Lanczos), one frame; ``heldout`` photos are never drawn for training (segue.data.photos). ``--frames N``
+adds rows for the last frame of each image held still for N frames (the causal chunk path a last keyframe
+takes).
 """
 
 from __future__ import annotations
@@ -119,7 +122,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--linear", type=int, metavar="K", help="also a linear code of 4x4 patches with K values, fitted "
                     "on the training photos (z_dim values: the first-frame path's budget)")  # fmt: skip
+    ap.add_argument("--frames", type=int, metavar="N", help="also the last frame of N-frame still clips (N = 4k+1)")
     args = ap.parse_args()
+    if args.frames is not None and (args.frames < 1 or args.frames % 4 != 1):
+        ap.error(f"--frames must be 4k+1 (1, 5, 9, 17, ...), got {args.frames}")
     torch.set_num_threads(1)
     sets = {f"flat colours ({args.levels}^3)": flat_colours(args.levels, args.size)}
     for split in ("heldout", "train"):
@@ -136,6 +142,9 @@ def main() -> None:
         for name, images in sets.items():
             mean, low, de = scores(vae, images)
             print(f"| {label} | {name} | {mean:.2f} | {low:.2f} | {de:.2f} |", flush=True)
+            if args.frames:
+                mean, low, de = quality(round_trip(vae, images, frames=args.frames), images)
+                print(f"| {label} | {name}, last of {args.frames} | {mean:.2f} | {low:.2f} | {de:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
