@@ -149,12 +149,11 @@ def vae_data(clips: VAEClips, seed: int) -> torch.utils.data.Dataset:
     drawn from ``seed``; each with ``clips.stills`` single frames (``WithStills``) when it asks for them."""
     data: torch.utils.data.Dataset = SyntheticVideos("train", length=clips.data_length, frames=clips.frames,
                                                      size=clips.size, loops=clips.loops)  # fmt: skip
+    broad = BroadVideos("train", length=clips.data_length, frames=clips.frames, size=clips.size)
     if clips.broad > 0:
-        broad = BroadVideos("train", length=clips.data_length, frames=clips.frames, size=clips.size)
         data = Mixed(data, broad, share_b=clips.broad, seed=seed)
     data = data if clips.crop is None else Crops(data, clips.crop, seed=seed)
     if clips.stills:
-        broad = BroadVideos("train", length=clips.data_length, frames=clips.frames, size=clips.size)
         data = WithStills(data, broad, clips.stills, clips.flat_stills, clips.crop or clips.size, seed)
     return data
 
