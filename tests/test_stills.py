@@ -84,10 +84,10 @@ def test_each_still_is_encoded_and_decoded_alone():
             (vae.decode(vae.encode(s[None], normalize=False), normalized=False, clamp=False) - s[None]).square().mean()
             for s in stills.flatten(0, 1)
         ]
-        err = stills_error(vae, {"stills": stills})
+        err = stills_error(vae, stills)
         assert float(err) == pytest.approx(float(torch.stack(alone).mean()), rel=1e-5)
-        assert float(stills_error(vae, {"stills": stills}, "l1")) != pytest.approx(float(err))
-        assert float(stills_error(vae, {})) == 0.0
+        assert float(stills_error(vae, stills, "l1")) != pytest.approx(float(err))
+        assert float(stills_error(vae, None)) == 0.0
 
 
 @pytest.mark.parametrize("objective", ["anchored", "whole", "decoder"])
@@ -107,7 +107,7 @@ def test_every_vae_objective_adds_the_stills_and_trains_what_it_trains_on_them(o
     plain = obj({"vae": vae}, batch)
     both = obj({"vae": vae}, {**batch, "stills": stills})
     with torch.no_grad():
-        assert float(both - plain) == pytest.approx(float(stills_error(vae, {"stills": stills})), rel=1e-4)
+        assert float(both - plain) == pytest.approx(float(stills_error(vae, stills)), rel=1e-4)
     vae.zero_grad()
     # the stills alone: gradient reaches the decoder, and the encoder only where it trains
     (both - plain).backward()

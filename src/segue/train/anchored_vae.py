@@ -54,7 +54,7 @@ class AnchoredVAEObjective:
                 old = self.anchor.encode(video[sel], normalize=False).float()  # [b, z, T, h, w]
             std = torch.tensor(vae.cfg.latent_std, device=mu.device).view(1, -1, 1, 1, 1)  # the DiT's units
             anchor_term = ((mu[sel] - old) / std).square().mean()
-        still = stills_error(vae, {} if stills is None else {"stills": stills})
+        still = stills_error(vae, stills)
         loss = recon + self.kl_weight * kl + self.anchor_weight * anchor_term + still
         return {"recon": recon, "kl": kl, "anchor": anchor_term, "stills": still, "loss": loss}
 

@@ -51,11 +51,10 @@ def endpoint_weighted(err: Tensor, endpoint_weight: float) -> Tensor:
     return (w * per_frame).sum() / w.sum()
 
 
-def stills_error(vae: nn.Module, batch: Mapping[str, Any], recon: str = "mse") -> Tensor:
-    """The mean ``recon`` error ('l1' or 'mse') of ``decode(encoder mean)`` of the batch's single frames
+def stills_error(vae: nn.Module, stills: Tensor | None, recon: str = "mse") -> Tensor:
+    """The mean ``recon`` error ('l1' or 'mse') of ``decode(encoder mean)`` of a batch's single frames
     (``stills`` [B, n, 3, 1, H, W]: ``phases.WithStills``), each encoded and decoded alone as a first keyframe
     is; 0 without them. No gradient reaches a frozen encoder (its parameters do not ask for one)."""
-    stills = batch.get("stills")
     if stills is None:
         return vae.conv1.weight.new_zeros(())
     x = stills.to(vae.conv1.weight.device).flatten(0, 1).float()  # [B * n, 3, 1, H, W]
@@ -123,7 +122,7 @@ class VAEObjective:
             shape = (z, (video.shape[2] - 1) // tf + 1, video.shape[3] // sf, video.shape[4] // sf)
             noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
         loss, _ = vae_loss(vae, video, self.kl_weight, self.recon, noise=noise, endpoint_weight=self.endpoint_weight)
-        return loss + stills_error(vae, batch, self.recon) if "stills" in batch else loss
+        return loss + stills_error(vae, batch.get("stills"), self.recon)
 
 
 def freeze_encoder(vae: nn.Module) -> None:
@@ -192,4 +191,4 @@ class DecoderObjective:
             out = vae.decode(mu, normalized=False, clamp=False)  # [B, 3, F, H, W]
         err = out - video
         loss = endpoint_weighted(err.abs() if self.recon == "l1" else err.square(), self.endpoint_weight)
-        return loss + stills_error(vae, batch, self.recon)
+        return loss + stills_error(vae, batch.get("stills"), self.recon)
