@@ -81,3 +81,36 @@ def test_mixed_marks_the_first_dataset_as_anchored():
     assert all(it["anchor"] == (it["caption"] == "a") for it in items)
     assert 10 < sum(it["caption"] == "b" for it in items) < 40
     assert [it["caption"] for it in items] == [Mixed(a, b, 0.5, seed=1)[i]["caption"] for i in range(50)]
+
+
+def test_recoloured_photos_keep_their_structure_in_other_colours():
+    grey = np.repeat(load_photo("camera")[:64, :64, :1], 3, axis=2).astype(np.float32)
+    a = broad.recoloured(grey, np.random.default_rng(3))
+    assert a.shape == grey.shape and a.dtype == np.float32 and a.min() >= 0 and a.max() <= 255
+    assert np.array_equal(a, broad.recoloured(grey, np.random.default_rng(3)))
+    # a grey photo comes out tinted, its pattern in place (brightness follows the original's)
+    assert np.abs(a - a.mean(-1, keepdims=True)).mean() > 2
+    assert np.corrcoef(a.mean(-1).ravel(), grey[..., 0].ravel())[0, 1] > 0.8
+    # over many draws the tints cover the gamut: each channel is sometimes the strongest
+    strongest = {int(np.argmax(broad.recoloured(grey, np.random.default_rng(s)).mean((0, 1)))) for s in range(30)}
+    assert strongest == {0, 1, 2}
+
+
+@pytest.mark.parametrize("kind", ["camera", "morph", "flat"])
+def test_recolour_changes_photo_clips_only_and_recolour_0_draws_nothing(kind, monkeypatch):
+    names = photo_names("train")
+    plain, cap = render_broad(5, kind, names, frames=3, size=(16, 16))
+    monkeypatch.setattr(broad, "recoloured", lambda img, rng: pytest.fail("recoloured at recolour 0"))
+    assert np.array_equal(render_broad(5, kind, names, frames=3, size=(16, 16), recolour=0.0)[0], plain)
+    monkeypatch.undo()
+    coloured, cap2 = render_broad(5, kind, names, frames=3, size=(16, 16), recolour=1.0)
+    assert cap2 == cap
+    assert np.array_equal(coloured, plain) == (kind == "flat")
+
+
+def test_recolour_is_a_share():
+    data = BroadVideos("train", length=8, frames=3, size=(16, 16), mix={"camera": 1}, recolour=1.0)
+    assert not torch.equal(data[0]["video"], BroadVideos("train", length=8, frames=3, size=(16, 16),
+                                                         mix={"camera": 1})[0]["video"])  # fmt: skip
+    with pytest.raises(InputError, match=r"recolour is a share of photos, in \[0, 1\]; got 1.5"):
+        BroadVideos(recolour=1.5)

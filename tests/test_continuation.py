@@ -529,6 +529,7 @@ def test_durations_and_budget_steps():
 def test_broad_clips_train_the_vae_with_synthetic_latents_anchored_and_join_the_dit_cache(base, tmp_path, monkeypatch):
     from segue.train import anchored_vae
     from segue.train.continuation import stage_clips
+    from segue.train.phases import vae_data
 
     flags = []
     parts = anchored_vae.AnchoredVAEObjective.parts
@@ -538,14 +539,15 @@ def test_broad_clips_train_the_vae_with_synthetic_latents_anchored_and_join_the_
         return parts(self, vae, video, anchored, stills)
 
     monkeypatch.setattr(anchored_vae.AnchoredVAEObjective, "parts", spy)
-    c = replace(SMOKE, name="broad", vae_steps=2, vae_anchor=1.0, broad=0.5, decoder_steps=0)
+    c = replace(SMOKE, name="broad", vae_steps=2, vae_anchor=1.0, broad=0.5, decoder_steps=0, recolour=1.0)
     run_dir = tmp_path / "run"
-    clips = replace(TINY.vae, broad=0.5, recon="mse", stills=3)  # anchoring trains MSE
+    clips = replace(TINY.vae, broad=0.5, recon="mse", stills=3, recolour=1.0)  # anchoring trains MSE
+    assert vae_data(clips, 0).broad.recolour == 1.0  # the stills' photos too
     continue_from_bundle(base, c, clips, run_dir)
     assert len(flags) == 2 and all(f.dtype == torch.bool and len(f) == TINY.vae.batch for f, _ in flags)
     assert {s for _, s in flags} == {(TINY.vae.batch, 3, 3, 1, *TINY.vae.crop)}  # single frames beside each clip
     info = json.loads((run_dir / "latents" / "config.json").read_text())["dataset"]
-    assert info["broad"] == 0.5
+    assert info["broad"] == 0.5 and info["recolour"] == 1.0  # a cache of other colours is not reused
     # the cache holds the mixed window: each clip's caption is its own source's
     mixed, cached = stage_clips(c), CachedClips(run_dir / "latents")
     sources = {mixed.from_b(c.cache_start + i) for i in range(c.cache_clips)}
@@ -556,7 +558,7 @@ def test_broad_clips_train_the_vae_with_synthetic_latents_anchored_and_join_the_
 
 
 def test_broad_shares_are_checked():
-    with pytest.raises(ValueError, match="broad must be in"):
+    with pytest.raises(ValueError, match=r"broad and recolour must be in \[0, 1\], got 1.5, 0.0"):
         replace(TINY.vae, broad=1.5)
     with pytest.raises(ValueError, match="no paired_groups"):
         replace(SMOKE, broad=0.5, paired_groups=True, cache_start=9)

@@ -76,6 +76,20 @@ def test_a_chain_trains_every_stage_resumes_and_ships_generates_and_evaluates(tm
     (nxt / "dit" / "done").unlink()
     assert main(["-q", "train", "--recipe", str(TINY), "--out", str(out)]) == 0
     assert (nxt / "dit" / "log.jsonl").read_text() == logs[nxt / "dit"]  # resumed at its last step: none again
+    # a run started before a key existed (its run.json lacks it) resumes where the key holds its default
+    record = json.loads((out / "run.json").read_text())
+    assert record["recipe"]["vae"]["recolour"] == 0.0
+    del record["recipe"]["vae"]["recolour"]
+    for cont in record["recipe"]["continuations"]:
+        del cont["recolour"]
+    (out / "run.json").write_text(json.dumps(record))
+    assert main(["-q", "train", "--recipe", str(TINY), "--out", str(out)]) == 0
+    record["recipe"]["vae"]["recolour"] = 0.5
+    (out / "run.json").write_text(json.dumps(record))
+    assert main(["-q", "train", "--recipe", str(TINY), "--out", str(out)]) == 2
+    assert "holds a run of another recipe or settings (recipe differ)" in capsys.readouterr().err
+    del record["recipe"]["vae"]["recolour"]
+    (out / "run.json").write_text(json.dumps(record))
     # the same folder with another scale is refused, naming what differs
     assert main(["-q", "train", "--recipe", str(TINY), "--out", str(out), "--steps-scale", "2"]) == 2
     assert "holds a run of another recipe or settings (steps_scale differ)" in capsys.readouterr().err
@@ -136,6 +150,9 @@ def test_toml_syntax_errors_give_the_line_and_column():
         ("batch = 2\n", "batch = 2\nbroad = 1.5\n", r"vae.broad: 1.5 is out of range \(allowed: >= 0 and <= 1\)"),
         ("batch = 2\n", "batch = 2\nstills = -1\n", r"vae.stills: -1 is out of range \(allowed: >= 0\)"),
         ("batch = 2\n", "batch = 2\nflat_stills = 1.5\n", r"vae.flat_stills: 1.5 is out of range"),
+        ("batch = 2\n", "batch = 2\nrecolour = 1.5\n", r"vae.recolour: 1.5 is out of range"),
+        ("batch = 2\n", "batch = 2\nrecolour = 0.5\n", r"vae: recolour changes broad clips' photos: it needs broad"),
+        ('name = "next"', 'name = "next"\nrecolour = 0.5', r"continuation 'next': recolour changes .* needs broad > 0"),
         ('name = "next"', 'name = "next"\nvae_steps = 1\nvae_anchor = 1.0',
          r"continuation 'next': vae_anchor trains with recon = \"mse\" in \[vae\], got 'l1'"),
         ('name = "next"', 'name = "next"\nvae_anchor = -1.0', r"vae_anchor: -1.0 is out of range \(allowed: >= 0\)"),

@@ -71,8 +71,11 @@ def _base(name: str, side: int = BASE_SIDE) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS))
 
 
-def photo_view(rng: np.random.Generator, names: list[str], side: int) -> np.ndarray:
-    """A random photo of ``names`` resized (with antialiasing) so its short side is ``side``: float32 [H, W, 3]."""
+def photo_view(rng: np.random.Generator, names: list[str], side: int, recolour: float = 0.0,
+               paint: np.random.Generator | None = None) -> np.ndarray:  # fmt: skip
+    """A random photo of ``names`` resized (with antialiasing) so its short side is ``side``, a share
+    ``recolour`` of the time with its colours changed (``recoloured``, drawn from ``paint``: apart from
+    ``rng``, so a recoloured clip is the same clip in other colours): float32 [H, W, 3]."""
     img = _base(names[int(rng.integers(len(names)))])
     h, w = img.shape[:2]
     s = side / min(h, w)
@@ -80,7 +83,28 @@ def photo_view(rng: np.random.Generator, names: list[str], side: int) -> np.ndar
     out = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
     if rng.random() < 0.5:
         out = out[:, ::-1]
+    if recolour > 0 and paint is not None and paint.random() < recolour:
+        out = recoloured(out, paint)
     return np.ascontiguousarray(out)
+
+
+def _axis_rotation(angle: float) -> np.ndarray:
+    """The 3x3 rotation by ``angle`` about the grey axis (1, 1, 1) of RGB: a hue rotation."""
+    k = np.full(3, 1 / math.sqrt(3))
+    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + math.sin(angle) * cross + (1 - math.cos(angle)) * cross @ cross
+
+
+def recoloured(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``img`` (float [H, W, 3], 0..255) in other colours: its channels reordered, its hue rotated, its
+    saturation scaled (0.4-1.8x), each channel's gain drawn from 0.6-1.4 (grey photos come out tinted) and a
+    gamma from exp(-0.4)-exp(0.4). Ten training photos, half of them grey, cover few of the colours a user's
+    pictures have; this spreads their textures over the gamut."""
+    u = img[..., rng.permutation(3)] / 255.0
+    grey = u.mean(-1, keepdims=True)
+    chroma = (u - grey) @ _axis_rotation(rng.uniform(0, 2 * math.pi)).T * rng.uniform(0.4, 1.8)
+    u = np.clip(np.clip(grey + chroma, 0, 1) * rng.uniform(0.6, 1.4, size=3), 0, 1)
+    return (u ** math.exp(rng.uniform(-0.4, 0.4)) * 255.0).astype(np.float32)
 
 
 def _affine_frames(img: np.ndarray, thetas: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -161,7 +185,8 @@ def shape_mask(shape: str, size: tuple[int, int], cx: float, cy: float, r: float
     return np.clip(0.5 - d * r, 0.0, 1.0)
 
 
-def _background(rng: np.random.Generator, frames: int, size: tuple[int, int], names: list[str]) -> np.ndarray:
+def _background(rng: np.random.Generator, frames: int, size: tuple[int, int], names: list[str],
+                recolour: float = 0.0, paint: np.random.Generator | None = None) -> np.ndarray:  # fmt: skip
     """A still background [F, H, W, 3]: a flat colour, a gradient between two colours, or a photo crop."""
     h, w = size
     kind = rng.choice(["flat", "gradient", "photo"], p=[0.4, 0.3, 0.3])
@@ -174,7 +199,7 @@ def _background(rng: np.random.Generator, frames: int, size: tuple[int, int], na
         t = np.clip((math.cos(ang) * (x - 0.5) + math.sin(ang) * (y - 0.5)) + 0.5, 0, 1)[..., None]
         bg = a * (1 - t) + b * t
     else:
-        img = photo_view(rng, names, int(rng.integers(h, 3 * h)))
+        img = photo_view(rng, names, int(rng.integers(h, 3 * h)), recolour, paint)
         top, left = int(rng.integers(img.shape[0] - h + 1)), int(rng.integers(img.shape[1] - w + 1))
         bg = img[top : top + h, left : left + w]
     return np.broadcast_to(np.asarray(bg, dtype=np.float32), (frames, h, w, 3))
@@ -194,12 +219,14 @@ def _light_curve(rng: np.random.Generator, frames: int) -> tuple[np.ndarray, str
 
 
 def render_broad(
-    seed: int, kind: str, names: list[str], frames: int = 17, size: tuple[int, int] = (64, 64)
+    seed: int, kind: str, names: list[str], frames: int = 17, size: tuple[int, int] = (64, 64), recolour: float = 0.0
 ) -> tuple[np.ndarray, str]:
-    """One clip of ``kind`` drawn from ``seed`` with photos from ``names``: uint8 [F, H, W, 3] and a caption."""
+    """One clip of ``kind`` drawn from ``seed`` with photos from ``names`` (a share ``recolour`` of them in
+    other colours: ``recoloured``): uint8 [F, H, W, 3] and a caption."""
     if kind not in KINDS:
         raise InputError(f"unknown broad clip kind {kind!r}; known: {', '.join(KINDS)}")
     rng = np.random.default_rng(seed)
+    paint = np.random.default_rng([seed, 0xC0]) if recolour > 0 else None  # the recolouring's own draws
     h, w = size
     t = np.linspace(0, 1, frames)
     if kind == "flat":
@@ -213,7 +240,7 @@ def render_broad(
             else f"the place changes from {color_name(a)} to {color_name(b)}"
         )
     elif kind == "shape":
-        bg = _background(rng, frames, size, names)
+        bg = _background(rng, frames, size, names, recolour, paint)
         color, shape = random_color(rng), str(rng.choice(SHAPES))
         r0 = rng.uniform(0.1, 0.3) * min(h, w)
         r1 = r0 * rng.uniform(0.6, 1.6) if rng.random() < 0.4 else r0
@@ -233,7 +260,7 @@ def render_broad(
         extra += " spinning" if a1 != a0 else ""
         caption = f"the {color_name(color)} {shape} {verb}{extra}"
     elif kind in ("camera", "light"):
-        img = photo_view(rng, names, int(rng.integers(int(1.3 * min(size)), 5 * min(size))))
+        img = photo_view(rng, names, int(rng.integers(int(1.3 * min(size)), 5 * min(size))), recolour, paint)
         thetas, caption = _camera_path(rng, frames, size, img.shape[1] / img.shape[0])
         if kind == "light":
             thetas = thetas if rng.random() < 0.5 else np.repeat(thetas[:1], frames, axis=0)
@@ -243,11 +270,11 @@ def render_broad(
             video = video * gains[:, None, None, :]
             caption = light if (thetas[0] == thetas[-1]).all() else f"{light} and {caption}"
     elif kind == "parallax":
-        img = photo_view(rng, names, int(rng.integers(int(1.5 * min(size)), 4 * min(size))))
+        img = photo_view(rng, names, int(rng.integers(int(1.5 * min(size)), 4 * min(size))), recolour, paint)
         thetas, caption = _camera_path(rng, frames, size, img.shape[1] / img.shape[0])
         video = _affine_frames(img, thetas, size)
         # a cut-out layer nearer the camera: moves further than the background, the other way or faster
-        layer = photo_view(rng, names, int(rng.integers(min(size), 3 * min(size))))
+        layer = photo_view(rng, names, int(rng.integers(min(size), 3 * min(size))), recolour, paint)
         top, left = int(rng.integers(layer.shape[0] - h + 1)), int(rng.integers(layer.shape[1] - w + 1))
         layer = layer[top : top + h, left : left + w]
         shape = str(rng.choice(SHAPES))
@@ -263,8 +290,8 @@ def render_broad(
             out.append(video[k] * (1 - m) + moved * m)
         video = np.stack(out)
     else:  # morph: one photo becomes an unrelated one, each under a slow camera move
-        a = photo_view(rng, names, int(rng.integers(int(1.3 * min(size)), 4 * min(size))))
-        b = photo_view(rng, names, int(rng.integers(int(1.3 * min(size)), 4 * min(size))))
+        a = photo_view(rng, names, int(rng.integers(int(1.3 * min(size)), 4 * min(size))), recolour, paint)
+        b = photo_view(rng, names, int(rng.integers(int(1.3 * min(size)), 4 * min(size))), recolour, paint)
         ta, _ = _camera_path(rng, frames, size, a.shape[1] / a.shape[0])
         tb, _ = _camera_path(rng, frames, size, b.shape[1] / b.shape[0])
         va, vb = _affine_frames(a, ta, size), _affine_frames(b, tb, size)
@@ -275,19 +302,22 @@ def render_broad(
 
 
 class BroadVideos(torch.utils.data.Dataset):
-    """Item i: a broad clip of ``split`` (its photos: ``photos.photo_names(split)``), its kind drawn with the
-    weights of ``mix``; ``video`` [3, F, H, W] in [-1, 1] (8-bit steps) and ``caption``."""
+    """Item i: a broad clip of ``split`` (its photos: ``photos.photo_names(split)``, a share ``recolour`` of
+    them in other colours), its kind drawn with the weights of ``mix``; ``video`` [3, F, H, W] in [-1, 1]
+    (8-bit steps) and ``caption``."""
 
     def __init__(self, split: str = "train", length: int = 10_000, frames: int = 17, size: tuple[int, int] = (64, 64),
-                 mix: dict[str, float] | None = None) -> None:  # fmt: skip
+                 mix: dict[str, float] | None = None, recolour: float = 0.0) -> None:  # fmt: skip
         if split not in SPLIT_SEEDS:
             raise InputError(f"broad clip split must be one of {tuple(SPLIT_SEEDS)}, got {split!r}")
+        if not 0.0 <= recolour <= 1.0:
+            raise InputError(f"broad clips: recolour is a share of photos, in [0, 1]; got {recolour}")
         mix = dict(DEFAULT_MIX if mix is None else mix)
         bad = [k for k in mix if k not in KINDS]
         if bad or not mix or min(mix.values()) < 0 or sum(mix.values()) <= 0 or length < 1:
             raise InputError(f"broad clips need kinds from {KINDS} with weights >= 0 and length >= 1; got {mix}")
         self.split, self.length, self.frames, self.size, self.mix = split, length, frames, tuple(size), mix
-        self.names = photo_names(split)
+        self.names, self.recolour = photo_names(split), recolour
 
     def __len__(self) -> int:
         return self.length
@@ -302,7 +332,14 @@ class BroadVideos(torch.utils.data.Dataset):
         if not 0 <= index < self.length:
             raise IndexError(index)
         seed = np.random.default_rng([SPLIT_SEEDS[self.split], index, 2]).integers(1 << 62)
-        return render_broad(int(seed), self.kind_of(index), self.names, self.frames, self.size)  # type: ignore[arg-type]
+        return render_broad(
+            int(seed),
+            self.kind_of(index),
+            self.names,
+            self.frames,
+            self.size,  # type: ignore[arg-type]
+            self.recolour,
+        )
 
     def __getitem__(self, index: int) -> dict:
         frames, caption = self.clip(index)

@@ -28,12 +28,27 @@ from .scratch import train_scratch
 log = logging.getLogger("segue")
 
 
+# recipe keys added after runs had started, with the value that means what those runs did: a record that
+# lacks one (or holds that value) is the same run
+LATER_KEYS: dict[str, object] = {"recolour": 0.0}
+
+
+def without_later_defaults(value: object) -> object:
+    """A JSON record without the ``LATER_KEYS`` that hold their default, at any depth."""
+    if isinstance(value, dict):
+        return {k: without_later_defaults(v) for k, v in value.items() if k not in LATER_KEYS or v != LATER_KEYS[k]}
+    if isinstance(value, list):
+        return [without_later_defaults(v) for v in value]
+    return value
+
+
 def _check_run_folder(out: Path, record: dict) -> None:
     """Start ``out``'s record, or check that a resumed run is the same run."""
     path = out / "run.json"
     record = json.loads(json.dumps(record))  # as it reads back: tuples are lists
     if path.is_file():
-        before = json.loads(path.read_text())
+        before = without_later_defaults(json.loads(path.read_text()))
+        record = without_later_defaults(record)  # type: ignore[assignment]
         if before != record:
             changed = sorted(k for k in record if before.get(k) != record[k])
             raise InputError(f"{out} holds a run of another recipe or settings ({', '.join(changed)} differ); "

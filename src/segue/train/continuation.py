@@ -59,6 +59,8 @@ class Window(Dataset):
         synthetic = data
         if isinstance(data, Mixed):  # what the cache records: a cache of another mix is not reused
             synthetic, self.broad = data.a, data.share_b
+            if getattr(data.b, "recolour", 0.0):  # recorded only when set: earlier caches stay valid
+                self.recolour = data.b.recolour
         self.split, self.frames, self.size = synthetic.split, synthetic.frames, synthetic.size
         self.ambiguous_fraction, self.loops = synthetic.ambiguous_fraction, synthetic.loops
         self.loop_groups = synthetic.loop_groups
@@ -111,7 +113,8 @@ def stage_clips(c: Continuation) -> SyntheticVideos | Mixed:
                                 loop_groups=c.loop_groups)  # fmt: skip
     if c.broad <= 0:
         return synthetic
-    broad = BroadVideos("train", length=c.data_length, frames=c.stage.frames, size=c.stage.size)
+    broad = BroadVideos("train", length=c.data_length, frames=c.stage.frames, size=c.stage.size,
+                        recolour=c.recolour)  # fmt: skip
     return Mixed(synthetic, broad, share_b=c.broad, seed=c.seed)
 
 

@@ -96,11 +96,15 @@ class VAEClips:
     # alone; one frame in ``frames`` trains that path, a still trains nothing else (docs/broad-data.md).
     stills: int = 0
     flat_stills: float = 0.25
+    # share of the broad clips' photos (clips and stills) drawn in other colours (``data.broad.recoloured``)
+    recolour: float = 0.0
 
     def __post_init__(self) -> None:
         check_loops(self.loops, "vae: ")
-        if not 0.0 <= self.broad <= 1.0:
-            raise ValueError(f"vae: broad must be in [0, 1], got {self.broad}")
+        if not 0.0 <= self.broad <= 1.0 or not 0.0 <= self.recolour <= 1.0:
+            raise ValueError(f"vae: broad and recolour must be in [0, 1], got {self.broad}, {self.recolour}")
+        if self.recolour > 0 and self.broad <= 0 and not self.stills:
+            raise ValueError("vae: recolour changes broad clips' photos: it needs broad > 0 or stills > 0")
         if self.stills < 0 or not 0.0 <= self.flat_stills <= 1.0:
             raise ValueError(f"vae: need stills >= 0 and flat_stills in [0, 1], got {self.stills}, {self.flat_stills}")
         if self.crop is not None and not (self.crop[0] <= self.size[0] and self.crop[1] <= self.size[1]):
@@ -195,6 +199,7 @@ class Continuation:
     # > 0: the synthetic clips' latents held near the bundle's encoder this strongly (``AnchoredVAEObjective``)
     vae_anchor: float = 0.0
     broad: float = 0.0  # share of broad clips (``data.broad``) in the DiT stage's cache; the rest synthetic
+    recolour: float = 0.0  # share of those broad clips' photos drawn in other colours (``data.broad.recoloured``)
     decoder_steps: int = 0  # the decoder alone on the frozen encoder, at the end
     decoder_lr: float = 5e-4
     decoder_seed: int = 2
@@ -235,6 +240,7 @@ def _continuation_problems(c: Continuation) -> list[str]:
          f"decoder_cooldown must be in 0..decoder_steps ({c.decoder_steps}), got {c.decoder_cooldown}"),
         (c.decoder_generated > 0 and c.decoder_steps <= 0, "decoder_generated needs decoder_steps > 0"),
         (c.vae_anchor > 0 and c.vae_steps <= 0, "vae_anchor needs vae_steps > 0"),
+        (c.recolour > 0 and c.broad <= 0, "recolour changes broad clips' photos: it needs broad > 0"),
         (c.vae_endpoint_weight != 1.0 and c.vae_steps <= 0, "vae_endpoint_weight needs vae_steps > 0"),
         (c.broad > 0 and (c.paired_groups or bool(c.object_weights) or c.decoder_generated > 0),
          "broad clips have no groups or tracked shapes: broad > 0 takes no paired_groups, object_weights or "
@@ -292,9 +298,8 @@ _AT_LEAST_0 = "steps warmup cooldown vae_steps vae_warmup decoder_steps cache_cl
     "decoder_seed object_dilate insert_blocks decoder_cooldown decoder_generated generated_start kl_weight " \
     "vae_anchor stills"  # fmt: skip
 _POSITIVE = "lr vae_lr decoder_lr shift decoder_endpoint_weight vae_endpoint_weight"
-_IN_0_1 = (
-    "caption_dropout min_lr_ratio ambiguous_fraction sigma_min ema broad flat_stills"  # [0, 1]; _BELOW_ONE: [0, 1)
-)
+# [0, 1]; those of _BELOW_ONE: [0, 1)
+_IN_0_1 = "caption_dropout min_lr_ratio ambiguous_fraction sigma_min ema broad flat_stills recolour"
 _IN_0_1_OPEN_LOW = "decoder_blend stage_blend"  # (0, 1]
 # key: (low, high, low is open)
 _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
