@@ -78,8 +78,8 @@ def test_a_chain_trains_every_stage_resumes_and_ships_generates_and_evaluates(tm
     assert (nxt / "dit" / "log.jsonl").read_text() == logs[nxt / "dit"]  # resumed at its last step: none again
     # a run started before a key existed (its run.json lacks it) resumes where the key holds its default
     record = json.loads((out / "run.json").read_text())
-    assert record["recipe"]["vae"]["recolour"] == 0.0
-    del record["recipe"]["vae"]["recolour"]
+    assert record["recipe"]["vae"]["recolour"] == record["recipe"]["vae"]["still_clips"] == 0.0
+    del record["recipe"]["vae"]["recolour"], record["recipe"]["vae"]["still_clips"]
     for cont in record["recipe"]["continuations"]:
         del cont["recolour"]
     (out / "run.json").write_text(json.dumps(record))
@@ -151,6 +151,7 @@ def test_toml_syntax_errors_give_the_line_and_column():
         ("batch = 2\n", "batch = 2\nstills = -1\n", r"vae.stills: -1 is out of range \(allowed: >= 0\)"),
         ("batch = 2\n", "batch = 2\nflat_stills = 1.5\n", r"vae.flat_stills: 1.5 is out of range"),
         ("batch = 2\n", "batch = 2\nrecolour = 1.5\n", r"vae.recolour: 1.5 is out of range"),
+        ("batch = 2\n", "batch = 2\nstill_clips = 0.5\n", r"vae: still_clips is a share in \[0, 1\] that needs stills"),
         ("batch = 2\n", "batch = 2\nrecolour = 0.5\n", r"vae: recolour changes broad clips' photos: it needs broad"),
         ('name = "next"', 'name = "next"\nrecolour = 0.5', r"continuation 'next': recolour changes .* needs broad > 0"),
         ('name = "next"', 'name = "next"\nvae_steps = 1\nvae_anchor = 1.0',

@@ -71,6 +71,27 @@ def test_stills_are_crops_of_one_broad_clip_or_flat_fields_drawn_from_seed_and_i
         WithStills(_clips(), broad, 4, 0.25, (32, 8))
 
 
+def test_a_share_of_clips_is_replaced_by_their_first_still_held_still_and_not_anchored():
+    broad = Coded()
+    clips = [{"video": torch.full((3, 5, 8, 8), float(i)), "anchor": True} for i in range(40)]
+    plain = WithStills(clips, broad, n=2, flat=0.0, size=(8, 8), seed=3)
+    held = WithStills(clips, broad, n=2, flat=0.0, size=(8, 8), seed=3, held=0.5)
+    replaced = 0
+    for i in range(40):
+        a, b = plain[i], held[i]
+        assert torch.equal(a["stills"], b["stills"])  # the held share draws apart: the same single frames
+        if torch.equal(a["video"], b["video"]):
+            assert b["anchor"] is True
+            continue
+        replaced += 1
+        assert b["video"].shape == (3, 5, 8, 8) and b["anchor"] is False
+        assert all(torch.equal(b["video"][:, f : f + 1], b["stills"][0]) for f in range(5))
+    assert 10 <= replaced <= 30  # of 40 at 0.5
+    assert all(torch.equal(held[i]["video"], held[i]["video"]) for i in range(5))
+    with pytest.raises(ValueError, match="held in"):
+        WithStills(clips, broad, 2, 0.0, (8, 8), held=1.5)
+
+
 def _vae() -> WanVAE:
     torch.manual_seed(0)
     return WanVAE(VAEConfig(dim=4, z_dim=4, latent_mean=(0.0,) * 4, latent_std=(0.5,) * 4))

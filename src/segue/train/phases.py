@@ -91,14 +91,18 @@ class Crops(torch.utils.data.Dataset):
 class WithStills(torch.utils.data.Dataset):
     """Item i: ``data[i]`` and ``stills`` [n, 3, 1, h, w]: ``n`` single frames, a share ``flat`` of them flat
     fields of uniformly random colours, the others ``size`` crops of frames of one broad clip (``broad``,
-    rendered once per item), all drawn from (seed, i): a resumed run sees the same ones."""
+    rendered once per item), all drawn from (seed, i): a resumed run sees the same ones. A share ``held`` of
+    the items (drawn apart) have their clip replaced by their first still held for the clip's frames, not
+    anchored: a last keyframe at the end of a still clip is decoded through the causal chunk path, which the
+    moving clips alone leave behind (docs/broad-data.md)."""
 
     def __init__(self, data: torch.utils.data.Dataset, broad: BroadVideos, n: int, flat: float,
-                 size: tuple[int, int], seed: int = 0) -> None:  # fmt: skip
+                 size: tuple[int, int], seed: int = 0, held: float = 0.0) -> None:  # fmt: skip
         h, w = broad.size
-        if n < 1 or not 0.0 <= flat <= 1.0 or not (0 < size[0] <= h and 0 < size[1] <= w):
-            raise ValueError(f"need n >= 1, flat in [0, 1] and crops {size} inside frames of {(h, w)}")
+        if n < 1 or not 0.0 <= flat <= 1.0 or not 0.0 <= held <= 1.0 or not (0 < size[0] <= h and 0 < size[1] <= w):
+            raise ValueError(f"need n >= 1, flat and held in [0, 1] and crops {size} inside frames of {(h, w)}")
         self.data, self.broad, self.n, self.flat, self.size, self.seed = data, broad, n, flat, tuple(size), seed
+        self.held = held
 
     def __len__(self) -> int:
         return len(self.data)  # type: ignore[arg-type]
@@ -115,7 +119,12 @@ class WithStills(torch.utils.data.Dataset):
                 f = int(rng.integers(video.shape[1]))
                 top, left = (int(rng.integers(video.shape[k] - c + 1)) for k, c in ((2, ch), (3, cw)))
                 stills[j] = video[:, f : f + 1, top : top + ch, left : left + cw]
-        return {**self.data[index], "stills": stills}  # stills: [n, 3, 1, ch, cw]
+        item = {**self.data[index], "stills": stills}  # stills: [n, 3, 1, ch, cw]
+        if self.held > 0 and np.random.default_rng([self.seed, index, 12]).random() < self.held:
+            item["video"] = stills[0].expand(-1, item["video"].shape[1], -1, -1).clone()  # [3, F, ch, cw]
+            if "anchor" in item:
+                item["anchor"] = False
+        return item
 
 
 def latent_stats(vae: WanVAE, data: torch.utils.data.Dataset, batches: int, batch_size: int) -> tuple[list, list]:
@@ -146,7 +155,8 @@ def measured_vae_config(
 def vae_data(clips: VAEClips, seed: int) -> torch.utils.data.Dataset:
     """The VAE's training clips: renders of ``clips``' frames and size, a share ``clips.broad`` of them broad
     clips (``data.broad``, training photos; the rest synthetic, flagged ``anchor``), cropped at positions
-    drawn from ``seed``; each with ``clips.stills`` single frames (``WithStills``) when it asks for them."""
+    drawn from ``seed``; each with ``clips.stills`` single frames (``WithStills``) when it asks for them, a share
+    ``clips.still_clips`` of the clips replaced by their first one held still."""
     data: torch.utils.data.Dataset = SyntheticVideos("train", length=clips.data_length, frames=clips.frames,
                                                      size=clips.size, loops=clips.loops)  # fmt: skip
     broad = BroadVideos("train", length=clips.data_length, frames=clips.frames, size=clips.size,
@@ -155,7 +165,8 @@ def vae_data(clips: VAEClips, seed: int) -> torch.utils.data.Dataset:
         data = Mixed(data, broad, share_b=clips.broad, seed=seed)
     data = data if clips.crop is None else Crops(data, clips.crop, seed=seed)
     if clips.stills:
-        data = WithStills(data, broad, clips.stills, clips.flat_stills, clips.crop or clips.size, seed)
+        data = WithStills(data, broad, clips.stills, clips.flat_stills, clips.crop or clips.size, seed,
+                          clips.still_clips)  # fmt: skip
     return data
 
 

@@ -98,6 +98,8 @@ class VAEClips:
     flat_stills: float = 0.25
     # share of the broad clips' photos (clips and stills) drawn in other colours (``data.broad.recoloured``)
     recolour: float = 0.0
+    # share of the clips replaced by their first single frame held still (the last keyframe's chunk path)
+    still_clips: float = 0.0
 
     def __post_init__(self) -> None:
         check_loops(self.loops, "vae: ")
@@ -105,6 +107,8 @@ class VAEClips:
             raise ValueError(f"vae: broad and recolour must be in [0, 1], got {self.broad}, {self.recolour}")
         if self.recolour > 0 and self.broad <= 0 and not self.stills:
             raise ValueError("vae: recolour changes broad clips' photos: it needs broad > 0 or stills > 0")
+        if not 0.0 <= self.still_clips <= 1.0 or (self.still_clips > 0 and not self.stills):
+            raise ValueError(f"vae: still_clips is a share in [0, 1] that needs stills > 0, got {self.still_clips}")
         if self.stills < 0 or not 0.0 <= self.flat_stills <= 1.0:
             raise ValueError(f"vae: need stills >= 0 and flat_stills in [0, 1], got {self.stills}, {self.flat_stills}")
         if self.crop is not None and not (self.crop[0] <= self.size[0] and self.crop[1] <= self.size[1]):
@@ -299,7 +303,7 @@ _AT_LEAST_0 = "steps warmup cooldown vae_steps vae_warmup decoder_steps cache_cl
     "vae_anchor stills"  # fmt: skip
 _POSITIVE = "lr vae_lr decoder_lr shift decoder_endpoint_weight vae_endpoint_weight"
 # [0, 1]; those of _BELOW_ONE: [0, 1)
-_IN_0_1 = "caption_dropout min_lr_ratio ambiguous_fraction sigma_min ema broad flat_stills recolour"
+_IN_0_1 = "caption_dropout min_lr_ratio ambiguous_fraction sigma_min ema broad flat_stills recolour still_clips"
 _IN_0_1_OPEN_LOW = "decoder_blend stage_blend"  # (0, 1]
 # key: (low, high, low is open)
 _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
