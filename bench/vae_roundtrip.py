@@ -27,7 +27,7 @@ from PIL import Image
 
 from segue.bundle import read_bundle_metadata, read_bundle_weights
 from segue.colordiff import delta_e
-from segue.data.photos import load_photo, photo_names
+from segue.data.photos import COLLECTIONS, load_photo, photo_names
 from segue.evaluate import psnr
 from segue.loader import DEFAULT_MODEL
 from segue.models.vae import WanVAE
@@ -123,17 +123,21 @@ def main() -> None:
     ap.add_argument("--linear", type=int, metavar="K", help="also a linear code of 4x4 patches with K values, fitted "
                     "on the training photos (z_dim values: the first-frame path's budget)")  # fmt: skip
     ap.add_argument("--frames", type=int, metavar="N", help="also the last frame of N-frame still clips (N = 4k+1)")
+    ap.add_argument("--photos", choices=tuple(COLLECTIONS), default="pypi",
+                    help="the photo collections scored (pypi+debian: the Debian packages' photos too)")  # fmt: skip
     args = ap.parse_args()
     if args.frames is not None and (args.frames < 1 or args.frames % 4 != 1):
         ap.error(f"--frames must be 4k+1 (1, 5, 9, 17, ...), got {args.frames}")
     torch.set_num_threads(1)
     sets = {f"flat colours ({args.levels}^3)": flat_colours(args.levels, args.size)}
+    tag = "" if args.photos == "pypi" else f" ({args.photos})"
     for split in ("heldout", "train"):
-        sets[f"{split} photos"] = np.stack([fitted_photo(n, args.size) for n in photo_names(split)])
+        names = photo_names(split, args.photos)
+        sets[f"{split} photos{tag}"] = np.stack([fitted_photo(n, args.size) for n in names])
     print("| bundle | images | PSNR mean | PSNR min | ΔE mean |")
     print("|---|---|---:|---:|---:|")
     if args.linear:
-        code = linear_code(sets["train photos"], args.linear)
+        code = linear_code(sets[f"train photos{tag}"], args.linear)
         for name, images in sets.items():
             mean, low, de = quality(code(images), images)
             print(f"| linear code, {args.linear} per 4x4 patch | {name} | {mean:.2f} | {low:.2f} | {de:.2f} |")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from segue.data import broad
+from segue.data import broad, photos
 from segue.data.broad import KINDS, BroadVideos, Mixed, color_name, render_broad
 from segue.data.photos import PHOTOS, load_photo, photo_names
 from segue.errors import InputError
@@ -15,7 +16,10 @@ from segue.errors import InputError
 def test_photo_split_is_by_image_and_every_photo_loads_from_its_package():
     train, held = photo_names("train"), photo_names("heldout")
     assert set(train).isdisjoint(held) and len(held) >= 3 and len(train) >= 5
-    assert sorted(train + held) == sorted(p.name for p in PHOTOS)
+    assert sorted(train + held) == sorted(p.name for p in PHOTOS if p.package in ("skimage", "sklearn"))
+    everything = photo_names("train", "pypi+debian") + photo_names("heldout", "pypi+debian")
+    assert sorted(everything) == sorted(p.name for p in PHOTOS) and len(set(everything)) == len(everything)
+    assert set(photo_names("heldout")) < set(photo_names("heldout", "pypi+debian"))
     assert all(p.licence for p in PHOTOS)
     for name in held:
         img = load_photo(name)
@@ -24,6 +28,58 @@ def test_photo_split_is_by_image_and_every_photo_loads_from_its_package():
         load_photo("nope")
     with pytest.raises(InputError, match="split"):
         photo_names("test")
+    with pytest.raises(InputError, match=r"photos must be one of pypi, pypi\+debian, got 'flickr'"):
+        photo_names("train", "flickr")
+
+
+_PHOTO = {p.name: p for p in PHOTOS}
+
+
+@pytest.fixture
+def debian_root(tmp_path, monkeypatch):
+    """A stand-in for / holding the Debian packages' photo files: (root, write(photo name, [w, h]))."""
+    monkeypatch.setattr(photos, "DEBIAN_ROOT", tmp_path)
+    photos.load_photo.cache_clear()
+    rng = np.random.default_rng(0)
+
+    def write(name: str, size: tuple[int, int]) -> np.ndarray:
+        path = tmp_path / _PHOTO[name].loader
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path, quality=95)
+        return pixels
+
+    yield tmp_path, write
+    photos.load_photo.cache_clear()
+
+
+def test_debian_photos_load_from_their_packages_paths_shrunk_where_large(debian_root):
+    _, write = debian_root
+    debian = [p for p in PHOTOS if p.collection == "debian"]
+    assert {p.package for p in debian} == set(photos.DEBIAN_PACKAGES) and all(p.licence for p in debian)
+    assert all(p.loader.startswith("usr/share/") and p.loader.endswith(".jpg") for p in debian)
+    write("tuxpaint-cliff", (400, 300))
+    small = load_photo("tuxpaint-cliff")
+    assert small.shape == (300, 400, 3) and small.dtype == np.uint8
+    write("lomiri-seeding", (3200, 1800))
+    big = load_photo("lomiri-seeding")  # decoded at half scale: every side still >= 768
+    assert big.shape == (900, 1600, 3)
+    with pytest.raises(InputError, match=r"needs the Debian package mate-backgrounds \(apt-get install "
+                       r"--no-install-recommends mate-backgrounds\): .*Garden.jpg is missing"):  # fmt: skip
+        load_photo("mate-garden")
+
+
+def test_broad_clips_of_debian_photos_name_the_packages_to_install_before_rendering(debian_root):
+    with pytest.raises(InputError, match=r"need the Debian packages lomiri-wallpapers-16.04, mate-backgrounds, "
+                       r"tuxpaint-data: apt-get install --no-install-recommends lomiri"):  # fmt: skip
+        BroadVideos("train", photos="pypi+debian")
+    _, write = debian_root
+    for name in photo_names("train", "pypi+debian"):
+        if _PHOTO[name].collection == "debian":
+            write(name, (96, 80))
+    data = BroadVideos("train", length=30, frames=3, size=(16, 16), mix={"camera": 1}, photos="pypi+debian")
+    assert data.names == photo_names("train", "pypi+debian")
+    assert BroadVideos("heldout", length=3, frames=3, size=(16, 16)).names == photo_names("heldout")
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -79,9 +79,9 @@ def test_a_chain_trains_every_stage_resumes_and_ships_generates_and_evaluates(tm
     # a run started before a key existed (its run.json lacks it) resumes where the key holds its default
     record = json.loads((out / "run.json").read_text())
     assert record["recipe"]["vae"]["recolour"] == record["recipe"]["vae"]["still_clips"] == 0.0
-    del record["recipe"]["vae"]["recolour"], record["recipe"]["vae"]["still_clips"]
+    del record["recipe"]["vae"]["recolour"], record["recipe"]["vae"]["still_clips"], record["recipe"]["vae"]["photos"]
     for cont in record["recipe"]["continuations"]:
-        del cont["recolour"]
+        del cont["recolour"], cont["photos"]
     (out / "run.json").write_text(json.dumps(record))
     assert main(["-q", "train", "--recipe", str(TINY), "--out", str(out)]) == 0
     record["recipe"]["vae"]["recolour"] = 0.5
@@ -151,6 +151,7 @@ def test_toml_syntax_errors_give_the_line_and_column():
         ("batch = 2\n", "batch = 2\nstills = -1\n", r"vae.stills: -1 is out of range \(allowed: >= 0\)"),
         ("batch = 2\n", "batch = 2\nflat_stills = 1.5\n", r"vae.flat_stills: 1.5 is out of range"),
         ("batch = 2\n", "batch = 2\nrecolour = 1.5\n", r"vae.recolour: 1.5 is out of range"),
+        ("batch = 2\n", 'batch = 2\nphotos = "flickr"\n', r"vae.photos: 'flickr' is not one of pypi, pypi\+debian"),
         ("batch = 2\n", "batch = 2\nstill_clips = 0.5\n", r"vae: still_clips is a share in \[0, 1\] that needs stills"),
         ("batch = 2\n", "batch = 2\nrecolour = 0.5\n", r"vae: recolour changes broad clips' photos: it needs broad"),
         ('name = "next"', 'name = "next"\nrecolour = 0.5', r"continuation 'next': recolour changes .* needs broad > 0"),

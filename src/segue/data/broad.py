@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import InputError
-from .photos import load_photo, photo_names
+from .photos import load_photo, missing_packages, photo_names
 
 KINDS = ("flat", "shape", "camera", "parallax", "light", "morph")
 # the share of each kind in a split's clips
@@ -302,12 +302,12 @@ def render_broad(
 
 
 class BroadVideos(torch.utils.data.Dataset):
-    """Item i: a broad clip of ``split`` (its photos: ``photos.photo_names(split)``, a share ``recolour`` of
-    them in other colours), its kind drawn with the weights of ``mix``; ``video`` [3, F, H, W] in [-1, 1]
-    (8-bit steps) and ``caption``."""
+    """Item i: a broad clip of ``split`` (its photos: ``photos.photo_names(split, photos)``, a share
+    ``recolour`` of them in other colours), its kind drawn with the weights of ``mix``; ``video`` [3, F, H,
+    W] in [-1, 1] (8-bit steps) and ``caption``."""
 
     def __init__(self, split: str = "train", length: int = 10_000, frames: int = 17, size: tuple[int, int] = (64, 64),
-                 mix: dict[str, float] | None = None, recolour: float = 0.0) -> None:  # fmt: skip
+                 mix: dict[str, float] | None = None, recolour: float = 0.0, photos: str = "pypi") -> None:  # fmt: skip
         if split not in SPLIT_SEEDS:
             raise InputError(f"broad clip split must be one of {tuple(SPLIT_SEEDS)}, got {split!r}")
         if not 0.0 <= recolour <= 1.0:
@@ -317,7 +317,11 @@ class BroadVideos(torch.utils.data.Dataset):
         if bad or not mix or min(mix.values()) < 0 or sum(mix.values()) <= 0 or length < 1:
             raise InputError(f"broad clips need kinds from {KINDS} with weights >= 0 and length >= 1; got {mix}")
         self.split, self.length, self.frames, self.size, self.mix = split, length, frames, tuple(size), mix
-        self.names, self.recolour = photo_names(split), recolour
+        self.names, self.recolour, self.photos = photo_names(split, photos), recolour, photos
+        missing = missing_packages(self.names)
+        if missing:  # before any clip is rendered
+            raise InputError(f"broad clips of photos {photos!r} need the Debian packages {', '.join(missing)}: "
+                             f"apt-get install --no-install-recommends {' '.join(missing)}")  # fmt: skip
 
     def __len__(self) -> int:
         return self.length

@@ -30,7 +30,7 @@ log = logging.getLogger("segue")
 
 # recipe keys added after runs had started, with the value that means what those runs did: a record that
 # lacks one (or holds that value) is the same run
-LATER_KEYS: dict[str, object] = {"recolour": 0.0, "still_clips": 0.0}
+LATER_KEYS: dict[str, object] = {"recolour": 0.0, "still_clips": 0.0, "photos": "pypi"}
 
 
 def without_later_defaults(value: object) -> object:

@@ -61,6 +61,8 @@ class Window(Dataset):
             synthetic, self.broad = data.a, data.share_b
             if getattr(data.b, "recolour", 0.0):  # recorded only when set: earlier caches stay valid
                 self.recolour = data.b.recolour
+            if getattr(data.b, "photos", "pypi") != "pypi":
+                self.photos = data.b.photos
         self.split, self.frames, self.size = synthetic.split, synthetic.frames, synthetic.size
         self.ambiguous_fraction, self.loops = synthetic.ambiguous_fraction, synthetic.loops
         self.loop_groups = synthetic.loop_groups
@@ -114,7 +116,7 @@ def stage_clips(c: Continuation) -> SyntheticVideos | Mixed:
     if c.broad <= 0:
         return synthetic
     broad = BroadVideos("train", length=c.data_length, frames=c.stage.frames, size=c.stage.size,
-                        recolour=c.recolour)  # fmt: skip
+                        recolour=c.recolour, photos=c.photos)  # fmt: skip
     return Mixed(synthetic, broad, share_b=c.broad, seed=c.seed)
 
 

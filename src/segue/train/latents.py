@@ -157,7 +157,7 @@ def _build_shard(
 
 def _dataset_info(dataset: Dataset) -> dict[str, Any]:
     keys = ("split", "start", "length", "frames", "size", "ambiguous_fraction", "loops", "loop_groups", "broad",
-            "recolour")  # fmt: skip
+            "recolour", "photos")  # fmt: skip
     info = {k: getattr(dataset, k) for k in keys if hasattr(dataset, k)}
     if info.get("loop_groups") == LOOP_GROUPS:  # the default: caches built before the option stay valid
         del info["loop_groups"]

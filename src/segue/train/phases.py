@@ -160,7 +160,7 @@ def vae_data(clips: VAEClips, seed: int) -> torch.utils.data.Dataset:
     data: torch.utils.data.Dataset = SyntheticVideos("train", length=clips.data_length, frames=clips.frames,
                                                      size=clips.size, loops=clips.loops)  # fmt: skip
     broad = BroadVideos("train", length=clips.data_length, frames=clips.frames, size=clips.size,
-                        recolour=clips.recolour)  # fmt: skip
+                        recolour=clips.recolour, photos=clips.photos)  # fmt: skip
     if clips.broad > 0:
         data = Mixed(data, broad, share_b=clips.broad, seed=seed)
     data = data if clips.crop is None else Crops(data, clips.crop, seed=seed)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DiTConfig, GenerationDefaults, ImageEncoderConfig, ModelConfig, TextEncoderConfig, VAEConfig
+from ..data.photos import COLLECTIONS
 from ..data.synthetic import GROUP_SIZE, LOOP_GROUPS, check_loop_groups, check_loops
 from ..errors import InputError
 from .flow import MODES
@@ -100,6 +101,7 @@ class VAEClips:
     recolour: float = 0.0
     # share of the clips replaced by their first single frame held still (the last keyframe's chunk path)
     still_clips: float = 0.0
+    photos: str = "pypi"  # the photo collections of the broad clips (``data.photos.COLLECTIONS``)
 
     def __post_init__(self) -> None:
         check_loops(self.loops, "vae: ")
@@ -107,6 +109,8 @@ class VAEClips:
             raise ValueError(f"vae: broad and recolour must be in [0, 1], got {self.broad}, {self.recolour}")
         if self.recolour > 0 and self.broad <= 0 and not self.stills:
             raise ValueError("vae: recolour changes broad clips' photos: it needs broad > 0 or stills > 0")
+        if self.photos not in COLLECTIONS:
+            raise ValueError(f"vae: photos must be one of {', '.join(COLLECTIONS)}, got {self.photos!r}")
         if not 0.0 <= self.still_clips <= 1.0 or (self.still_clips > 0 and not self.stills):
             raise ValueError(f"vae: still_clips is a share in [0, 1] that needs stills > 0, got {self.still_clips}")
         if self.stills < 0 or not 0.0 <= self.flat_stills <= 1.0:
@@ -204,6 +208,7 @@ class Continuation:
     vae_anchor: float = 0.0
     broad: float = 0.0  # share of broad clips (``data.broad``) in the DiT stage's cache; the rest synthetic
     recolour: float = 0.0  # share of those broad clips' photos drawn in other colours (``data.broad.recoloured``)
+    photos: str = "pypi"  # the photo collections of those broad clips (``data.photos.COLLECTIONS``)
     decoder_steps: int = 0  # the decoder alone on the frozen encoder, at the end
     decoder_lr: float = 5e-4
     decoder_seed: int = 2
@@ -245,6 +250,7 @@ def _continuation_problems(c: Continuation) -> list[str]:
         (c.decoder_generated > 0 and c.decoder_steps <= 0, "decoder_generated needs decoder_steps > 0"),
         (c.vae_anchor > 0 and c.vae_steps <= 0, "vae_anchor needs vae_steps > 0"),
         (c.recolour > 0 and c.broad <= 0, "recolour changes broad clips' photos: it needs broad > 0"),
+        (c.photos not in COLLECTIONS, f"photos must be one of {', '.join(COLLECTIONS)}, got {c.photos!r}"),
         (c.vae_endpoint_weight != 1.0 and c.vae_steps <= 0, "vae_endpoint_weight needs vae_steps > 0"),
         (c.broad > 0 and (c.paired_groups or bool(c.object_weights) or c.decoder_generated > 0),
          "broad clips have no groups or tracked shapes: broad > 0 takes no paired_groups, object_weights or "
@@ -313,7 +319,8 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     **dict.fromkeys(_IN_0_1.split(), (0, 1, False)),
     **dict.fromkeys(_IN_0_1_OPEN_LOW.split(), (0, 1, True)),
 }
-_CHOICES: dict[str, tuple[str, ...]] = {"recon": ("l1", "mse"), "bundle_dtype": DTYPES, "cache_dtype": DTYPES}
+_CHOICES: dict[str, tuple[str, ...]] = {"recon": ("l1", "mse"), "bundle_dtype": DTYPES, "cache_dtype": DTYPES,
+                                        "photos": tuple(COLLECTIONS)}  # fmt: skip
 # keys whose upper bound is open: [0, 1)
 _BELOW_ONE = ("caption_dropout", "ambiguous_fraction", "sigma_min", "ema")
 
