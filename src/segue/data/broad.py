@@ -98,8 +98,8 @@ def _axis_rotation(angle: float) -> np.ndarray:
 def recoloured(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """``img`` (float [H, W, 3], 0..255) in other colours: its channels reordered, its hue rotated, its
     saturation scaled (0.4-1.8x), each channel's gain drawn from 0.6-1.4 (grey photos come out tinted) and a
-    gamma from exp(-0.4)-exp(0.4). Ten training photos, half of them grey, cover few of the colours a user's
-    pictures have; this spreads their textures over the gamut."""
+    gamma from exp(-0.4)-exp(0.4). The training photos, several of them grey, cover few of the colours a
+    user's pictures have; this spreads their textures over the gamut."""
     u = img[..., rng.permutation(3)] / 255.0
     grey = u.mean(-1, keepdims=True)
     chroma = (u - grey) @ _axis_rotation(rng.uniform(0, 2 * math.pi)).T * rng.uniform(0.4, 1.8)
@@ -336,14 +336,8 @@ class BroadVideos(torch.utils.data.Dataset):
         if not 0 <= index < self.length:
             raise IndexError(index)
         seed = np.random.default_rng([SPLIT_SEEDS[self.split], index, 2]).integers(1 << 62)
-        return render_broad(
-            int(seed),
-            self.kind_of(index),
-            self.names,
-            self.frames,
-            self.size,  # type: ignore[arg-type]
-            self.recolour,
-        )
+        kind, size = self.kind_of(index), self.size
+        return render_broad(int(seed), kind, self.names, self.frames, size, self.recolour)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> dict:
         frames, caption = self.clip(index)
