@@ -59,10 +59,7 @@ class Window(Dataset):
         synthetic = data
         if isinstance(data, Mixed):  # what the cache records: a cache of another mix is not reused
             synthetic, self.broad = data.a, data.share_b
-            if getattr(data.b, "recolour", 0.0):  # recorded only when set: earlier caches stay valid
-                self.recolour = data.b.recolour
-            if getattr(data.b, "photos", "pypi") != "pypi":
-                self.photos = data.b.photos
+            self.recolour, self.photos = data.b.recolour, data.b.photos
         self.split, self.frames, self.size = synthetic.split, synthetic.frames, synthetic.size
         self.ambiguous_fraction, self.loops = synthetic.ambiguous_fraction, synthetic.loops
         self.loop_groups = synthetic.loop_groups

@@ -155,12 +155,16 @@ def _build_shard(
     }
 
 
+# options added after caches were built, with the value that means what those caches hold: not recorded
+# at that value, so the earlier caches stay valid
+_UNRECORDED_DEFAULTS: dict[str, Any] = {"loop_groups": LOOP_GROUPS, "recolour": 0.0, "photos": "pypi"}
+
+
 def _dataset_info(dataset: Dataset) -> dict[str, Any]:
     keys = ("split", "start", "length", "frames", "size", "ambiguous_fraction", "loops", "loop_groups", "broad",
             "recolour", "photos")  # fmt: skip
     info = {k: getattr(dataset, k) for k in keys if hasattr(dataset, k)}
-    if info.get("loop_groups") == LOOP_GROUPS:  # the default: caches built before the option stay valid
-        del info["loop_groups"]
+    info = {k: v for k, v in info.items() if k not in _UNRECORDED_DEFAULTS or v != _UNRECORDED_DEFAULTS[k]}
     if "size" in info:
         info["size"] = list(info["size"])
     return {"class": type(dataset).__name__, **info}
