@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import InputError
-from .photos import load_photo, missing_packages, photo_names
+from .photos import install_command, load_photo, missing_packages, photo_names
 
 KINDS = ("flat", "shape", "camera", "parallax", "light", "morph")
 # the share of each kind in a split's clips
@@ -321,7 +321,7 @@ class BroadVideos(torch.utils.data.Dataset):
         missing = missing_packages(self.names)
         if missing:  # before any clip is rendered
             raise InputError(f"broad clips of photos {photos!r} need the Debian packages {', '.join(missing)}: "
-                             f"apt-get install --no-install-recommends {' '.join(missing)}")  # fmt: skip
+                             f"{install_command(missing)}")  # fmt: skip
 
     def __len__(self) -> int:
         return self.length

@@ -40,16 +40,38 @@ class Photo:
 
 DEBIAN_ROOT = Path("/")
 COLLECTIONS = {"pypi": ("pypi",), "pypi+debian": ("pypi", "debian")}  # what a recipe's ``photos`` names
-_TUX, _LOMIRI, _MATE = "usr/share/tuxpaint/templates/", "usr/share/backgrounds/", "usr/share/backgrounds/mate/nature/"
-_KENDRICK = "GPL-2+ (Bill Kendrick)"
 
 
-def _debian(package: str, folder: str, files: str, licence: str, heldout: str = "") -> tuple[Photo, ...]:
-    """Photos ``files`` (space-separated names without .jpg) of a Debian package's ``folder``, all under one
-    licence; those in ``heldout`` are held out."""
-    return tuple(Photo(f"{package.split('-')[0]}-{f.lower()}", package, f"{folder}{f}.jpg", licence,
-                       "heldout" if f in heldout.split() else "train") for f in files.split())  # fmt: skip
+def _debian(package: str, folder: str, photos: tuple[tuple[str, str, str], ...], heldout: str) -> tuple[Photo, ...]:
+    """The photos of a Debian package: (short name, file in ``folder`` without .jpg, licence) each, named
+    ``<package's first word>-<short name>``; the one named ``heldout`` is held out."""
+    prefix = package.split("-")[0]
+    return tuple(Photo(f"{prefix}-{short}", package, f"{folder}{file}.jpg", licence,
+                       "heldout" if short == heldout else "train") for short, file, licence in photos)  # fmt: skip
 
+
+_TUXPAINT = ("burnt_bark", "cliff", "corn_maze", "jellyfish", "lighthouse", "mossy_bark", "mossy_log", "mudstone",
+             "ocean_splash", "ocean_waves", "redwoods_above", "rocks", "sheep", "spiders_web", "sun_behind_clouds",
+             "sun_behind_leaves", "trees_above", "trees_at_dusk", "wool_mill_machine")  # fmt: skip
+_LOMIRI = (("bridge", "Bridge_by_Sander_Klootwijk", "CC-BY-SA-4.0 (Sander Klootwijk, 2018)"),
+           ("dragonfly", "Dragonfly_by_Bolly", 'CC-BY-SA-4.0 ("Bolly", 2018)'),
+           ("fig", "Picture_0B_by_freespace", 'CC-BY-4.0 (Trevor "Freespace", 2018)'),
+           ("brushes", "Picture_1A_by_freespace", 'CC-BY-4.0 (Trevor "Freespace", 2018)'),
+           ("wine", "Wine_by_Jakkub_Mede", "CC-BY-4.0 (Jakub Mede, 2018)"),
+           ("aitzgorri", "aitzgorri_by_Aitzol_Berasategi", "CC-BY-4.0 (Aitzol Berasategi, 2018)"),
+           ("free", "free_by_Peter_Nerlich", "CC-BY-SA-4.0 (Peter Nerlich, 2018)"),
+           ("friends", "friends_by_Aitzol_Berasategi", "CC-BY-4.0 (Aitzol Berasategi, 2018)"),
+           ("greentock", "greentock_by_Peter_Nerlich", "CC-BY-SA-4.0 (Peter Nerlich, 2018)"),
+           ("life", "life_by_Aitzol_Berasategi", "CC-BY-4.0 (Aitzol Berasategi, 2018)"),
+           ("picos", "picosdeeuropa_by_Aitzol_Berasategi", "CC-BY-4.0 (Aitzol Berasategi, 2018)"),
+           ("seeding", "seeding_by_Clements_Engelhardt", "CC0-1.0 (Clemens Engelhardt, 2018)"),
+           ("sunset", "sunset_by_Aitzol_Berasategi", "CC-BY-4.0 (Aitzol Berasategi, 2018)"))  # fmt: skip
+_MATE = (("Aqua", "Charles Barbin, 2008"), ("Blinds", "Lennart Poettering, Andrea Cimitan, 2008"),
+         ("Dune", "Marco Cogoni 2007, Hylke Bons 2008"), ("FreshFlower", "Jens Ansorg, 2005"),
+         ("Garden", "Charles Barbin, 2008"), ("GreenMeadow", "Timothy Schellhase 2005, Lapo Calamandrei 2008"),
+         ("LadyBird", "Charles Barbin, 2008"), ("RainDrops", '"blackcombwhistler07", 2008'),
+         ("Storm", "Sergey Nazarov, 2008"), ("TwoWings", "Charles Barbin, Hylke Bons, 2008"),
+         ("Wood", "Jean-Francois Fortin Tam, 2008"), ("YellowFlower", "Charles Barbin, 2008"))  # fmt: skip
 
 PHOTOS: tuple[Photo, ...] = (
     Photo("astronaut", "skimage", "astronaut", "public domain (NASA)", "train"),
@@ -65,44 +87,11 @@ PHOTOS: tuple[Photo, ...] = (
     Photo("chelsea", "skimage", "chelsea", "CC0 (Stefan van der Walt)", "heldout"),
     Photo("coffee", "skimage", "coffee", "CC0 (Rachel Michetti)", "heldout"),
     Photo("flower", "sklearn", "flower.jpg", "CC BY 2.0 (vultilion, Flickr)", "heldout"),
-    *_debian("tuxpaint-data", _TUX, "burnt_bark cliff corn_maze jellyfish lighthouse mossy_bark mossy_log mudstone "
-             "ocean_splash ocean_waves redwoods_above rocks sheep spiders_web sun_behind_clouds sun_behind_leaves "
-             "trees_above trees_at_dusk wool_mill_machine", _KENDRICK, heldout="sheep"),
-    Photo("lomiri-bridge", "lomiri-wallpapers-16.04", _LOMIRI + "Bridge_by_Sander_Klootwijk.jpg",
-          "CC-BY-SA-4.0 (Sander Klootwijk, 2018)", "train"),
-    Photo("lomiri-dragonfly", "lomiri-wallpapers-16.04", _LOMIRI + "Dragonfly_by_Bolly.jpg",
-          'CC-BY-SA-4.0 ("Bolly", 2018)', "train"),
-    Photo("lomiri-fig", "lomiri-wallpapers-16.04", _LOMIRI + "Picture_0B_by_freespace.jpg",
-          'CC-BY-4.0 (Trevor "Freespace", 2018)', "train"),
-    Photo("lomiri-brushes", "lomiri-wallpapers-16.04", _LOMIRI + "Picture_1A_by_freespace.jpg",
-          'CC-BY-4.0 (Trevor "Freespace", 2018)', "train"),
-    Photo("lomiri-wine", "lomiri-wallpapers-16.04", _LOMIRI + "Wine_by_Jakkub_Mede.jpg",
-          "CC-BY-4.0 (Jakub Mede, 2018)", "train"),
-    Photo("lomiri-aitzgorri", "lomiri-wallpapers-16.04", _LOMIRI + "aitzgorri_by_Aitzol_Berasategi.jpg",
-          "CC-BY-4.0 (Aitzol Berasategi, 2018)", "train"),
-    Photo("lomiri-free", "lomiri-wallpapers-16.04", _LOMIRI + "free_by_Peter_Nerlich.jpg",
-          "CC-BY-SA-4.0 (Peter Nerlich, 2018)", "train"),
-    Photo("lomiri-friends", "lomiri-wallpapers-16.04", _LOMIRI + "friends_by_Aitzol_Berasategi.jpg",
-          "CC-BY-4.0 (Aitzol Berasategi, 2018)", "heldout"),
-    Photo("lomiri-greentock", "lomiri-wallpapers-16.04", _LOMIRI + "greentock_by_Peter_Nerlich.jpg",
-          "CC-BY-SA-4.0 (Peter Nerlich, 2018)", "train"),
-    Photo("lomiri-life", "lomiri-wallpapers-16.04", _LOMIRI + "life_by_Aitzol_Berasategi.jpg",
-          "CC-BY-4.0 (Aitzol Berasategi, 2018)", "train"),
-    Photo("lomiri-picos", "lomiri-wallpapers-16.04", _LOMIRI + "picosdeeuropa_by_Aitzol_Berasategi.jpg",
-          "CC-BY-4.0 (Aitzol Berasategi, 2018)", "train"),
-    Photo("lomiri-seeding", "lomiri-wallpapers-16.04", _LOMIRI + "seeding_by_Clements_Engelhardt.jpg",
-          "CC0-1.0 (Clemens Engelhardt, 2018)", "train"),
-    Photo("lomiri-sunset", "lomiri-wallpapers-16.04", _LOMIRI + "sunset_by_Aitzol_Berasategi.jpg",
-          "CC-BY-4.0 (Aitzol Berasategi, 2018)", "train"),
-    *(Photo(f"mate-{f.lower()}", "mate-backgrounds", f"{_MATE}{f}.jpg", f"GPL-2+ ({who})",
-            "heldout" if f == "LadyBird" else "train")
-      for f, who in (("Aqua", "Charles Barbin, 2008"), ("Blinds", "Lennart Poettering, Andrea Cimitan, 2008"),
-                     ("Dune", "Marco Cogoni 2007, Hylke Bons 2008"), ("FreshFlower", "Jens Ansorg, 2005"),
-                     ("Garden", "Charles Barbin, 2008"),
-                     ("GreenMeadow", "Timothy Schellhase 2005, Lapo Calamandrei 2008"),
-                     ("LadyBird", "Charles Barbin, 2008"), ("RainDrops", '"blackcombwhistler07", 2008'),
-                     ("Storm", "Sergey Nazarov, 2008"), ("TwoWings", "Charles Barbin, Hylke Bons, 2008"),
-                     ("Wood", "Jean-Francois Fortin Tam, 2008"), ("YellowFlower", "Charles Barbin, 2008"))),
+    *_debian("tuxpaint-data", "usr/share/tuxpaint/templates/",
+             tuple((f, f, "GPL-2+ (Bill Kendrick)") for f in _TUXPAINT), heldout="sheep"),
+    *_debian("lomiri-wallpapers-16.04", "usr/share/backgrounds/", _LOMIRI, heldout="friends"),
+    *_debian("mate-backgrounds", "usr/share/backgrounds/mate/nature/",
+             tuple((f.lower(), f, f"GPL-2+ ({who})") for f, who in _MATE), heldout="ladybird"),
 )  # fmt: skip
 DEBIAN_PACKAGES = tuple(sorted({p.package for p in PHOTOS if p.collection == "debian"}))
 SPLITS = ("train", "heldout")
@@ -116,6 +105,11 @@ def photo_names(split: str, photos: str = "pypi") -> list[str]:
     if photos not in COLLECTIONS:
         raise InputError(f"photos must be one of {', '.join(COLLECTIONS)}, got {photos!r}")
     return [p.name for p in PHOTOS if p.split == split and p.collection in COLLECTIONS[photos]]
+
+
+def install_command(packages: list[str]) -> str:
+    """The command that installs the Debian ``packages`` with the photos alone (no recommended extras)."""
+    return f"apt-get install --no-install-recommends {' '.join(packages)}"
 
 
 def missing_packages(names: list[str]) -> list[str]:
@@ -164,7 +158,7 @@ def _debian_photo(p: Photo) -> np.ndarray:
     path = DEBIAN_ROOT / p.loader
     if not path.is_file():
         raise InputError(f"photo {p.name!r} needs the Debian package {p.package} "
-                         f"(apt-get install --no-install-recommends {p.package}): {path} is missing")  # fmt: skip
+                         f"({install_command([p.package])}): {path} is missing")  # fmt: skip
     with Image.open(path) as im:
         im.draft("RGB", (768, 768))
         img = np.asarray(im.convert("RGB"))
