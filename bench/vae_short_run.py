@@ -4,6 +4,7 @@ flat colours and photos, in minutes rather than the hours of a recipe's VAE phas
     python -m bench.vae_short_run --steps 1500 --lr 1e-3                  # first frames only
     python -m bench.vae_short_run --steps 1500 --lr 1e-3 --clips 4        # and 4 five-frame clips a step
     python -m bench.vae_short_run --steps 600 --frozen-encoder            # the decoder alone
+    python -m bench.vae_short_run --state FILE --photo-crops --photos pypi+debian --lr 2e-5   # a skeleton start
 
 Each step trains on ``--frames`` single frames (32x32 crops of frames of broad training clips,
 ``segue.data.broad``) plus 4 flat colour fields of random colours, all through the first-frame path (a
@@ -12,6 +13,10 @@ first keyframe is encoded and decoded alone), and on ``--clips`` five-frame 32x3
 ``--lr`` with the gradient clipped to norm 1, EMA 0.99. Every ``--every`` steps the EMA is scored at 64x64:
 flat colours (5^3 over the gamut) and held-out and training photos as one frame (``vae_roundtrip``), and
 held-out photos as a 5-frame still clip, whose last frame is decoded through the chunk path.
+``--state`` starts from a saved VAE state (``{"vae": state_dict}``, e.g. ``bench.vae_skeleton``'s) on the
+bundle's config; ``--photo-crops`` draws the single frames from the training photos themselves
+(``bench.vae_linear_bound.PhotoCrops``: Lanczos-resized, three quarters recoloured); ``--photos`` picks the
+photo collections trained on and scored.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.vae_linear_bound import PhotoCrops
 from bench.vae_roundtrip import fitted_photo, flat_colours, load_vae, round_trip, scores
 from segue.data.broad import BroadVideos
-from segue.data.photos import photo_names
+from segue.data.photos import COLLECTIONS, photo_names
 from segue.evaluate import psnr
 from segue.loader import DEFAULT_MODEL
 from segue.models.vae import WanVAE
@@ -70,26 +76,35 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", type=Path, help="write the final EMA state dict here")
+    ap.add_argument("--state", type=Path, help="start from this saved VAE state ({'vae': state_dict})")
+    ap.add_argument("--photo-crops", action="store_true", help="single frames from the training photos")
+    ap.add_argument("--photos", choices=tuple(COLLECTIONS), default="pypi")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     _, vae = load_vae(args.model)
+    if args.state:
+        vae.load_state_dict(torch.load(args.state, weights_only=True)["vae"])
     vae.train()
     ema = copy.deepcopy(vae).eval().requires_grad_(False)
     frozen = args.frozen_encoder
     params = [p for n, p in vae.named_parameters() if not (frozen and n.startswith(("encoder.", "conv1.")))]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    ds = BroadVideos("train", length=100_000, frames=9, size=(64, 64))
+    ds = BroadVideos("train", length=100_000, frames=9, size=(64, 64), photos=args.photos)
     rng, g = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
+    photo_crops = PhotoCrops(photo_names("train", args.photos), args.seed) if args.photo_crops else None
     sets = {"flat": flat_colours(5, 64)}
     for split in ("heldout", "train"):
-        sets[split] = np.stack([fitted_photo(n, 64) for n in photo_names(split)])
+        sets[split] = np.stack([fitted_photo(n, 64) for n in photo_names(split, args.photos)])
     print("| step | flat colours PSNR / ΔE | held-out photos PSNR / ΔE | training photos PSNR / ΔE | "
           "held-out, last of a 5-frame still clip | s |")  # fmt: skip
     print("|---:|---|---|---|---:|---:|")
     start = time.time()
     for step in range(1, args.steps + 1):
-        x = torch.cat([crops(ds, rng, args.frames, 1), flat_fields(g, 4)])
+        if photo_crops is None:
+            x = torch.cat([crops(ds, rng, args.frames, 1), flat_fields(g, 4)])
+        else:
+            x = photo_crops(args.frames)[:, :, None]  # [frames + 4, 3, 1, CROP, CROP], the last 4 flat
         loss = round_trip_loss(vae, x, frozen)
         if args.clips:
             loss = loss + round_trip_loss(vae, crops(ds, rng, args.clips, 5), frozen)

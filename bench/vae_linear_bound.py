@@ -1,0 +1,160 @@
+"""How close a linear code shaped like the built-in VAE comes to photos, and how fast Adam gets there.
+
+    python -m bench.vae_linear_bound                         # grad weights 0 and 4, 2000 steps each
+    python -m bench.vae_linear_bound --steps 4000 --grad-weights 0 1 4 16
+
+Three codes of 4x4 patches with ``z_dim`` (16) values each, the first-frame path's budget:
+- ``pca``: the principal components of the training photos' patches (``vae_roundtrip.linear_code``): the
+  best linear code of separate patches, found in closed form.
+- ``vae-shaped``: a linear autoencoder with the built-in VAE's first-frame layout (its encoder's convs and
+  strides; its decoder's 2x nearest upsampling, each followed by a 3x3 conv, and its widths), that is the
+  VAE with every residual branch and attention at zero and the heads' norm and SiLU taken out.
+- ``position-free``: the same encoder with a decoder that maps each latent cell's 3x3 neighbourhood to its
+  own 4x4 patch (a pixel shuffle), free to treat every pixel of the patch differently.
+
+The autoencoders train with Adam (lr 1e-3, cosine to 0) on 32x32 crops of the training photos, each
+photo resized (Lanczos) so its short side is 64-192 pixels, three quarters recoloured
+(``data.broad.recoloured``), flipped half the time, plus 4 flat fields of random colours a step, on MSE plus
+``grad weight`` times the MSE of the error's differences between neighbouring pixels (a weight on the
+fine detail, which plain MSE learns last). Scores are mean PSNR / mean CIEDE2000 of the held-out photos
+fitted to 64, 96 and 128 pixels and of the training photos at 64 (``--photos``, default pypi+debian).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from bench.vae_roundtrip import PSNR_CAP, fitted_photo, linear_code
+from segue.colordiff import delta_e
+from segue.data.broad import recoloured
+from segue.data.photos import COLLECTIONS, load_photo, photo_names
+from segue.evaluate import psnr
+
+CROP = 32
+SIDES = (64, 80, 96, 128, 160, 192)  # short sides the training photos are drawn at
+
+
+class Upsample(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return F.interpolate(x, scale_factor=2.0, mode="nearest-exact")
+
+
+class LinearCode(nn.Module):
+    """[B, 3, H, W] -> [B, z, H/4, W/4] -> [B, 3, H, W], every layer linear."""
+
+    def __init__(self, z_dim: int, decoder: str) -> None:
+        super().__init__()
+        pad = nn.ZeroPad2d((0, 1, 0, 1))  # the VAE's downsamplers pad right and bottom only
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), pad, nn.Conv2d(16, 16, 3, 2), nn.Conv2d(16, 32, 1),
+            pad, nn.Conv2d(32, 32, 3, 2), nn.Conv2d(32, 64, 1), nn.Conv2d(64, z_dim, 3, padding=1),
+        )  # fmt: skip
+        if decoder == "vae-shaped":
+            self.decoder = nn.Sequential(
+                nn.Conv2d(z_dim, 96, 3, padding=1), Upsample(), nn.Conv2d(96, 48, 3, padding=1), Upsample(),
+                nn.Conv2d(48, 24, 3, padding=1), nn.Conv2d(24, 3, 3, padding=1),
+            )  # fmt: skip
+        else:
+            self.decoder = nn.Sequential(nn.Conv2d(z_dim, 48, 3, padding=1), nn.PixelShuffle(4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(self.encoder(x))
+
+
+class PhotoCrops:
+    """Random training crops: [n + 4, 3, CROP, CROP] in [-1, 1], the last 4 flat fields."""
+
+    def __init__(self, names: list[str], seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.views = []
+        for name in names:
+            img = Image.fromarray(load_photo(name))
+            w, h = img.size
+            for side in SIDES:
+                s = side / min(w, h)
+                size = (max(side, round(w * s)), max(side, round(h * s)))
+                self.views.append(np.asarray(img.resize(size, Image.Resampling.LANCZOS), dtype=np.float32))
+
+    def __call__(self, n: int) -> Tensor:
+        rng, out = self.rng, []
+        for _ in range(n):
+            view = self.views[int(rng.integers(len(self.views)))]
+            y, x = (int(rng.integers(d - CROP + 1)) for d in view.shape[:2])
+            crop = view[y : y + CROP, x : x + CROP]
+            crop = np.ascontiguousarray(crop[:, ::-1] if rng.random() < 0.5 else crop)
+            if rng.random() < 0.75:
+                crop = recoloured(crop, rng)
+            out.append(torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1) / 127.5 - 1)
+        flat = torch.from_numpy(rng.uniform(-1, 1, (4, 3, 1, 1))).float().expand(4, 3, CROP, CROP)
+        return torch.cat([torch.stack(out).clamp(-1, 1), flat])
+
+
+def loss_of(out: Tensor, x: Tensor, grad_weight: float) -> Tensor:
+    err = out - x  # [B, 3, H, W]
+    loss = err.square().mean()
+    if grad_weight:
+        loss = loss + grad_weight * (err.diff(dim=-1).square().mean() + err.diff(dim=-2).square().mean())
+    return loss
+
+
+def quality(out: np.ndarray, images: np.ndarray) -> str:
+    p = np.mean([min(psnr(a, b), PSNR_CAP) for a, b in zip(out, images)])
+    return f"{p:.2f} / {np.mean([delta_e(a, b) for a, b in zip(out, images)]):.2f}"
+
+
+@torch.no_grad()
+def apply(model: LinearCode, images: np.ndarray) -> np.ndarray:
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return ((model(x) + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+
+def fit(decoder: str, grad_weight: float, crops: PhotoCrops, steps: int, z_dim: int, seed: int) -> LinearCode:
+    torch.manual_seed(seed)
+    model = LinearCode(z_dim, decoder)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(steps):
+        x = crops(16)
+        loss = loss_of(model(x), x, grad_weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--grad-weights", type=float, nargs="+", default=[0.0, 4.0])
+    ap.add_argument("--z-dim", type=int, default=16)
+    ap.add_argument("--photos", choices=tuple(COLLECTIONS), default="pypi+debian")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    train, heldout = photo_names("train", args.photos), photo_names("heldout", args.photos)
+    sets = {f"held-out at {s}": np.stack([fitted_photo(n, s) for n in heldout]) for s in (64, 96, 128)}
+    sets["training at 64"] = np.stack([fitted_photo(n, 64) for n in train])
+    print(f"{len(heldout)} held-out and {len(train)} training photos; PSNR / mean CIEDE2000")
+    print(f"| code | grad weight | steps | {' | '.join(sets)} | s |")
+    print("|---|---:|---:|" + "---|" * len(sets) + "---:|")
+    pca = linear_code(sets["training at 64"], args.z_dim)
+    print(f"| pca | - | - | {' | '.join(quality(pca(v), v) for v in sets.values())} | - |", flush=True)
+    crops = PhotoCrops(train, args.seed)
+    for decoder in ("vae-shaped", "position-free"):
+        for gw in args.grad_weights:
+            start = time.time()
+            model = fit(decoder, gw, crops, args.steps, args.z_dim, args.seed)
+            cells = " | ".join(quality(apply(model, v), v) for v in sets.values())
+            print(f"| {decoder} | {gw:g} | {args.steps} | {cells} | {time.time() - start:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
