@@ -75,11 +75,13 @@ def main() -> None:
     ap.add_argument("--frozen-encoder", action="store_true", help="train the decoder alone")
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--save", type=Path, help="write the final EMA state dict here")
+    ap.add_argument("--save", type=Path, help="write the final EMA as {'vae': state_dict} here (a new file)")
     ap.add_argument("--state", type=Path, help="start from this saved VAE state ({'vae': state_dict})")
     ap.add_argument("--photo-crops", action="store_true", help="single frames from the training photos")
     ap.add_argument("--photos", choices=tuple(COLLECTIONS), default="pypi")
     args = ap.parse_args()
+    if args.save and args.save.exists():
+        raise SystemExit(f"{args.save} exists; give a new file")
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     _, vae = load_vae(args.model)
@@ -119,8 +121,10 @@ def main() -> None:
             cells = [f"{m:.2f} / {de:.2f}" for m, _, de in (scores(ema, sets[k]) for k in ("flat", "heldout", "train"))]
             last = np.mean([psnr(a, b) for a, b in zip(round_trip(ema, sets["heldout"], frames=5), sets["heldout"])])
             print(f"| {step} | {' | '.join(cells)} | {last:.2f} | {time.time() - start:.0f} |", flush=True)
-    if args.save:
-        torch.save(ema.state_dict(), args.save)
+    if args.save:  # the format ``--state`` reads; whole or not at all
+        tmp = args.save.with_name(args.save.name + ".partial")
+        torch.save({"vae": ema.state_dict()}, tmp)
+        tmp.rename(args.save)
 
 
 if __name__ == "__main__":
