@@ -35,6 +35,7 @@ from bench.vae_roundtrip import fitted_photo, flat_colours, load_vae, round_trip
 from segue.data.broad import BroadVideos
 from segue.data.photos import COLLECTIONS, photo_names
 from segue.evaluate import psnr
+from segue.io import atomic_torch_save
 from segue.loader import DEFAULT_MODEL
 from segue.models.vae import WanVAE
 
@@ -122,9 +123,7 @@ def main() -> None:
             last = np.mean([psnr(a, b) for a, b in zip(round_trip(ema, sets["heldout"], frames=5), sets["heldout"])])
             print(f"| {step} | {' | '.join(cells)} | {last:.2f} | {time.time() - start:.0f} |", flush=True)
     if args.save:  # the format ``--state`` reads; whole or not at all
-        tmp = args.save.with_name(args.save.name + ".partial")
-        torch.save({"vae": ema.state_dict()}, tmp)
-        tmp.rename(args.save)
+        atomic_torch_save(args.save, {"vae": ema.state_dict()})
 
 
 if __name__ == "__main__":

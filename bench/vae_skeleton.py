@@ -22,27 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.vae_linear_bound import PhotoCrops, Upsample, apply, loss_of, quality
+from bench.vae_linear_bound import PhotoCrops, apply, loss_of, quality
 from bench.vae_roundtrip import fitted_photo, flat_colours, round_trip
 from segue.bundle import read_bundle_metadata
 from segue.data.photos import photo_names
+from segue.io import atomic_torch_save
 from segue.loader import DEFAULT_MODEL
-from segue.models.vae import WanVAE
-
-
-class Norm(nn.Module):
-    """The VAE's RMS norm over channels, in 2-D."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.scale = dim**0.5
-        self.gamma = nn.Parameter(torch.ones(dim, 1, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(x, dim=1) * self.scale * self.gamma
+from segue.models.vae import NearestUpsample2x, RMSNorm, WanVAE
 
 
 class Skeleton(nn.Module):
@@ -53,11 +41,13 @@ class Skeleton(nn.Module):
         pad = nn.ZeroPad2d((0, 1, 0, 1))
         self.encoder = nn.Sequential(
             nn.Conv2d(3, 16, 3, padding=1), pad, nn.Conv2d(16, 16, 3, 2), nn.Conv2d(16, 32, 1),
-            pad, nn.Conv2d(32, 32, 3, 2), nn.Conv2d(32, 64, 1), Norm(64), nn.SiLU(), nn.Conv2d(64, z_dim, 3, padding=1),
+            pad, nn.Conv2d(32, 32, 3, 2), nn.Conv2d(32, 64, 1),
+            RMSNorm(64, spatial_dims=2), nn.SiLU(), nn.Conv2d(64, z_dim, 3, padding=1),
         )  # fmt: skip
         self.decoder = nn.Sequential(
-            nn.Conv2d(z_dim, 96, 3, padding=1), Upsample(), nn.Conv2d(96, 48, 3, padding=1), Upsample(),
-            nn.Conv2d(48, 24, 3, padding=1), Norm(24), nn.SiLU(), nn.Conv2d(24, 3, 3, padding=1),
+            nn.Conv2d(z_dim, 96, 3, padding=1), NearestUpsample2x(), nn.Conv2d(96, 48, 3, padding=1),
+            NearestUpsample2x(), nn.Conv2d(48, 24, 3, padding=1),
+            RMSNorm(24, spatial_dims=2), nn.SiLU(), nn.Conv2d(24, 3, 3, padding=1),
         )  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
@@ -164,9 +154,7 @@ def main() -> None:
     for frames in (1, 17):
         cells = " | ".join(quality(round_trip(vae, v, frames=frames), v) for v in sets.values())
         print(f"| VAE, {'first frame' if frames == 1 else 'last of a 17-frame still clip'} | {cells} |")
-    tmp = args.out.with_name(args.out.name + ".partial")
-    torch.save({"vae": vae.state_dict()}, tmp)
-    tmp.rename(args.out)
+    atomic_torch_save(args.out, {"vae": vae.state_dict()})
 
 
 if __name__ == "__main__":
