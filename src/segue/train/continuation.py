@@ -1,7 +1,8 @@
 """A model made from another: training resumed from a bundle's weights, one ``[[continue]]`` of a recipe.
 
-Every component starts from the bundle. Optionally the whole VAE trains first (its latent space moves,
-so the statistics are measured again); then the VAE is frozen and the DiT and its encoders train for one
+Every component starts from the bundle, the VAE optionally from its skeleton trained on photo crops
+(``skeleton``: a new latent space). Optionally the whole VAE trains first (its latent space moves, so the
+statistics are measured again); then the VAE is frozen and the DiT and its encoders train for one
 stage on a latent cache of fresh training clips (a window of the training split the chain has not used);
 then optionally the decoder alone, on the frozen encoder, on fresh crops or on the latents the model
 itself generates. The new bundle's ``segue_lineage`` lists every stage that made it, oldest first.
@@ -45,6 +46,7 @@ from .grow import insert_identity_blocks, widen_decoder
 from .latents import CachedClips, CachedFLF2VObjective, GroupedClips, build_latent_cache, build_object_masks
 from .phases import is_done, load_ema, mark_done, measured_vae_config, scaled, stage_train_config, train_vae_run
 from .recipe import Continuation, VAEClips
+from .skeleton import skeleton_vae_state, train_skeleton
 from .trainer import TrainConfig, Trainer
 
 
@@ -154,6 +156,18 @@ def vae_phase(r: Run, cfg: VAEConfig, state: dict[str, torch.Tensor], steps: int
                   keep_shapes=decoder_only and c.decoder_keep_shapes,
                   anchor_weight=0.0 if decoder_only else c.vae_anchor, workers=r.workers)  # fmt: skip
     return load_ema(run, "vae")
+
+
+def skeleton_phase(r: Run, cfg: VAEConfig, steps: int) -> dict[str, torch.Tensor]:
+    """The VAE's skeleton trained for ``steps`` on photo crops into ``out/vae-skeleton`` (resumes; skipped when
+    done), of the [vae] clips' photos recoloured as theirs are; returns the state of a VAE of ``cfg`` it is
+    set into (``skeleton.embed``)."""
+    c, run = r.c, r.out / "vae-skeleton"
+    if not is_done(run):
+        train_skeleton(cfg, run, steps=steps, lr=c.skeleton_lr, detail_weight=c.skeleton_detail_weight,
+                       photos=r.clips.photos, recolour=r.clips.recolour, seed=c.vae_seed, device=r.dev)  # fmt: skip
+        mark_done(run, {"steps": steps})
+    return skeleton_vae_state(cfg, load_ema(run, "skeleton"))
 
 
 def _trainable(config: ModelConfig, modules: dict[str, torch.nn.Module], r: Run) -> dict[str, torch.nn.Module]:
@@ -308,14 +322,17 @@ def continue_from_bundle(
     out.mkdir(parents=True, exist_ok=True)
     phase_steps = {"vae": scaled(c.vae_steps, steps_scale), "dit": scaled(c.stage.steps, steps_scale),
                    "decoder": scaled(c.decoder_steps, steps_scale)}  # fmt: skip
+    if c.vae_start == "skeleton":
+        phase_steps["skeleton"] = scaled(c.skeleton_steps, steps_scale)
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         materialize_tokenizer(tok_files, tok_dir)
     r = Run(c, clips, out, resolve_device(device), tok_dir, stage_clips(c), workers, steps_scale, clock)
 
-    vae_state = weights["vae"]
-    if c.vae_steps > 0:  # the latent space moves: its statistics are measured again on the stage's clips
+    vae_state = weights["vae"] if c.vae_start == "bundle" else skeleton_phase(r, config.vae, phase_steps["skeleton"])
+    if c.vae_steps > 0:
         vae_state = vae_phase(r, config.vae, vae_state, phase_steps["vae"], decoder_only=False)
+    if c.vae_steps > 0 or c.vae_start == "skeleton":  # a new latent space: its statistics are measured again
         vae_cfg = measured_vae_config(config.vae, vae_state, r.data, clips.stats_batches, r.dev)
         config = replace(config, vae=vae_cfg)
     modules = build_modules(config, {**weights, "vae": vae_state})

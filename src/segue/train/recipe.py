@@ -206,6 +206,12 @@ class Continuation:
     vae_endpoint_weight: float = 1.0  # the keyframes' error counts this many times in the whole-VAE phase
     # > 0: the synthetic clips' latents held near the bundle's encoder this strongly (``AnchoredVAEObjective``)
     vae_anchor: float = 0.0
+    # "skeleton": the VAE starts from its first-frame path trained alone on photo crops (``skeleton``), not
+    # from the bundle's VAE: a new latent space, so the DiT stage learns it afresh
+    vae_start: str = "bundle"
+    skeleton_steps: int = 6000
+    skeleton_lr: float = 1e-3
+    skeleton_detail_weight: float = 4.0  # the weight of neighbouring pixels' error differences
     broad: float = 0.0  # share of broad clips (``data.broad``) in the DiT stage's cache; the rest synthetic
     recolour: float = 0.0  # share of those broad clips' photos drawn in other colours (``data.broad.recoloured``)
     photos: str = "pypi"  # the photo collections of those broad clips (``data.photos.COLLECTIONS``)
@@ -249,6 +255,11 @@ def _continuation_problems(c: Continuation) -> list[str]:
          f"decoder_cooldown must be in 0..decoder_steps ({c.decoder_steps}), got {c.decoder_cooldown}"),
         (c.decoder_generated > 0 and c.decoder_steps <= 0, "decoder_generated needs decoder_steps > 0"),
         (c.vae_anchor > 0 and c.vae_steps <= 0, "vae_anchor needs vae_steps > 0"),
+        (c.vae_start not in ("bundle", "skeleton"), f"vae_start must be 'bundle' or 'skeleton', got {c.vae_start!r}"),
+        (c.vae_anchor > 0 and c.vae_start == "skeleton",
+         "vae_anchor holds latents near the bundle's VAE; a skeleton start (vae_start) leaves that latent space"),
+        (c.vae_start == "skeleton" and c.stage.steps <= 0,
+         "a skeleton start (vae_start) makes a new latent space: the DiT stage must learn it (steps > 0)"),
         (c.recolour > 0 and c.broad <= 0, "recolour changes broad clips' photos: it needs broad > 0"),
         (c.photos not in COLLECTIONS, f"photos must be one of {', '.join(COLLECTIONS)}, got {c.photos!r}"),
         (c.vae_endpoint_weight != 1.0 and c.vae_steps <= 0, "vae_endpoint_weight needs vae_steps > 0"),
@@ -306,8 +317,8 @@ _AT_LEAST_1 = "vocab dim layers heads vae_dim z_dim vae_mult patch frames size c
     "stats_batches generated_repeat decoder_dim"  # fmt: skip
 _AT_LEAST_0 = "steps warmup cooldown vae_steps vae_warmup decoder_steps cache_clips cache_start seed vae_seed " \
     "decoder_seed object_dilate insert_blocks decoder_cooldown decoder_generated generated_start kl_weight " \
-    "vae_anchor stills"  # fmt: skip
-_POSITIVE = "lr vae_lr decoder_lr shift decoder_endpoint_weight vae_endpoint_weight"
+    "vae_anchor stills skeleton_steps skeleton_detail_weight"  # fmt: skip
+_POSITIVE = "lr vae_lr skeleton_lr decoder_lr shift decoder_endpoint_weight vae_endpoint_weight"
 # [0, 1]; those of _BELOW_ONE: [0, 1)
 _IN_0_1 = "caption_dropout min_lr_ratio ambiguous_fraction sigma_min ema broad flat_stills recolour still_clips"
 _IN_0_1_OPEN_LOW = "decoder_blend stage_blend"  # (0, 1]
@@ -320,7 +331,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     **dict.fromkeys(_IN_0_1_OPEN_LOW.split(), (0, 1, True)),
 }
 _CHOICES: dict[str, tuple[str, ...]] = {"recon": ("l1", "mse"), "bundle_dtype": DTYPES, "cache_dtype": DTYPES,
-                                        "photos": tuple(COLLECTIONS)}  # fmt: skip
+                                        "photos": tuple(COLLECTIONS), "vae_start": ("bundle", "skeleton")}  # fmt: skip
 # keys whose upper bound is open: [0, 1)
 _BELOW_ONE = ("caption_dropout", "ambiguous_fraction", "sigma_min", "ema")
 

@@ -51,6 +51,16 @@ def endpoint_weighted(err: Tensor, endpoint_weight: float) -> Tensor:
     return (w * per_frame).sum() / w.sum()
 
 
+def detail_weighted_mse(err: Tensor, detail_weight: float) -> Tensor:
+    """The MSE of an error [..., H, W] plus ``detail_weight`` times the MSE of its differences between
+    neighbouring pixels (across and down). Plain MSE learns fine detail last: a linear code of the VAE's
+    shape reached 25.8 dB on held-out photos in 2000 steps on MSE, 28.4 with a weight of 4 (docs/broad-data.md)."""
+    loss = err.square().mean()
+    if detail_weight:
+        loss = loss + detail_weight * (err.diff(dim=-1).square().mean() + err.diff(dim=-2).square().mean())
+    return loss
+
+
 def stills_error(vae: nn.Module, stills: Tensor | None, recon: str = "mse") -> Tensor:
     """The mean ``recon`` error ('l1' or 'mse') of ``decode(encoder mean)`` of a batch's single frames
     (``stills`` [B, n, 3, 1, H, W]: ``phases.WithStills``), each encoded and decoded alone as a first keyframe
