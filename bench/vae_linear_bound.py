@@ -12,11 +12,11 @@ Three codes of 4x4 patches with ``z_dim`` (16) values each, the first-frame path
 - ``position-free``: the same encoder with a decoder that maps each latent cell's 3x3 neighbourhood to its
   own 4x4 patch (a pixel shuffle), free to treat every pixel of the patch differently.
 
-The autoencoders train with Adam (lr 1e-3, cosine to 0) on 32x32 crops of the training photos, each
-photo resized (Lanczos) so its short side is 64-192 pixels, three quarters recoloured
-(``data.broad.recoloured``), flipped half the time, plus 4 flat fields of random colours a step, on MSE plus
-``grad weight`` times the MSE of the error's differences between neighbouring pixels (a weight on the
-fine detail, which plain MSE learns last). Scores are mean PSNR / mean CIEDE2000 of the held-out photos
+The autoencoders train with Adam (lr 1e-3, cosine to 0) on batches of 20 of ``data.photo_crops.PhotoCrops``
+(32x32 crops of the training photos, each resized so its short side is 64-192 pixels, three quarters
+recoloured, flipped half the time; a fifth flat fields of random colours), on MSE plus ``grad weight``
+times the MSE of the error's differences between neighbouring pixels (``vae_loss.detail_weighted_mse``: a
+weight on the fine detail, which plain MSE learns last). Scores are mean PSNR / mean CIEDE2000 of the held-out photos
 fitted to 64, 96 and 128 pixels and of the training photos at 64 (``--photos``, default pypi+debian).
 """
 
@@ -27,17 +27,16 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
 from bench.vae_roundtrip import fitted_photo, linear_code
 from bench.vae_roundtrip import quality as measured
-from segue.data.broad import recoloured
-from segue.data.photos import COLLECTIONS, load_photo, photo_names
+from segue.data.photo_crops import PhotoCrops
+from segue.data.photos import COLLECTIONS, photo_names
 from segue.models.vae import NearestUpsample2x
+from segue.train.vae_loss import detail_weighted_mse
 
 CROP = 32
-SIDES = (64, 80, 96, 128, 160, 192)  # short sides the training photos are drawn at
 
 
 class LinearCode(nn.Module):
@@ -62,40 +61,9 @@ class LinearCode(nn.Module):
         return self.decoder(self.encoder(x))
 
 
-class PhotoCrops:
-    """Random training crops: [n + 4, 3, CROP, CROP] in [-1, 1], the last 4 flat fields."""
-
-    def __init__(self, names: list[str], seed: int) -> None:
-        self.rng = np.random.default_rng(seed)
-        self.views = []
-        for name in names:
-            img = Image.fromarray(load_photo(name))
-            w, h = img.size
-            for side in SIDES:
-                s = side / min(w, h)
-                size = (max(side, round(w * s)), max(side, round(h * s)))
-                self.views.append(np.asarray(img.resize(size, Image.Resampling.LANCZOS), dtype=np.float32))
-
-    def __call__(self, n: int) -> Tensor:
-        rng, out = self.rng, []
-        for _ in range(n):
-            view = self.views[int(rng.integers(len(self.views)))]
-            y, x = (int(rng.integers(d - CROP + 1)) for d in view.shape[:2])
-            crop = view[y : y + CROP, x : x + CROP]
-            crop = np.ascontiguousarray(crop[:, ::-1] if rng.random() < 0.5 else crop)
-            if rng.random() < 0.75:
-                crop = recoloured(crop, rng)
-            out.append(torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1) / 127.5 - 1)
-        flat = torch.from_numpy(rng.uniform(-1, 1, (4, 3, 1, 1))).float().expand(4, 3, CROP, CROP)
-        return torch.cat([torch.stack(out).clamp(-1, 1), flat])
-
-
-def loss_of(out: Tensor, x: Tensor, grad_weight: float) -> Tensor:
-    err = out - x  # [B, 3, H, W]
-    loss = err.square().mean()
-    if grad_weight:
-        loss = loss + grad_weight * (err.diff(dim=-1).square().mean() + err.diff(dim=-2).square().mean())
-    return loss
+def batch(crops: PhotoCrops, step: int, n: int = 20) -> Tensor:
+    """Items ``step * n`` .. ``step * n + n - 1`` of ``crops``: [n, 3, CROP, CROP]."""
+    return torch.stack([crops[step * n + i]["image"] for i in range(n)])
 
 
 def quality(out: np.ndarray, images: np.ndarray) -> str:
@@ -105,7 +73,7 @@ def quality(out: np.ndarray, images: np.ndarray) -> str:
 
 
 @torch.no_grad()
-def apply(model: LinearCode, images: np.ndarray) -> np.ndarray:
+def apply(model: nn.Module, images: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     return ((model(x) + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
 
@@ -115,9 +83,9 @@ def fit(decoder: str, grad_weight: float, crops: PhotoCrops, steps: int, z_dim: 
     model = LinearCode(z_dim, decoder)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(steps):
-        x = crops(16)
-        loss = loss_of(model(x), x, grad_weight)
+    for step in range(steps):
+        x = batch(crops, step)
+        loss = detail_weighted_mse(model(x) - x, grad_weight)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -142,7 +110,7 @@ def main() -> None:
     print("|---|---:|---:|" + "---|" * len(sets) + "---:|")
     pca = linear_code(sets["training at 64"], args.z_dim)
     print(f"| pca | - | - | {' | '.join(quality(pca(v), v) for v in sets.values())} | - |", flush=True)
-    crops = PhotoCrops(train, args.seed)
+    crops = PhotoCrops(args.photos, size=CROP, flat=0.2, recolour=0.75, seed=args.seed)
     for decoder in ("vae-shaped", "position-free"):
         for gw in args.grad_weights:
             start = time.time()

@@ -15,8 +15,8 @@ flat colours (5^3 over the gamut) and held-out and training photos as one frame 
 held-out photos as a 5-frame still clip, whose last frame is decoded through the chunk path.
 ``--state`` starts from a saved VAE state (``{"vae": state_dict}``, e.g. ``bench.vae_skeleton``'s) on the
 bundle's config; ``--photo-crops`` draws the single frames from the training photos themselves
-(``bench.vae_linear_bound.PhotoCrops``: Lanczos-resized, three quarters recoloured); ``--photos`` picks the
-photo collections trained on and scored.
+(``data.photo_crops.PhotoCrops``: Lanczos-resized, three quarters recoloured, a fifth flat fields);
+``--photos`` picks the photo collections trained on and scored.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.vae_linear_bound import PhotoCrops
 from bench.vae_roundtrip import fitted_photo, flat_colours, load_vae, round_trip, scores
 from segue.data.broad import BroadVideos
+from segue.data.photo_crops import PhotoCrops
 from segue.data.photos import COLLECTIONS, photo_names
 from segue.evaluate import psnr
 from segue.io import atomic_torch_save
@@ -95,7 +95,9 @@ def main() -> None:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     ds = BroadVideos("train", length=100_000, frames=9, size=(64, 64), photos=args.photos)
     rng, g = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
-    photo_crops = PhotoCrops(photo_names("train", args.photos), args.seed) if args.photo_crops else None
+    photo_crops = None
+    if args.photo_crops:
+        photo_crops = PhotoCrops(args.photos, size=CROP, flat=0.2, recolour=0.75, seed=args.seed)
     sets = {"flat": flat_colours(5, 64)}
     for split in ("heldout", "train"):
         sets[split] = np.stack([fitted_photo(n, 64) for n in photo_names(split, args.photos)])
@@ -107,7 +109,8 @@ def main() -> None:
         if photo_crops is None:
             x = torch.cat([crops(ds, rng, args.frames, 1), flat_fields(g, 4)])
         else:
-            x = photo_crops(args.frames)[:, :, None]  # [frames + 4, 3, 1, CROP, CROP], the last 4 flat
+            n = args.frames + 4  # as many as the broad frames and flat fields otherwise, a fifth flat
+            x = torch.stack([photo_crops[(step - 1) * n + i]["image"] for i in range(n)])[:, :, None]
         loss = round_trip_loss(vae, x, frozen)
         if args.clips:
             loss = loss + round_trip_loss(vae, crops(ds, rng, args.clips, 5), frozen)

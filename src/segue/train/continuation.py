@@ -167,7 +167,7 @@ def skeleton_phase(r: Run, cfg: VAEConfig, steps: int) -> dict[str, torch.Tensor
         train_skeleton(cfg, run, steps=steps, lr=c.skeleton_lr, detail_weight=c.skeleton_detail_weight,
                        photos=r.clips.photos, recolour=r.clips.recolour, seed=c.vae_seed, device=r.dev)  # fmt: skip
         mark_done(run, {"steps": steps})
-    return skeleton_vae_state(cfg, load_ema(run, "skeleton"))
+    return skeleton_vae_state(cfg, load_ema(run, "skeleton"), seed=c.vae_seed)
 
 
 def _trainable(config: ModelConfig, modules: dict[str, torch.nn.Module], r: Run) -> dict[str, torch.nn.Module]:

@@ -171,10 +171,14 @@ def train_skeleton(
     Trainer({"skeleton": sk}, SkeletonObjective(detail_weight), data, tc).run()
 
 
-def skeleton_vae_state(cfg: VAEConfig, skeleton_state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The state of a ``WanVAE`` of ``cfg`` with the skeleton of ``skeleton_state`` set into it (``embed``)."""
+def skeleton_vae_state(cfg: VAEConfig, skeleton_state: dict[str, Tensor], seed: int = 0) -> dict[str, Tensor]:
+    """The state of a ``WanVAE`` of ``cfg`` with the skeleton of ``skeleton_state`` set into it (``embed``).
+    What the skeleton leaves (the residual branches' first convs, attention's qkv) keeps an init drawn from
+    ``seed``, apart from torch's global random state: a resumed run gets the same state."""
     sk = Skeleton(cfg)
     sk.load_state_dict(skeleton_state)
-    vae = WanVAE(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = WanVAE(cfg)
     embed(sk, vae)
     return {k: v.detach().clone() for k, v in vae.state_dict().items()}
