@@ -5,6 +5,7 @@ included) and the photos of each split, as PSNR and mean CIEDE2000 (a colour cas
     python bench/vae_roundtrip.py runs/broad/broad/vae [--base BUNDLE]   # a VAE run while it trains
     python bench/vae_roundtrip.py A.safetensors --linear 16              # beside a linear code of 4x4 patches
     python bench/vae_roundtrip.py A.safetensors --frames 17              # and the last frame of still clips
+    python bench/vae_roundtrip.py A.safetensors --moving 16              # and moving clips, frame by frame
 
 A folder is a VAE phase's run folder: its final or latest checkpoint's EMA weights, on the VAE config of
 ``--base`` (the built-in model by default).
@@ -13,7 +14,8 @@ Flat colours: every (r, g, b) on a grid of ``--levels`` values per channel from 
 of --size pixels (the path a first keyframe takes). Photos: each photo's centre square fitted to --size
 (Lanczos), one frame; ``heldout`` photos are never drawn for training (segue.data.photos). ``--frames N``
 adds rows for the last frame of each image held still for N frames (the causal chunk path a last keyframe
-takes).
+takes). ``--moving N``: N moving clips of 17 frames of the synthetic test split and N broad clips of the
+held-out photos, scored at their first, in-between and last frames.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from PIL import Image
 
 from segue.bundle import read_bundle_metadata, read_bundle_weights
 from segue.colordiff import delta_e
+from segue.data.broad import BroadVideos
 from segue.data.photos import COLLECTIONS, load_photo, photo_names
+from segue.data.synthetic import SyntheticVideos
 from segue.evaluate import psnr
 from segue.loader import DEFAULT_MODEL
 from segue.models.vae import WanVAE
@@ -91,6 +95,29 @@ def quality(out: np.ndarray, images: np.ndarray) -> tuple[float, float, float]:
     )
 
 
+def moving_clips(n: int, size: int, photos: str) -> dict[str, torch.Tensor]:
+    """``n`` moving 17-frame clips [n, 3, 17, size, size] of the synthetic test split and of broad clips of the
+    held-out photos, by name."""
+    synthetic = SyntheticVideos("test", length=n, frames=17, size=(size, size))
+    broad = BroadVideos("heldout", length=n, frames=17, size=(size, size), photos=photos)
+    return {name: torch.stack([d[i]["video"] for i in range(n)]) for name, d in
+            (("moving synthetic test clips", synthetic), ("moving broad held-out clips", broad))}  # fmt: skip
+
+
+@torch.no_grad()
+def moving_scores(vae: WanVAE, clips: torch.Tensor, batch: int = 8) -> tuple[float, float, float]:
+    """Mean PSNR of the round trip of ``clips`` [N, 3, F, H, W] at their first frame, their in-between frames
+    and their last frame (8-bit frames; the last keyframe is decoded through the causal chunk path)."""
+    per_frame = []  # [N, F]
+    for s in range(0, len(clips), batch):
+        x = clips[s : s + batch]
+        y = vae.decode(vae.encode(x, normalize=False), normalized=False)
+        a, b = (((v + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 4, 1).numpy() for v in (y, x))
+        per_frame += [[min(psnr(fa, fb), PSNR_CAP) for fa, fb in zip(ca, cb)] for ca, cb in zip(a, b)]
+    ps = np.array(per_frame)
+    return float(ps[:, 0].mean()), float(ps[:, 1:-1].mean()), float(ps[:, -1].mean())
+
+
 def linear_code(train: np.ndarray, components: int, patch: int = 4):
     """A linear code of ``patch`` x ``patch`` RGB patches with ``components`` values each (PCA fitted on the
     images ``train`` [N, H, W, 3]): a baseline for the first-frame path, which keeps z_dim values per patch.
@@ -125,6 +152,8 @@ def main() -> None:
     ap.add_argument("--frames", type=int, metavar="N", help="also the last frame of N-frame still clips (N = 4k+1)")
     ap.add_argument("--photos", choices=tuple(COLLECTIONS), default="pypi",
                     help="the photo collections scored (pypi+debian: the Debian packages' photos too)")  # fmt: skip
+    ap.add_argument("--moving", type=int, metavar="N", help="also N moving 17-frame clips of the synthetic test "
+                    "split and N of held-out broad clips: first, in-between and last frames' PSNR")  # fmt: skip
     args = ap.parse_args()
     if args.frames is not None and (args.frames < 1 or args.frames % 4 != 1):
         ap.error(f"--frames must be 4k+1 (1, 5, 9, 17, ...), got {args.frames}")
@@ -134,6 +163,7 @@ def main() -> None:
     for split in ("heldout", "train"):
         names = photo_names(split, args.photos)
         sets[f"{split} photos{tag}"] = np.stack([fitted_photo(n, args.size) for n in names])
+    moving = moving_clips(args.moving, args.size, args.photos) if args.moving else {}
     print("| bundle | images | PSNR mean | PSNR min | ΔE mean |")
     print("|---|---|---:|---:|---:|")
     if args.linear:
@@ -149,6 +179,10 @@ def main() -> None:
             if args.frames:
                 mean, low, de = quality(round_trip(vae, images, frames=args.frames), images)
                 print(f"| {label} | {name}, last of {args.frames} | {mean:.2f} | {low:.2f} | {de:.2f} |", flush=True)
+        for name, clips in moving.items():
+            first, mid, last = moving_scores(vae, clips)
+            print(f"| {label} | {name}: first / in-between / last frames | {first:.2f} / {mid:.2f} / {last:.2f} | "
+                  "- | - |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
