@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bench.vae_roundtrip import fitted_photo, flat_colours, load_vae, round_trip, scores
 from segue.data.broad import BroadVideos
@@ -37,7 +36,7 @@ from segue.data.photos import COLLECTIONS, photo_names
 from segue.evaluate import psnr
 from segue.io import atomic_torch_save
 from segue.loader import DEFAULT_MODEL
-from segue.models.vae import WanVAE
+from segue.train.vae_loss import freeze_encoder, round_trip_error
 
 CROP = 32
 
@@ -57,13 +56,6 @@ def crops(ds: BroadVideos, rng: np.random.Generator, n: int, frames: int) -> tor
 def flat_fields(g: torch.Generator, n: int) -> torch.Tensor:
     """``n`` one-frame fields of uniformly random colours: [n, 3, 1, CROP, CROP] in [-1, 1]."""
     return (torch.rand(n, 3, 1, 1, 1, generator=g) * 2 - 1).expand(n, 3, 1, CROP, CROP).clone()
-
-
-def round_trip_loss(vae: WanVAE, x: torch.Tensor, frozen: bool) -> torch.Tensor:
-    """MSE of decode(encoder mean) against ``x`` [B, 3, F, H, W]; no gradient into a frozen encoder."""
-    with torch.set_grad_enabled(not frozen):
-        z = vae.encode(x, normalize=False)  # [B, z, T, h, w]
-    return F.mse_loss(vae.decode(z, normalized=False, clamp=False), x)
 
 
 def main() -> None:
@@ -90,8 +82,9 @@ def main() -> None:
         vae.load_state_dict(torch.load(args.state, weights_only=True)["vae"])
     vae.train()
     ema = copy.deepcopy(vae).eval().requires_grad_(False)
-    frozen = args.frozen_encoder
-    params = [p for n, p in vae.named_parameters() if not (frozen and n.startswith(("encoder.", "conv1.")))]
+    if args.frozen_encoder:
+        freeze_encoder(vae)
+    params = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     ds = BroadVideos("train", length=100_000, frames=9, size=(64, 64), photos=args.photos)
     rng, g = np.random.default_rng(args.seed), torch.Generator().manual_seed(args.seed)
@@ -111,9 +104,9 @@ def main() -> None:
         else:
             n = args.frames + 4  # as many as the broad frames and flat fields otherwise, a fifth flat
             x = torch.stack([photo_crops[(step - 1) * n + i]["image"] for i in range(n)])[:, :, None]
-        loss = round_trip_loss(vae, x, frozen)
+        loss = round_trip_error(vae, x)
         if args.clips:
-            loss = loss + round_trip_loss(vae, crops(ds, rng, args.clips, 5), frozen)
+            loss = loss + round_trip_error(vae, crops(ds, rng, args.clips, 5))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

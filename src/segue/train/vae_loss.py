@@ -61,15 +61,20 @@ def detail_weighted_mse(err: Tensor, detail_weight: float) -> Tensor:
     return loss
 
 
-def stills_error(vae: nn.Module, stills: Tensor | None, recon: str = "mse") -> Tensor:
-    """The mean ``recon`` error ('l1' or 'mse') of ``decode(encoder mean)`` of a batch's single frames
-    (``stills`` [B, n, 3, 1, H, W]: ``phases.WithStills``), each encoded and decoded alone as a first keyframe
-    is; 0 without them. No gradient reaches a frozen encoder (its parameters do not ask for one)."""
-    if stills is None:
-        return vae.conv1.weight.new_zeros(())
-    x = stills.to(vae.conv1.weight.device).flatten(0, 1).float()  # [B * n, 3, 1, H, W]
+def round_trip_error(vae: nn.Module, video: Tensor, recon: str = "mse") -> Tensor:
+    """The mean ``recon`` error ('l1' or 'mse') of ``decode(encoder mean)`` of ``video`` [B, 3, F, H, W]. No
+    gradient reaches a frozen encoder (its parameters do not ask for one)."""
+    x = video.to(vae.conv1.weight.device).float()
     err = vae.decode(vae.encode(x, normalize=False), normalized=False, clamp=False) - x
     return (err.abs() if recon == "l1" else err.square()).mean()
+
+
+def stills_error(vae: nn.Module, stills: Tensor | None, recon: str = "mse") -> Tensor:
+    """``round_trip_error`` of a batch's single frames (``stills`` [B, n, 3, 1, H, W]: ``phases.WithStills``),
+    each encoded and decoded alone as a first keyframe is; 0 without them."""
+    if stills is None:
+        return vae.conv1.weight.new_zeros(())
+    return round_trip_error(vae, stills.flatten(0, 1), recon)  # [B * n, 3, 1, H, W]
 
 
 def vae_loss(
