@@ -283,3 +283,15 @@ def test_the_default_chain_runs_whole_at_a_tiny_scale(tmp_path):
     assert config.dit.num_layers == recipe.model.layers + sum(len(c.insert_blocks) for c in recipe.continuations)
     assert config.vae.decoder_dim == 6
     assert config.defaults.guidance == dict(recipe.continuations[-1].sampling)["guidance"]
+
+
+def test_later_defaults_are_the_defaults_of_their_keys():
+    import dataclasses
+
+    from segue.train.recipe import LATER_DEFAULTS, Continuation, VAEClips, without_later_defaults
+
+    defaults = {f.name: f.default for cls in (Continuation, VAEClips) for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING}  # fmt: skip
+    assert all(defaults[k] == v for k, v in LATER_DEFAULTS.items()), LATER_DEFAULTS
+    record = {"a": 1, "photos": "pypi", "continuations": [{"vae_start": "bundle", "vae_steps": 3}, {"photos": "x"}]}
+    assert without_later_defaults(record) == {"a": 1, "continuations": [{"vae_steps": 3}, {"photos": "x"}]}

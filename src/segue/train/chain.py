@@ -22,24 +22,10 @@ from pathlib import Path
 from ..errors import InputError
 from ..io import atomic_path, atomic_write_text
 from .continuation import continue_from_bundle
-from .recipe import Recipe
+from .recipe import Recipe, without_later_defaults
 from .scratch import train_scratch
 
 log = logging.getLogger("segue")
-
-
-# recipe keys added after runs had started, with the value that means what those runs did: a record that
-# lacks one (or holds that value) is the same run
-LATER_KEYS: dict[str, object] = {"recolour": 0.0, "still_clips": 0.0, "photos": "pypi"}
-
-
-def without_later_defaults(value: object) -> object:
-    """A JSON record without the ``LATER_KEYS`` that hold their default, at any depth."""
-    if isinstance(value, dict):
-        return {k: without_later_defaults(v) for k, v in value.items() if k not in LATER_KEYS or v != LATER_KEYS[k]}
-    if isinstance(value, list):
-        return [without_later_defaults(v) for v in value]
-    return value
 
 
 def _check_run_folder(out: Path, record: dict) -> None:

@@ -49,10 +49,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.synthetic import LOOP_GROUPS
 from ..errors import InputError
 from ..io import atomic_torch_save, atomic_write_text
 from .flow import MODES, FLF2VObjective, dit_loss, encode_clip_frames, fold_time, given_frames, mask_from_given
+from .recipe import without_later_defaults
 from .trainer import fmt_seconds, sample_seed
 
 PROGRESS_EVERY_S = 30.0  # the cache's progress line between shards (a 1024-clip shard takes minutes on a CPU)
@@ -155,16 +155,11 @@ def _build_shard(
     }
 
 
-# options added after caches were built, with the value that means what those caches hold: not recorded
-# at that value, so the earlier caches stay valid
-_UNRECORDED_DEFAULTS: dict[str, Any] = {"loop_groups": LOOP_GROUPS, "recolour": 0.0, "photos": "pypi"}
-
-
 def _dataset_info(dataset: Dataset) -> dict[str, Any]:
     keys = ("split", "start", "length", "frames", "size", "ambiguous_fraction", "loops", "loop_groups", "broad",
             "recolour", "photos")  # fmt: skip
     info = {k: getattr(dataset, k) for k in keys if hasattr(dataset, k)}
-    info = {k: v for k, v in info.items() if k not in _UNRECORDED_DEFAULTS or v != _UNRECORDED_DEFAULTS[k]}
+    info = without_later_defaults(info)  # type: ignore[assignment]
     if "size" in info:
         info["size"] = list(info["size"])
     return {"class": type(dataset).__name__, **info}

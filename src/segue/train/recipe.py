@@ -241,6 +241,25 @@ class Continuation:
             raise ValueError(where + problems[0])
 
 
+# Keys added after run folders and latent caches were recorded, with the value that means what those records
+# hold: a record is compared (and a cache's clips recorded) without the keys at that value, so run folders
+# and caches made before a key existed stay valid.
+LATER_DEFAULTS: dict[str, object] = {
+    "loop_groups": LOOP_GROUPS, "recolour": 0.0, "still_clips": 0.0, "photos": "pypi", "vae_start": "bundle",
+    "skeleton_steps": 6000, "skeleton_lr": 1e-3, "skeleton_detail_weight": 4.0,
+}  # fmt: skip
+
+
+def without_later_defaults(value: object) -> object:
+    """A JSON record without the ``LATER_DEFAULTS`` keys that hold their value there, at any depth."""
+    if isinstance(value, dict):
+        return {k: without_later_defaults(v) for k, v in value.items()
+                if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}  # fmt: skip
+    if isinstance(value, list):
+        return [without_later_defaults(v) for v in value]
+    return value
+
+
 def _continuation_problems(c: Continuation) -> list[str]:
     """What is inconsistent between a continuation's fields (empty when nothing is)."""
     starts, ow = [s for s, _ in c.object_weights], c.object_weights
