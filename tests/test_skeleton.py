@@ -159,6 +159,8 @@ def test_a_skeleton_start_is_checked():
         replace(base, vae_start="random")
     with pytest.raises(ValueError, match="leaves that latent space"):
         replace(base, vae_start="skeleton", vae_steps=1, vae_anchor=1.0)
+    with pytest.raises(ValueError, match="skeleton_steps > 0"):
+        replace(base, vae_start="skeleton", skeleton_steps=0)
     with pytest.raises(ValueError, match="must learn it"):
         replace(base, vae_start="skeleton", stage=replace(base.stage, steps=0))
     text = (

@@ -277,6 +277,7 @@ def _continuation_problems(c: Continuation) -> list[str]:
         (c.vae_start not in ("bundle", "skeleton"), f"vae_start must be 'bundle' or 'skeleton', got {c.vae_start!r}"),
         (c.vae_anchor > 0 and c.vae_start == "skeleton",
          "vae_anchor holds latents near the bundle's VAE; a skeleton start (vae_start) leaves that latent space"),
+        (c.vae_start == "skeleton" and c.skeleton_steps <= 0, "a skeleton start (vae_start) needs skeleton_steps > 0"),
         (c.vae_start == "skeleton" and c.stage.steps <= 0,
          "a skeleton start (vae_start) makes a new latent space: the DiT stage must learn it (steps > 0)"),
         (c.recolour > 0 and c.broad <= 0, "recolour changes broad clips' photos: it needs broad > 0"),
