@@ -114,3 +114,35 @@ def test_the_built_in_model_warns_outside_the_clips_its_lineage_records(tmp_path
     stage = {"continuation": {"stage": {"frames": 9, "size": [32, 48]}}, "steps": 5}
     assert trained_clip([stage, {**stage, "steps": 0}]) == (9, (32, 48))
     assert trained_clip([{"continuation": {"stage": {"frames": "9", "size": [32, 48]}}, "steps": 5}]) is None
+
+
+def test_in_between_frames_are_scored_against_the_true_clip_beside_a_crossfade(tmp_path):
+    from segue.evaluate import crossfade
+    from segue.pairs import score_pairs
+
+    make_heldout_pairs(tmp_path / "pairs", photos=0, scenes=1, seed=0)
+    scene = tmp_path / "pairs" / "scene-00"
+    truth = np.stack([np.asarray(Image.open(f)) for f in sorted((scene / "truth").glob("*.png"))])
+    assert truth.shape == (17, 64, 64, 3)
+    assert np.array_equal(truth[0], np.asarray(Image.open(scene / "first.png")))
+    # three users' videos of the pair: the crossfade itself, the true clip, and one with a texture in between
+    fade = crossfade(truth[0], truth[-1], 17)
+    noisy = truth.copy()
+    noisy[1:-1] = np.random.default_rng(0).integers(0, 256, noisy[1:-1].shape)  # a texture of its own
+    short = truth[::2]  # another length: no in-between score
+    for name, video in (("fade", fade), ("true", truth), ("noisy", noisy), ("short", short)):
+        d = tmp_path / "pairs" / name
+        shutil.copytree(scene, d)
+        (d / "frames").mkdir()
+        for i, frame in enumerate(video):
+            Image.fromarray(frame.astype(np.uint8)).save(d / "frames" / f"{i:05d}.png")
+    shutil.rmtree(scene)
+    s = score_pairs(read_pairs(tmp_path / "pairs"), None, tmp_path / "out")
+    rows = {r["name"]: r for r in s["pairs"]}
+    assert rows["fade"]["inbetween_gain"] == pytest.approx(0.0)
+    assert rows["true"]["inbetween_psnr"] == float("inf") and rows["true"]["crossfade_psnr"] < 40
+    assert rows["noisy"]["inbetween_gain"] < 0  # textures neither keyframe has fall below the crossfade
+    assert "inbetween_psnr" not in rows["short"]
+    assert s["means"]["inbetween_pairs"] == 3
+    md = (tmp_path / "out" / "pairs.md").read_text()
+    assert "3 pairs with their true clip" in md and "| short |" in md

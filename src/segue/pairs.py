@@ -4,7 +4,10 @@ A pairs folder holds one folder per pair: ``NAME/first.png``, ``NAME/last.png`` 
 Each pair is generated with a model (or, where ``NAME/frames/`` holds a video's PNG frames such as
 ``segue generate --frames-dir`` writes, that video is scored as it is: a user's own output), and its first
 and last frames are scored against the keyframes as the pipeline fitted them to the video's size: PSNR
-and mean CIEDE2000 (a colour cast shows in ΔE where PSNR hides it). Results: ``pairs.json``, ``pairs.md``
+and mean CIEDE2000 (a colour cast shows in ΔE where PSNR hides it). Where ``NAME/truth/`` holds the true
+clip's PNG frames at the video's size and length (the held-out pairs do), the in-between frames are scored
+against them beside a crossfade of the keyframes: a video that stays on the path between its keyframes
+beats the crossfade; textures neither keyframe has fall below it. Results: ``pairs.json``, ``pairs.md``
 and ``pairs_sheet.png`` (per pair: the fitted first keyframe, every 4th frame of the video and its last, the
 fitted last keyframe).
 
@@ -29,7 +32,7 @@ from .colordiff import delta_e
 from .data.broad import render_broad, shape_mask
 from .data.photos import photo_names
 from .errors import InputError
-from .evaluate import contact_sheet, psnr, sheet_columns
+from .evaluate import contact_sheet, crossfade, inbetween_accuracy, psnr, sheet_columns
 from .media import atomic_path, load_image
 from .recipe import conditioning_video, fit_last_frame, image_to_tensor
 
@@ -53,6 +56,7 @@ class Pair:
     last: Path
     prompt: str
     frames: Path | None  # a video's PNG frames to score as they are; None: generate one
+    truth: Path | None = None  # the true clip's PNG frames, for the in-between frames' scores
 
 
 def read_pairs(root: str | Path) -> list[Pair]:
@@ -67,9 +71,9 @@ def read_pairs(root: str | Path) -> list[Pair]:
         missing = [f for f in PAIR_FILES if not (d / f).is_file()]
         if missing:
             raise InputError(f"--pairs: {d} lacks {', '.join(missing)} (a pair needs {', '.join(PAIR_FILES)})")
-        frames = d / "frames"
+        frames, truth = d / "frames", d / "truth"
         pairs.append(Pair(d.name, d / "first.png", d / "last.png", (d / "prompt.txt").read_text("utf-8").strip(),
-                          frames if frames.is_dir() else None))  # fmt: skip
+                          frames if frames.is_dir() else None, truth if truth.is_dir() else None))  # fmt: skip
     if not pairs:
         raise InputError(f"--pairs: {root} has no pair folders (NAME/{', NAME/'.join(PAIR_FILES)})")
     return pairs
@@ -115,11 +119,17 @@ def score_pairs(pairs: list[Pair], generate: GenerateFn | None, out: str | Path,
         r = {"name": p.name, "source": "frames" if p.frames is not None else "generated",
              "first_psnr": psnr(video[0], keys[0]), "last_psnr": psnr(video[-1], keys[1]),
              "first_delta_e": delta_e(video[0], keys[0]), "last_delta_e": delta_e(video[-1], keys[1])}  # fmt: skip
+        if p.truth is not None:
+            r.update(inbetween_scores(video, keys, read_frames(p.truth)))
         results.append(r)
         shown = video[sheet_columns(len(video), every)]  # frames 0, every, ..., the last
         rows.append(np.concatenate([keys[:1], shown, keys[1:]]))
         labels.append(p.name)
-    means = {k: float(np.mean([min(r[k], 100.0) for r in results])) for k in results[0] if k not in ("name", "source")}
+    means = {k: float(np.mean([min(r[k], 100.0) for r in results])) for k in results[0] if k in ENDPOINT_KEYS}
+    scored = [r for r in results if "inbetween_psnr" in r]  # pairs with a true clip of the video's shape
+    if scored:
+        means.update({k: float(np.mean([r[k] for r in scored])) for k in INBETWEEN_KEYS})
+        means["inbetween_pairs"] = len(scored)
     means["endpoint_psnr"] = (means["first_psnr"] + means["last_psnr"]) / 2
     means["endpoint_delta_e"] = (means["first_delta_e"] + means["last_delta_e"]) / 2
     summary = {"pairs": results, "means": means}
@@ -134,6 +144,20 @@ def score_pairs(pairs: list[Pair], generate: GenerateFn | None, out: str | Path,
     return summary
 
 
+ENDPOINT_KEYS = ("first_psnr", "last_psnr", "first_delta_e", "last_delta_e")
+INBETWEEN_KEYS = ("inbetween_psnr", "crossfade_psnr", "inbetween_gain")
+
+
+def inbetween_scores(video: np.ndarray, keys: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """The in-between frames' PSNR against the ``truth`` [F, H, W, 3], a crossfade of the fitted ``keys``'
+    against it, and the gain; empty when the truth's shape is not the video's (another size or length)."""
+    if truth.shape != video.shape or len(video) < 3:
+        return {}
+    model = inbetween_accuracy(video, truth)["psnr"]
+    fade = inbetween_accuracy(crossfade(keys[0], keys[1], len(video)), truth)["psnr"]
+    return {"inbetween_psnr": model, "crossfade_psnr": fade, "inbetween_gain": model - fade}
+
+
 def _finite(x):
     if isinstance(x, dict):
         return {k: _finite(v) for k, v in x.items()}
@@ -143,15 +167,22 @@ def _finite(x):
 
 
 def _markdown(s: dict) -> str:
-    lines = ["| pair | first PSNR | last PSNR | first ΔE | last ΔE |", "|---|---:|---:|---:|---:|"]
-    for r in s["pairs"]:
-        lines.append(f"| {r['name']} | {r['first_psnr']:.2f} | {r['last_psnr']:.2f} | {r['first_delta_e']:.2f} | "
-                     f"{r['last_delta_e']:.2f} |")  # fmt: skip
+    lines = ["| pair | first PSNR | last PSNR | first ΔE | last ΔE | in-between PSNR | crossfade PSNR | gain |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+
+    def cells(r: dict) -> str:
+        ends = " | ".join(f"{r[k]:.2f}" for k in ENDPOINT_KEYS)
+        between = " | ".join(f"{r[k]:.2f}" if k in r else "-" for k in INBETWEEN_KEYS)
+        return f"{ends} | {between}"
+
+    lines += [f"| {r['name']} | {cells(r)} |" for r in s["pairs"]]
     m = s["means"]
-    lines.append(f"| **mean** | {m['first_psnr']:.2f} | {m['last_psnr']:.2f} | {m['first_delta_e']:.2f} | "
-                 f"{m['last_delta_e']:.2f} |")  # fmt: skip
-    lines.append(f"\nendpoints: {m['endpoint_psnr']:.2f} dB, ΔE {m['endpoint_delta_e']:.2f}\n")
-    return "\n".join(lines)
+    lines.append(f"| **mean** | {cells(m)} |")
+    lines.append(f"\nendpoints: {m['endpoint_psnr']:.2f} dB, ΔE {m['endpoint_delta_e']:.2f}")
+    if "inbetween_pairs" in m:
+        lines.append(f"in-between ({m['inbetween_pairs']} pairs with their true clip): {m['inbetween_psnr']:.2f} dB, "
+                     f"{m['inbetween_gain']:+.2f} dB over a crossfade")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def simple_scene(seed: int, frames: int = 17, size: tuple[int, int] = (64, 64)) -> tuple[np.ndarray, str]:
@@ -176,7 +207,8 @@ def simple_scene(seed: int, frames: int = 17, size: tuple[int, int] = (64, 64)) 
 def make_heldout_pairs(root: str | Path, photos: int = 6, scenes: int = 6, seed: int = 0,
                        size: tuple[int, int] = (64, 64), frames: int = 17) -> list[str]:  # fmt: skip
     """Write ``photos`` photo pairs (held-out photos only) and ``scenes`` simple scenes into ``root`` as a pairs
-    folder (the first and last frames of each clip, its caption); returns the names. A function of ``seed``."""
+    folder (the first and last frames of each clip, its caption, its frames in ``truth/``); returns the names.
+    A function of ``seed``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     names = photo_names("heldout")
@@ -193,8 +225,11 @@ def make_heldout_pairs(root: str | Path, photos: int = 6, scenes: int = 6, seed:
 
 
 def _write_pair(d: Path, video: np.ndarray, caption: str) -> str:
-    d.mkdir(parents=True, exist_ok=True)
-    for name, frame in (("first.png", video[0]), ("last.png", video[-1])):
+    """The pair's keyframes, caption and the true clip's frames (``truth/``) into folder ``d``."""
+    (d / "truth").mkdir(parents=True, exist_ok=True)
+    frames = [("first.png", video[0]), ("last.png", video[-1])]
+    frames += [(f"truth/{i:05d}.png", frame) for i, frame in enumerate(video)]
+    for name, frame in frames:
         with atomic_path(d / name) as tmp:
             Image.fromarray(frame).save(tmp, format="PNG")
     with atomic_path(d / "prompt.txt") as tmp:
