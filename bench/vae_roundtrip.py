@@ -8,7 +8,7 @@ included) and the photos of each split, as PSNR and mean CIEDE2000 (a colour cas
     python bench/vae_roundtrip.py A.safetensors --moving 16              # and moving clips, frame by frame
 
 A folder is a VAE phase's run folder: its final or latest checkpoint's EMA weights, on the VAE config of
-``--base`` (the built-in model by default).
+``--base`` (the built-in model by default); a ``.pt`` file a saved ``{"vae": state_dict}`` on that config.
 
 Flat colours: every (r, g, b) on a grid of ``--levels`` values per channel from 0 to 255, as one still frame
 of --size pixels (the path a first keyframe takes). Photos: each photo's centre square fitted to --size
@@ -41,9 +41,13 @@ PSNR_CAP = 60.0  # an exact round trip counts as 60 dB in the means
 
 
 def load_vae(path: Path, base: Path = DEFAULT_MODEL) -> tuple[str, WanVAE]:
-    """(a name for the table, the VAE) of a bundle, or of a VAE run folder on ``base``'s config."""
-    cfg, _ = read_bundle_metadata(base if path.is_dir() else path)
+    """(a name for the table, the VAE) of a bundle, of a VAE run folder or of a saved ``{"vae": state_dict}``
+    (``.pt``, as ``bench.vae_skeleton --out`` writes) on ``base``'s config."""
+    cfg, _ = read_bundle_metadata(base if path.is_dir() or path.suffix == ".pt" else path)
     vae = WanVAE(cfg.vae)
+    if path.suffix == ".pt":
+        vae.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["vae"])
+        return path.name, vae.eval()
     if path.is_dir():
         step, ema = latest_ema(path)
         vae.load_state_dict(ema["vae"])
