@@ -167,10 +167,12 @@ def test_values_are_typed_and_ranged(old, new, message):
 
 
 def test_recipes_are_read_by_path_or_shipped_name_and_a_bad_one_is_one_line_on_the_cli(tmp_path, capsys):
-    assert {"default", "gpu"} <= set(shipped_recipes())
+    assert {"default", "gpu", "broad", "keyframes"} <= set(shipped_recipes())
     assert load_recipe("gpu").start == "builtin" and load_recipe("gpu").scratch is None
     broad = load_recipe("broad")  # the built-in model on broad clips: the whole VAE, then the DiT
     assert broad.start == "builtin" and broad.vae.broad > 0 and broad.continuations[0].vae_steps > 0
+    keyframes = load_recipe("keyframes").continuations[0]  # a new VAE from its skeleton, then the DiT on it
+    assert keyframes.vae_start == "skeleton" and keyframes.vae_anchor == 0 and keyframes.stage.steps > 0
     out = tmp_path / "run"
     assert main(["train", "--recipe", "nope", "--out", str(out)]) == 2
     err = capsys.readouterr().err
