@@ -92,8 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("ckpt_dir", type=Path)
 
     tr = sub.add_parser("train", help="run a training recipe: a chain of stages, resumable (docs/training.md)")
-    tr.add_argument("--recipe", required=True,
-                    help="a shipped recipe's name (default, gpu, broad, keyframes) or a recipe file (TOML)")
+    tr.add_argument(
+        "--recipe",
+        required=True,
+        help="a shipped recipe's name (default, gpu, broad, keyframes) or a recipe file (TOML)",
+    )
     tr.add_argument("--out", type=Path, required=True, help="run folder (one folder per stage, checkpoints, logs)")
     tr.add_argument("--from", dest="start", type=Path, default=None, metavar="BUNDLE",
                     help="the bundle a recipe without [scratch] continues (default: the recipe's `from`)")  # fmt: skip
