@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bench.vae_roundtrip import fitted_photo, linear_code
+from bench.vae_roundtrip import as_uint8, fitted_photo, linear_code
 from bench.vae_roundtrip import quality as measured
 from segue.data.photo_crops import PhotoCrops
 from segue.data.photos import COLLECTIONS, photo_names
@@ -61,11 +61,6 @@ class LinearCode(nn.Module):
         return self.decoder(self.encoder(x))
 
 
-def batch(crops: PhotoCrops, step: int, n: int = 20) -> Tensor:
-    """Items ``step * n`` .. ``step * n + n - 1`` of ``crops``: [n, 3, CROP, CROP]."""
-    return torch.stack([crops[step * n + i]["image"] for i in range(n)])
-
-
 def quality(out: np.ndarray, images: np.ndarray) -> str:
     """'mean PSNR / mean ΔE' of ``out`` against ``images`` (``vae_roundtrip.quality``), for a table cell."""
     mean, _, de = measured(out, images)
@@ -75,7 +70,7 @@ def quality(out: np.ndarray, images: np.ndarray) -> str:
 @torch.no_grad()
 def apply(model: nn.Module, images: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return ((model(x) + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    return as_uint8(model(x))
 
 
 def fit(decoder: str, grad_weight: float, crops: PhotoCrops, steps: int, z_dim: int, seed: int) -> LinearCode:
@@ -84,7 +79,7 @@ def fit(decoder: str, grad_weight: float, crops: PhotoCrops, steps: int, z_dim: 
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for step in range(steps):
-        x = batch(crops, step)
+        x = crops.batch(step, 20)
         loss = detail_weighted_mse(model(x) - x, grad_weight)
         opt.zero_grad()
         loss.backward()

@@ -56,6 +56,11 @@ def load_vae(path: Path, base: Path = DEFAULT_MODEL) -> tuple[str, WanVAE]:
     return path.name, vae.eval()
 
 
+def as_uint8(x: torch.Tensor) -> np.ndarray:
+    """Images or videos [N, 3, ...] in [-1, 1] as rounded 8-bit values, channels last: uint8 [N, ..., 3]."""
+    return ((x + 1) * 127.5).round().clamp(0, 255).byte().movedim(1, -1).numpy()
+
+
 @torch.no_grad()
 def round_trip(vae: WanVAE, images: np.ndarray, batch: int = 16, frames: int = 1) -> np.ndarray:
     """decode(encode(x)) of uint8 images [N, H, W, 3], each a still clip of ``frames`` (1: the first-frame
@@ -65,7 +70,7 @@ def round_trip(vae: WanVAE, images: np.ndarray, batch: int = 16, frames: int = 1
         x = torch.from_numpy(images[s : s + batch]).permute(0, 3, 1, 2)[:, :, None].float() / 127.5 - 1
         x = x.expand(-1, -1, frames, -1, -1)  # [b, 3, frames, H, W]
         y = vae.decode(vae.encode(x, normalize=False), normalized=False)  # [b, 3, frames, H, W]
-        outs.append(((y[:, :, -1] + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy())
+        outs.append(as_uint8(y[:, :, -1]))
     return np.concatenate(outs)
 
 
@@ -116,7 +121,7 @@ def moving_scores(vae: WanVAE, clips: torch.Tensor, batch: int = 8) -> tuple[flo
     for s in range(0, len(clips), batch):
         x = clips[s : s + batch]
         y = vae.decode(vae.encode(x, normalize=False), normalized=False)
-        a, b = (((v + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 4, 1).numpy() for v in (y, x))
+        a, b = as_uint8(y), as_uint8(x)
         per_frame += [[min(psnr(fa, fb), PSNR_CAP) for fa, fb in zip(ca, cb)] for ca, cb in zip(a, b)]
     ps = np.array(per_frame)
     return float(ps[:, 0].mean()), float(ps[:, 1:-1].mean()), float(ps[:, -1].mean())

@@ -103,7 +103,7 @@ def main() -> None:
             x = torch.cat([crops(ds, rng, args.frames, 1), flat_fields(g, 4)])
         else:
             n = args.frames + 4  # as many as the broad frames and flat fields otherwise, a fifth flat
-            x = torch.stack([photo_crops[(step - 1) * n + i]["image"] for i in range(n)])[:, :, None]
+            x = photo_crops.batch(step - 1, n)[:, :, None]
         loss = round_trip_error(vae, x)
         if args.clips:
             loss = loss + round_trip_error(vae, crops(ds, rng, args.clips, 5))

@@ -28,6 +28,7 @@ from segue.data.photos import COLLECTIONS, photo_names
 from segue.io import atomic_torch_save
 from segue.loader import DEFAULT_MODEL
 from segue.models.vae import WanVAE
+from segue.train.phases import load_ema
 from segue.train.skeleton import Skeleton, skeleton_vae_state, train_skeleton
 
 
@@ -47,7 +48,7 @@ def main() -> None:
     train_skeleton(cfg.vae, args.run, steps=args.steps, lr=1e-3, detail_weight=args.detail_weight,
                    photos=args.photos, recolour=0.75, seed=args.seed)  # fmt: skip
     sk = Skeleton(cfg.vae).eval()
-    sk.load_state_dict(torch.load(args.run / "ema.pt", weights_only=True)["skeleton"])
+    sk.load_state_dict(load_ema(args.run, "skeleton"))
     vae = WanVAE(cfg.vae).eval()
     vae.load_state_dict(skeleton_vae_state(cfg.vae, sk.state_dict()))
     sets = {

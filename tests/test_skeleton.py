@@ -109,7 +109,7 @@ def test_the_skeleton_learns_and_a_finished_run_is_kept(tmp_path):
     torch.manual_seed(0)
     start, trained = Skeleton(cfg), Skeleton(cfg)  # the run's init (its seed), and its EMA weights
     trained.load_state_dict(ema)
-    x = torch.stack([PhotoCrops("pypi", size=32, seed=5)[i]["image"] for i in range(16)])
+    x = PhotoCrops("pypi", size=32, seed=5).batch(0, 16)
     objective = SkeletonObjective(4.0)
     with torch.no_grad():
         assert objective({"skeleton": trained}, {"image": x}) < 0.8 * objective({"skeleton": start}, {"image": x})

@@ -71,16 +71,20 @@ def _base(name: str, side: int = BASE_SIDE) -> np.ndarray:
     return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS))
 
 
+def fit_short_side(img: np.ndarray, side: int) -> np.ndarray:
+    """``img`` (uint8 [h, w, 3]) resized with Lanczos so its short side is ``side``: float32 [H, W, 3]."""
+    h, w = img.shape[:2]
+    s = side / min(h, w)
+    size = (max(side, round(w * s)), max(side, round(h * s)))
+    return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
+
+
 def photo_view(rng: np.random.Generator, names: list[str], side: int, recolour: float = 0.0,
                paint: np.random.Generator | None = None) -> np.ndarray:  # fmt: skip
     """A random photo of ``names`` resized (with antialiasing) so its short side is ``side``, a share
     ``recolour`` of the time with its colours changed (``recoloured``, drawn from ``paint``: apart from
     ``rng``, so a recoloured clip is the same clip in other colours): float32 [H, W, 3]."""
-    img = _base(names[int(rng.integers(len(names)))])
-    h, w = img.shape[:2]
-    s = side / min(h, w)
-    size = (max(side, round(w * s)), max(side, round(h * s)))
-    out = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
+    out = fit_short_side(_base(names[int(rng.integers(len(names)))]), side)
     if rng.random() < 0.5:
         out = out[:, ::-1]
     if recolour > 0 and paint is not None and paint.random() < recolour:

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .broad import recoloured
+from .broad import fit_short_side, recoloured
 from .photos import load_photo, photo_names
 
 SIDES = (64, 80, 96, 128, 160, 192)  # the short sides the photos are drawn at: fine and coarse textures
@@ -27,14 +26,8 @@ class PhotoCrops(torch.utils.data.Dataset):
         if not (0 < size <= min(SIDES) and 0.0 <= flat <= 1.0 and 0.0 <= recolour <= 1.0 and length >= 1):
             raise ValueError(f"need 0 < size <= {min(SIDES)}, flat and recolour in [0, 1] and length >= 1")
         self.size, self.flat, self.recolour, self.seed, self.length = size, flat, recolour, seed, length
-        self.views = []  # float32 [H, W, 3], 0..255: every training photo at every side
-        for name in photo_names("train", photos):
-            img = Image.fromarray(load_photo(name))
-            w, h = img.size
-            for side in SIDES:
-                s = side / min(w, h)
-                size_wh = (max(side, round(w * s)), max(side, round(h * s)))
-                self.views.append(np.asarray(img.resize(size_wh, Image.Resampling.LANCZOS), dtype=np.float32))
+        # float32 [H, W, 3], 0..255: every training photo at every side
+        self.views = [fit_short_side(load_photo(name), side) for name in photo_names("train", photos) for side in SIDES]
 
     def __len__(self) -> int:
         return self.length
@@ -55,3 +48,7 @@ class PhotoCrops(torch.utils.data.Dataset):
             crop = recoloured(np.ascontiguousarray(crop), rng)
         image = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1) / 127.5 - 1.0  # [3, n, n]
         return {"image": image.clamp(-1.0, 1.0)}
+
+    def batch(self, step: int, n: int) -> torch.Tensor:
+        """Items ``step * n`` .. ``step * n + n - 1`` stacked: [n, 3, size, size] (a loop's ``step``-th batch)."""
+        return torch.stack([self[step * n + i]["image"] for i in range(n)])
